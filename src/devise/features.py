@@ -1,0 +1,205 @@
+"""Backbone features computed once and cached on disk.
+
+Two caches under the data home, both chunked, resumable and finished with an atomic rename:
+- the image store: every image decoded and resized ONCE into a memory-mapped uint8 (N, S, S, 3) array
+  (decoding is the bottleneck on a GPU; fine-tuning epochs and other backbones at the same size reuse it);
+- the feature cache: pooled features (N, D) float32 and ImageNet logits (N, 1000) where the backbone has a
+  classifier.
+A chunk is marked done only after its data is flushed, so a run killed with SIGKILL resumes from the
+first unfinished chunk. Cache keys cover the backbone (weights, preprocessing) and the exact image list
+(path, size, mtime), so a stale cache is never reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from devise.assets import data_home
+from devise.errors import DeviseError
+from devise.images import _load_or_none
+
+# Bump when the decode/resize policy in images.py changes: old stores then stop matching.
+IMAGE_POLICY_VERSION = "v1-short0.875-bicubic-white"
+
+
+@dataclass
+class FeatureSet:
+    """Cached backbone outputs for a list of images (rows in the order of `paths`)."""
+
+    features: np.ndarray  # (N, D) float32, memory-mapped
+    logits: np.ndarray | None  # (N, 1000) float32 ImageNet logits, or None
+    paths: list[str]
+    valid: np.ndarray  # (N,) bool: False where the image could not be read (its row is meaningless)
+    backbone: str
+    folder: Path
+
+
+def _json_write(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def images_key(paths: list[str], size: int) -> str:
+    """Hash of the image list and each file's size and mtime, plus the decode policy."""
+    digest = hashlib.sha256(f"{IMAGE_POLICY_VERSION}|{size}".encode())
+    for p in paths:
+        try:
+            st = os.stat(p)
+            digest.update(f"|{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+        except OSError:
+            digest.update(f"|{p}|missing".encode())
+    return digest.hexdigest()[:20]
+
+
+class _ChunkedArrays:
+    """Preallocated .npy files filled chunk by chunk; progress kept in done.json, renamed into place at the end."""
+
+    def __init__(self, folder: Path, shapes: dict[str, tuple], dtypes: dict[str, str], n_chunks: int):
+        self.final = folder
+        self.partial = folder.with_name(folder.name + ".partial")
+        self.partial.mkdir(parents=True, exist_ok=True)
+        self.done_file = self.partial / "done.json"
+        self.done: set[int] = set(json.loads(self.done_file.read_text())) if self.done_file.exists() else set()
+        self.arrays = {}
+        for name, shape in shapes.items():
+            path = self.partial / f"{name}.npy"
+            if path.exists() and self.done:
+                arr = np.load(path, mmap_mode="r+")
+                if arr.shape != shape:  # a different run left this: start over
+                    self.done = set()
+                    arr = np.lib.format.open_memmap(path, "w+", dtypes[name], shape)
+            else:
+                arr = np.lib.format.open_memmap(path, "w+", dtypes[name], shape)
+            self.arrays[name] = arr
+        self.n_chunks = n_chunks
+
+    def mark_done(self, chunk: int) -> None:
+        for arr in self.arrays.values():
+            arr.flush()
+        self.done.add(chunk)
+        _json_write(self.done_file, sorted(self.done))
+
+    def finish(self, meta: dict) -> None:
+        for arr in self.arrays.values():
+            arr.flush()
+        _json_write(self.partial / "meta.json", meta)
+        self.done_file.unlink(missing_ok=True)
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.partial, self.final)
+
+
+def build_image_store(paths: list[str], size: int = 224, *, chunk_size: int = 512,
+                      workers: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, Path]:
+    """Decode every image once into a memory-mapped uint8 store: (images (N,S,S,3), valid (N,), folder).
+
+    Unreadable images are reported in ONE warning that lists them, and marked invalid; the run goes on.
+    """
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise DeviseError("no images to decode (empty image list)")
+    folder = data_home() / "images" / f"{size}px-{images_key(paths, size)}"
+    if (folder / "meta.json").exists():
+        return np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "valid.npy"), folder
+    n = len(paths)
+    n_chunks = -(-n // chunk_size)
+    store = _ChunkedArrays(folder, {"images": (n, size, size, 3), "valid": (n,)},
+                           {"images": "uint8", "valid": "bool"}, n_chunks)
+    workers = workers or os.cpu_count() or 1
+    todo = [c for c in range(n_chunks) if c not in store.done]
+    bad: list[str] = []
+    bar = tqdm(total=n, initial=n - sum(min(chunk_size, n - c * chunk_size) for c in todo),
+               desc="decoding images", unit="img", disable=not progress)
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        for c in todo:
+            lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
+            jobs = [(p, size) for p in paths[lo:hi]]
+            results = pool.map(_load_or_none, jobs, chunksize=8) if pool else map(_load_or_none, jobs)
+            for i, result in enumerate(results, start=lo):
+                if isinstance(result, str):
+                    store.arrays["valid"][i] = False
+                    store.arrays["images"][i] = 0
+                    bad.append(result)
+                else:
+                    store.arrays["valid"][i] = True
+                    store.arrays["images"][i] = result
+                bar.update(1)
+            store.mark_done(c)
+    finally:
+        bar.close()
+        if pool:
+            pool.shutdown()
+    valid = np.array(store.arrays["valid"])
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable image(s): " + "; ".join(bad), stacklevel=2)
+    elif not valid.all():  # resumed run: the warning was given before the crash; repeat the count
+        warnings.warn(f"{int((~valid).sum())} image(s) in this list are unreadable and skipped", stacklevel=2)
+    store.finish({"size": size, "count": n, "policy": IMAGE_POLICY_VERSION, "paths": paths})
+    return np.load(folder / "images.npy", mmap_mode="r"), valid, folder
+
+
+def _forward_batches(backbone, images: np.ndarray, lo: int, hi: int, batch_size: int):
+    """Yield (start, features, logits) for images[lo:hi] in fixed-size batches (the last one padded, so the
+    jitted forward compiles once)."""
+    for start in range(lo, hi, batch_size):
+        stop = min(hi, start + batch_size)
+        batch = np.asarray(images[start:stop])
+        if len(batch) < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:], batch.dtype)])
+        feats = np.asarray(backbone.features_model.predict_on_batch(batch))
+        logits = np.asarray(backbone.classifier.predict_on_batch(feats)) if backbone.classifier is not None else None
+        m = stop - start
+        yield start, feats[:m], (logits[:m] if logits is not None else None)
+
+
+def extract_features(dataset_or_paths, backbone="efficientnet_lite0", *, batch_size: int = 64,
+                     chunk_size: int = 512, progress: bool = True) -> FeatureSet:
+    """Pooled features (and ImageNet logits) for a dataset or a list of image paths, cached on disk.
+
+    `backbone` is a name or a Backbone from devise.backbones.load_backbone. A second call with the same
+    images and backbone reads the cache; a killed run resumes at the first unfinished chunk.
+    """
+    from devise.backbones import load_backbone
+
+    paths = [str(p) for p in getattr(dataset_or_paths, "paths", dataset_or_paths)]
+    bb = load_backbone(backbone) if isinstance(backbone, str) else backbone
+    images, valid, store_folder = build_image_store(paths, bb.image_size, chunk_size=chunk_size, progress=progress)
+    key = hashlib.sha256(f"{bb.cache_key}|{store_folder.name}".encode()).hexdigest()[:20]
+    folder = data_home() / "features" / bb.name / key
+    if not (folder / "meta.json").exists():
+        n = len(paths)
+        n_chunks = -(-n // chunk_size)
+        shapes = {"features": (n, bb.feature_dim)}
+        if bb.classifier is not None:
+            shapes["logits"] = (n, 1000)
+        cache = _ChunkedArrays(folder, shapes, {k: "float32" for k in shapes}, n_chunks)
+        todo = [c for c in range(n_chunks) if c not in cache.done]
+        done_images = n - sum(min(chunk_size, n - c * chunk_size) for c in todo)
+        with tqdm(total=n, initial=done_images, desc=f"features ({bb.name})", unit="img",
+                  disable=not progress) as bar:
+            for c in todo:
+                lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
+                for start, feats, logits in _forward_batches(bb, images, lo, hi, batch_size):
+                    cache.arrays["features"][start:start + len(feats)] = feats
+                    if logits is not None:
+                        cache.arrays["logits"][start:start + len(feats)] = logits
+                    bar.update(len(feats))
+                cache.mark_done(c)
+        cache.finish({"backbone": bb.name, "cache_key": bb.cache_key, "images": store_folder.name, "count": n})
+    logits_path = folder / "logits.npy"
+    return FeatureSet(
+        features=np.load(folder / "features.npy", mmap_mode="r"),
+        logits=np.load(logits_path, mmap_mode="r") if logits_path.exists() else None,
+        paths=paths, valid=valid, backbone=bb.name, folder=folder,
+    )
