@@ -28,6 +28,17 @@ def cmd_setup_assets(args) -> int:
     return 0
 
 
+def cmd_features(args) -> int:
+    from devise.datasets import load_dataset
+    from devise.features import extract_features
+
+    dataset = load_dataset(args.dataset)
+    fs = extract_features(dataset, args.backbone, batch_size=args.batch_size, chunk_size=args.chunk_size)
+    print(f"{int(fs.valid.sum())} of {len(fs.paths)} images -> features {fs.features.shape} "
+          f"{'+ ImageNet logits ' if fs.logits is not None else ''}in {fs.folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="devise", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -37,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("setup-assets", help="fetch and build the offline assets into the data home")
     p.set_defaults(func=cmd_setup_assets)
+
+    p = sub.add_parser("features", help="cache backbone features for a dataset (emoji or a class-per-folder tree)")
+    p.add_argument("dataset", help="'emoji' or a folder with one sub-folder per class")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=512, help="images per resumable chunk")
+    p.set_defaults(func=cmd_features)
     return parser
 
 

@@ -117,6 +117,8 @@ def build_image_store(paths: list[str], size: int = 224, *, chunk_size: int = 51
                            {"images": "uint8", "valid": "bool"}, n_chunks)
     workers = workers or os.cpu_count() or 1
     todo = [c for c in range(n_chunks) if c not in store.done]
+    if store.done:
+        tqdm.write(f"resuming image store: {len(store.done)} of {n_chunks} chunks already done")
     bad: list[str] = []
     bar = tqdm(total=n, initial=n - sum(min(chunk_size, n - c * chunk_size) for c in todo),
                desc="decoding images", unit="img", disable=not progress)
@@ -185,6 +187,8 @@ def extract_features(dataset_or_paths, backbone="efficientnet_lite0", *, batch_s
             shapes["logits"] = (n, 1000)
         cache = _ChunkedArrays(folder, shapes, {k: "float32" for k in shapes}, n_chunks)
         todo = [c for c in range(n_chunks) if c not in cache.done]
+        if cache.done:
+            tqdm.write(f"resuming features: {len(cache.done)} of {n_chunks} chunks already done")
         done_images = n - sum(min(chunk_size, n - c * chunk_size) for c in todo)
         with tqdm(total=n, initial=done_images, desc=f"features ({bb.name})", unit="img",
                   disable=not progress) as bar:

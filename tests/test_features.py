@@ -1,0 +1,80 @@
+"""The feature cache on real photos and the real EfficientNet-Lite0: reuse, staleness, corrupt files, kill and resume."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from devise.backbones import load_backbone
+from devise.features import build_image_store, extract_features
+from devise.images import load_image
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEVISE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_features_match_direct_forward_and_are_reused(home, foolbox_photos):
+    paths = [str(p) for p in foolbox_photos[:6]]
+    fs = extract_features(paths, chunk_size=4, batch_size=4, progress=False)
+    assert fs.features.shape == (6, 1280) and fs.logits.shape == (6, 1000) and fs.valid.all()
+    bb = load_backbone("efficientnet_lite0")
+    direct = np.asarray(bb.features_model.predict_on_batch(np.stack([load_image(p, 224) for p in paths])))
+    np.testing.assert_allclose(fs.features, direct, rtol=1e-4, atol=1e-4)
+    again = extract_features(paths, chunk_size=4, batch_size=4, progress=False)
+    assert again.folder == fs.folder
+    # A changed file makes a new key: the stale cache is not reused.
+    changed = home / "copy.jpg"
+    shutil.copy(paths[0], changed)
+    other = extract_features([str(changed)] + paths[1:], chunk_size=4, batch_size=4, progress=False)
+    assert other.folder != fs.folder
+    os.utime(changed, ns=(1, 1))
+    assert extract_features([str(changed)] + paths[1:], chunk_size=4, batch_size=4, progress=False).folder != other.folder
+
+
+def test_corrupt_image_is_skipped_with_one_warning(home, foolbox_photos, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    paths = [str(foolbox_photos[0]), str(bad), str(foolbox_photos[1])]
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image\(s\): .*broken.jpg"):
+        images, valid, _ = build_image_store(paths, 224, workers=1, progress=False)
+    assert valid.tolist() == [True, False, True]
+    assert images[1].max() == 0 and images[0].max() > 0
+
+
+@pytest.mark.slow
+def test_features_cli_resumes_after_sigkill(home, foolbox_photos, tmp_path):
+    root = tmp_path / "tree"
+    for copy in range(4):  # 80 real photos, 10 chunks of 8
+        for p in foolbox_photos:
+            cls = root / f"class{int(p.stem.split('_')[-1]) % 4}"
+            cls.mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, cls / f"{copy}_{p.name}")
+    cmd = [sys.executable, "-m", "devise.cli", "features", str(root), "--chunk-size", "8", "--batch-size", "8"]
+    env = dict(os.environ, DEVISE_HOME=str(home))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill as soon as the first feature chunk is on disk
+        done = list(home.glob("features/*/*.partial/done.json"))
+        if done and done[0].read_text() not in ("", "[]"):
+            break
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "resuming features:" in out.stdout + out.stderr
+    resumed = np.load(next(home.glob("features/*/*/features.npy")))
+    shutil.rmtree(home / "features")
+    clean = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr
+    fresh = np.load(next(home.glob("features/*/*/features.npy")))
+    np.testing.assert_allclose(resumed, fresh, rtol=1e-5, atol=1e-5)
