@@ -1,0 +1,91 @@
+"""Dev-only: compute the reference PyTorch EfficientNet-Lite0 logits that tests/test_backbones.py checks against.
+
+How tests/data/foolbox_reference.npz was made (run once, by hand, with the project venv's python):
+
+    .venv/bin/python scripts/make_reference_logits.py
+
+1. It makes a separate virtualenv /tmp/torchref (if missing) with the reference implementation:
+   `pip install torch==2.13.0 efficientnet-lite-pytorch==0.1.0 numpy` (torch's CPU wheel installs offline
+   here). torch never enters the project's own environment.
+2. With the project venv it reads the 20 real ImageNet photos in foolbox's data folder
+   (devise.assets.foolbox_data_dir(), files imagenet_XX_<label>.jpg, label = ImageNet-1K class index) with
+   devise.images.load_image(path, 224): the SAME uint8 arrays our Keras model gets (short side 256, bicubic,
+   centre crop 224).
+3. In the torch venv: EfficientNet.from_name('efficientnet-lite0'), load_state_dict of the packaged
+   checkpoint (devise.assets.efficientnet_lite0_checkpoint()), eval(), input
+   (uint8/255 - ImageNet mean) / ImageNet std in NCHW float32, logits in float32.
+4. It writes tests/data/foolbox_reference.npz: files (20 names), labels (int64 (20,)),
+   logits (float32 (20, 1000)), and prints the reference top-1 / top-5 counts.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from devise.assets import efficientnet_lite0_checkpoint, foolbox_data_dir
+from devise.images import load_image
+
+VENV = Path("/tmp/torchref")
+OUTPUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "foolbox_reference.npz"
+
+TORCH_CODE = r"""
+import sys
+import numpy as np
+import torch
+from efficientnet_lite_pytorch import EfficientNet
+
+inputs_path, checkpoint, out_path = sys.argv[1:4]
+images = np.load(inputs_path)["images"]
+model = EfficientNet.from_name("efficientnet-lite0")
+model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False))
+model.eval()
+mean = np.array([0.485, 0.456, 0.406], np.float32)
+std = np.array([0.229, 0.224, 0.225], np.float32)
+x = (images.astype(np.float32) / 255.0 - mean) / std
+with torch.no_grad():
+    logits = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy().astype(np.float32)
+np.save(out_path, logits)
+print("torch", torch.__version__)
+"""
+
+
+def ensure_venv() -> Path:
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0",
+                        "efficientnet-lite-pytorch==0.1.0", "numpy"], check=True)
+    return python
+
+
+def foolbox_imagenet_files() -> list[Path]:
+    return sorted(foolbox_data_dir().glob("imagenet_*.jpg"))
+
+
+def main() -> None:
+    python = ensure_venv()
+    files = foolbox_imagenet_files()
+    labels = np.array([int(f.stem.split("_")[-1]) for f in files], np.int64)
+    images = np.stack([load_image(f, 224) for f in files])
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs, logits_path = os.path.join(tmp, "inputs.npz"), os.path.join(tmp, "logits.npy")
+        np.savez(inputs, images=images)
+        subprocess.run([str(python), "-c", TORCH_CODE, inputs, str(efficientnet_lite0_checkpoint()), logits_path],
+                       check=True)
+        logits = np.load(logits_path)
+    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = OUTPUT.with_suffix(".tmp.npz")
+    np.savez(tmp_out, files=np.array([f.name for f in files]), labels=labels, logits=logits)
+    os.replace(tmp_out, OUTPUT)
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    print(f"wrote {OUTPUT}: top-1 {int((top5[:, 0] == labels).sum())}/{len(files)}, "
+          f"top-5 {int((top5 == labels[:, None]).any(1).sum())}/{len(files)}")
+
+
+if __name__ == "__main__":
+    main()
