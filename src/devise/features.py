@@ -151,18 +151,42 @@ def build_image_store(paths: list[str], size: int = 224, *, chunk_size: int = 51
     return np.load(folder / "images.npy", mmap_mode="r"), valid, folder
 
 
-def _forward_batches(backbone, images: np.ndarray, lo: int, hi: int, batch_size: int):
+def backbone_forward(backbone):
+    """One compiled function: uint8 batch -> (features, logits or None), sharded when several devices are in use."""
+    import keras
+
+    from devise.runtime import compiled_forward
+
+    if backbone.classifier is None:
+        forward = compiled_forward(backbone.features_model)
+        return lambda x: (forward(x), None)
+    inputs = keras.Input(backbone.features_model.input_shape[1:], dtype="uint8")
+    features = backbone.features_model(inputs)
+    forward = compiled_forward(keras.Model(inputs, [features, backbone.classifier(features)]))
+    return lambda x: tuple(forward(x))
+
+
+def _forward_batches(forward, images: np.ndarray, lo: int, hi: int, batch_size: int):
     """Yield (start, features, logits) for images[lo:hi] in fixed-size batches (the last one padded, so the
-    jitted forward compiles once)."""
+    forward compiles once). The next batch is dispatched before the previous one is read back, so the
+    device never waits on the host."""
+    pending = None
     for start in range(lo, hi, batch_size):
         stop = min(hi, start + batch_size)
         batch = np.asarray(images[start:stop])
         if len(batch) < batch_size:
             batch = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:], batch.dtype)])
-        feats = np.asarray(backbone.features_model.predict_on_batch(batch))
-        logits = np.asarray(backbone.classifier.predict_on_batch(feats)) if backbone.classifier is not None else None
-        m = stop - start
-        yield start, feats[:m], (logits[:m] if logits is not None else None)
+        outputs = forward(batch)
+        if pending is not None:
+            yield _read_back(*pending)
+        pending = (start, stop - start, outputs)
+    if pending is not None:
+        yield _read_back(*pending)
+
+
+def _read_back(start, count, outputs):
+    feats, logits = outputs
+    return start, np.asarray(feats)[:count], (np.asarray(logits)[:count] if logits is not None else None)
 
 
 def extract_features(dataset_or_paths, backbone="efficientnet_lite0", *, batch_size: int = 64,
@@ -190,11 +214,15 @@ def extract_features(dataset_or_paths, backbone="efficientnet_lite0", *, batch_s
         if cache.done:
             tqdm.write(f"resuming features: {len(cache.done)} of {n_chunks} chunks already done")
         done_images = n - sum(min(chunk_size, n - c * chunk_size) for c in todo)
+        from devise.runtime import device_count
+
+        batch_size = -(-batch_size // device_count()) * device_count()  # split evenly across devices
+        forward = backbone_forward(bb)
         with tqdm(total=n, initial=done_images, desc=f"features ({bb.name})", unit="img",
                   disable=not progress) as bar:
             for c in todo:
                 lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
-                for start, feats, logits in _forward_batches(bb, images, lo, hi, batch_size):
+                for start, feats, logits in _forward_batches(forward, images, lo, hi, batch_size):
                     cache.arrays["features"][start:start + len(feats)] = feats
                     if logits is not None:
                         cache.arrays["logits"][start:start + len(feats)] = logits

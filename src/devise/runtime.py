@@ -1,0 +1,94 @@
+"""How models run: compiled forward passes, devices, and Keras' distribution API.
+
+This is the one module outside the CLI that may talk to the backend (JAX) directly; model code never does.
+On JAX the forward pass is a jitted `stateless_call`: no per-batch variable sync as in
+`predict_on_batch`, outputs stay on the device until asked for, and when a Keras distribution is set
+(`use_devices`) the batch is sharded across devices while the weights are replicated.
+"""
+from __future__ import annotations
+
+import os
+
+import keras
+import numpy as np
+
+
+def platform() -> str:
+    """'cpu', 'gpu' or 'tpu': where Keras will run."""
+    if keras.config.backend() == "jax":
+        import jax
+
+        return jax.default_backend()
+    if keras.config.backend() == "torch":
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+def device_count() -> int:
+    if keras.config.backend() == "jax":
+        import jax
+
+        return jax.device_count()
+    return 1
+
+
+def use_devices(count: int | None = None, *, multi_host: bool = False):
+    """Shard batches across `count` devices (all by default) with keras.distribution.DataParallel.
+
+    multi_host=True first joins the other hosts (keras.distribution.initialize wraps
+    jax.distributed.initialize; set the coordinator address, process count and id in the environment
+    as JAX documents). Returns the distribution, or None with a single device.
+    """
+    if multi_host:
+        keras.distribution.initialize()
+    devices = keras.distribution.list_devices()
+    if count:
+        devices = devices[:count]
+    if len(devices) < 2:
+        keras.distribution.set_distribution(None)
+        return None
+    distribution = keras.distribution.DataParallel(devices=devices)
+    keras.distribution.set_distribution(distribution)
+    return distribution
+
+
+def compiled_forward(model: keras.Model):
+    """f(batch) -> outputs (device arrays on JAX; call np.asarray when needed), compiled once per batch shape.
+
+    The batch size must divide evenly across devices when a distribution is set.
+    """
+    if keras.config.backend() != "jax":
+        return model.predict_on_batch
+    import jax
+
+    distribution = keras.distribution.distribution()
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    if distribution is not None:
+        mesh = distribution.device_mesh.backend_mesh
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        trainable, non_trainable = jax.device_put((trainable, non_trainable), replicated)
+
+    @jax.jit
+    def forward(trainable, non_trainable, x):
+        outputs, _ = model.stateless_call(trainable, non_trainable, x, training=False)
+        return outputs
+
+    def call(x):
+        if distribution is not None:
+            x = jax.device_put(x, distribution.get_data_layout(x.shape).backend_layout)
+        return forward(trainable, non_trainable, x)
+
+    return call
+
+
+def to_numpy(x) -> np.ndarray:
+    return np.asarray(x)
+
+
+def force_host_devices(count: int) -> None:
+    """Pretend the CPU is `count` devices (tests of multi-device code); must run before JAX starts."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
