@@ -39,6 +39,18 @@ def cmd_features(args) -> int:
     return 0
 
 
+def cmd_classify(args) -> int:
+    from devise.classify import classify, format_table
+
+    results = classify(args.images, backbone=args.backbone, top_k=args.top, weights=args.weights)
+    if args.json:
+        for result in results:  # one JSON object per image per line
+            print(json.dumps(result))
+    else:
+        print(format_table(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="devise", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -55,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--chunk-size", type=int, default=512, help="images per resumable chunk")
     p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("classify", help="ImageNet-1K top-k classes of image files")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0 (default) or resnet50")
+    p.add_argument("--weights", default=None, help="weights file (resnet50: .h5/.keras or 'imagenet')")
+    p.add_argument("--top", type=int, default=5, metavar="K", help="how many classes per image (default 5)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image per line")
+    p.set_defaults(func=cmd_classify)
     return parser
 
 
