@@ -1,0 +1,68 @@
+"""ConSE (Norouzi et al., ICLR 2014): zero-shot embedding by a convex combination of class vectors.
+
+    f(x) = (1/Z) sum over the top T training classes c of p(c|x) s(c),   Z = sum of those p(c|x)
+
+No projection is trained: any softmax model works, e.g. the backbone's ImageNet-1K classifier (the
+class vectors are those of the ImageNet class names) or our phase-2 softmax model over the seen classes.
+Predict by cosine between f(x) and the candidate label vectors.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from devise.errors import DeviseError
+
+
+def softmax(logits, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax in numpy (float32)."""
+    logits = np.asarray(logits, dtype=np.float32)
+    shifted = logits - logits.max(axis=axis, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=axis, keepdims=True)
+
+
+def conse_embed(probabilities, class_vectors, T: int = 10) -> np.ndarray:
+    """(N, C) class probabilities, (C, D) class vectors -> (N, D) unit-norm ConSE embeddings.
+
+    Only the T most probable classes of each image contribute, weighted by their probabilities.
+    Columns of `probabilities` may be a subset of a classifier's outputs (e.g. the ImageNet classes
+    that have a word vector): the weights are renormalised by Z over the top T kept classes.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    class_vectors = np.asarray(class_vectors, dtype=np.float32)
+    if probabilities.ndim != 2 or class_vectors.ndim != 2 or probabilities.shape[1] != class_vectors.shape[0]:
+        raise DeviseError(f"ConSE: probabilities {probabilities.shape} do not match class vectors {class_vectors.shape}")
+    if T < 1:
+        raise DeviseError(f"ConSE: T must be at least 1, got {T}")
+    T = min(int(T), probabilities.shape[1])
+    top = np.argpartition(-probabilities, T - 1, axis=1)[:, :T]                 # (N, T) top-T classes
+    weights = np.take_along_axis(probabilities, top, axis=1)                    # (N, T) p(c|x)
+    weights = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)   # 1/Z
+    unit_vectors = class_vectors / np.maximum(np.linalg.norm(class_vectors, axis=1, keepdims=True), 1e-12)
+    embedded = np.einsum("nt,ntd->nd", weights, unit_vectors[top])
+    return embedded / np.maximum(np.linalg.norm(embedded, axis=1, keepdims=True), 1e-12)
+
+
+def imagenet1k_class_vectors(vectors, wordnet=None, drop_missing: bool = True):
+    """Vectors of the backbone's 1000 ImageNet classes -> (kept class indices (K,), unit vectors (K, D), report).
+
+    Labels are the ImageNet WordNet ids so the vectors module's synset rule applies (first lemma with a
+    vector, else its tokens' mean). Classes with no vector are dropped (and reported): ConSE then only
+    mixes the classes it can place in the word space.
+    """
+    from devise.assets import imagenet1k_classes
+    from devise.vectors import embed_labels
+
+    classes = imagenet1k_classes()
+    names = [c["name"] for c in classes]
+    embedding = embed_labels(names, vectors, wordnet=wordnet, drop_missing=drop_missing)
+    kept = np.asarray(getattr(embedding, "kept", range(len(names))), dtype=np.int64)
+    return kept, np.asarray(embedding.matrix, dtype=np.float32), embedding
+
+
+def conse_from_logits(logits, class_vectors, kept=None, T: int = 10) -> np.ndarray:
+    """ConSE embeddings from classifier logits (N, 1000): softmax over all classes, then keep `kept` columns."""
+    probabilities = softmax(logits)
+    if kept is not None:
+        probabilities = probabilities[:, np.asarray(kept)]
+    return conse_embed(probabilities, class_vectors, T)

@@ -1,0 +1,53 @@
+"""Trainable heads on cached backbone features (keras layers only).
+
+- linear_head: the paper's linear map M from visual features to the word space (no bias by default:
+  the paper's M v(image) has none, and a bias would add the same vector to every image's projection).
+- mlp_head: the Keras blog's head (Dropout 0.3, Dense 1024 relu, BatchNorm, Dense to the vector size).
+- softmax_head: the phase-2 baseline classifier over the training classes (logistic regression by
+  default; hidden=N adds one ReLU layer). Logistic regression was chosen on validation: on the emoji
+  benchmark the one-layer MLP did not beat it (see train.py's docstring for the numbers).
+"""
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+
+def linear_head(input_dim: int, output_dim: int, use_bias: bool = False, name: str = "linear_head") -> keras.Model:
+    """features (B, input_dim) -> projection M v (B, output_dim)."""
+    inputs = keras.Input((input_dim,), name="features")
+    outputs = layers.Dense(output_dim, use_bias=use_bias, name="M")(inputs)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def mlp_head(input_dim: int, output_dim: int, hidden: int = 1024, dropout: float = 0.3,
+             name: str = "mlp_head") -> keras.Model:
+    """The Keras blog's head: Dropout, Dense(hidden, relu), BatchNorm, Dense(output_dim)."""
+    inputs = keras.Input((input_dim,), name="features")
+    x = layers.Dropout(dropout)(inputs)
+    x = layers.Dense(hidden, activation="relu")(x)
+    x = layers.BatchNormalization()(x)
+    outputs = layers.Dense(output_dim, name="projection")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def softmax_head(input_dim: int, num_classes: int, hidden: int = 0, dropout: float = 0.0,
+                 name: str = "softmax_head") -> keras.Model:
+    """features (B, input_dim) -> class probabilities (B, num_classes)."""
+    inputs = keras.Input((input_dim,), name="features")
+    x = inputs
+    if dropout:
+        x = layers.Dropout(dropout)(x)
+    if hidden:
+        x = layers.Dense(hidden, activation="relu")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="classes")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_head(kind: str, input_dim: int, output_dim: int) -> keras.Model:
+    """Head by name: "linear" or "mlp" (projection to output_dim), "softmax" (output_dim classes)."""
+    from devise.errors import DeviseError
+    builders = {"linear": linear_head, "mlp": mlp_head, "softmax": softmax_head}
+    if kind not in builders:
+        raise DeviseError(f"unknown head '{kind}': choose one of {', '.join(builders)}")
+    return builders[kind](input_dim, output_dim)

@@ -1,0 +1,442 @@
+"""Phases 2-3 on cached features: the softmax baseline, DeViSE, the random-vector control and ConSE.
+
+    run = train("devise", features, labels, class_names, label_vectors, val=(vf, vl, vvectors, vnames),
+                out_dir="runs/x")
+    run = load_run("runs/x")                     # in any process
+    scores = run.predict_scores(features, vectors_of_any_labels, names)   # cosine (N, L), zero-shot
+
+Methods:
+- softmax: a classifier over the training classes (phase 2); predict_proba gives class probabilities.
+- devise:  a head (the paper's linear M, or the blog's MLP) trained with the hinge rank loss (or the
+           blog's cosine loss) to map features onto the training labels' word vectors.
+- random:  the paper's control: the same model and loss, every label's vector replaced by a seeded
+           random unit vector (per label name, so unseen labels get one too: zero-shot is then chance).
+- conse:   a softmax model whose probabilities embed an image as a convex combination of the top-T
+           training classes' vectors (Norouzi et al. 2014).
+
+Training: Keras fit with a progress bar over deterministic per-epoch shuffles (seeded by seed and epoch,
+so a resumed run sees the same batches). Validation after each epoch: hit@k of the validation images
+(zero-shot against the validation classes' vectors when given), early stopping with the best weights
+restored. With out_dir, each epoch writes a checkpoint (the .keras model, optimizer variables, loss
+random state, history) atomically; calling train() again with the same arguments resumes it after a
+crash. The run folder then holds model.keras, labels.npz (class names + vectors), settings.json
+(method, vectors spec, backbone, hyper-parameters) and history.json.
+
+Defaults were chosen on validation classes of the emoji benchmark (seen classes split 80/20 by class,
+one seed, EfficientNet-Lite0 features, GloVe 50-d); see the report in the commit history.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from devise.errors import DeviseError
+
+METHODS = ("softmax", "devise", "random", "conse")
+LOSSES = ("hinge", "cosine")
+HEADS = ("linear", "mlp")
+OPTIMIZERS = ("adam", "adagrad")
+DEFAULT_LEARNING_RATES = {"adam": 1e-3, "adagrad": 0.05}
+
+
+# ---------------------------------------------------------------- small helpers
+
+def random_label_vectors(names, dim: int, seed: int = 0) -> np.ndarray:
+    """The random control's vectors: one seeded random unit vector per label NAME, (L, dim) float32.
+
+    A label gets the same vector wherever it appears (training, validation, test) for a given seed.
+    """
+    rows = []
+    for name in names:
+        digest = int.from_bytes(hashlib.sha256(str(name).encode("utf-8")).digest()[:8], "little")
+        vector = np.random.default_rng([int(seed), digest]).standard_normal(dim)
+        rows.append(vector / np.linalg.norm(vector))
+    return np.asarray(rows, dtype=np.float32).reshape(len(rows), dim)
+
+
+def _unit(matrix) -> np.ndarray:
+    matrix = np.asarray(matrix, dtype=np.float32)
+    return matrix / np.maximum(np.linalg.norm(matrix, axis=-1, keepdims=True), 1e-12)
+
+
+def hit_at_k(scores, labels, k: int) -> float:
+    """Fraction of rows whose true label (an index into the score columns) is among the k best scores."""
+    scores = np.asarray(scores)
+    labels = np.asarray(labels).reshape(-1)
+    k = min(k, scores.shape[1])
+    true_score = scores[np.arange(len(labels)), labels]
+    # rank = number of labels scoring strictly higher (ties count in the image's favour)
+    rank = (scores > true_score[:, None]).sum(axis=1)
+    return float(np.mean(rank < k))
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _write_npz(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _fingerprint(*arrays) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(str(array.shape).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the trained run
+
+@dataclass
+class Run:
+    """A trained model and everything needed to predict with it."""
+    method: str
+    model: object                      # keras.Model: features -> projection (devise/random) or probabilities
+    class_names: list[str]             # the training labels, in model output / label_vectors order
+    label_vectors: np.ndarray | None   # (C, D) unit training label vectors (the random ones for "random")
+    settings: dict
+    history: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def T(self) -> int:
+        return int(self.settings.get("T", 10))
+
+    def _predict(self, features) -> np.ndarray:
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or features.shape[1] != self.settings["feature_dim"]:
+            raise DeviseError(f"features of shape {features.shape} do not match this run's "
+                              f"feature dimension {self.settings['feature_dim']}")
+        return np.asarray(self.model.predict(features, batch_size=1024, verbose=0), dtype=np.float32)
+
+    def predict_proba(self, features) -> np.ndarray:
+        """(N, C) probabilities over the training classes (softmax and conse runs)."""
+        if self.method not in ("softmax", "conse"):
+            raise DeviseError(f"a {self.method} run has no class probabilities; use predict_scores")
+        return self._predict(features)
+
+    def embed(self, features) -> np.ndarray:
+        """(N, D) unit vectors in the label space (devise/random: the head's output; conse: ConSE)."""
+        if self.method in ("devise", "random"):
+            return _unit(self._predict(features))
+        if self.label_vectors is None:
+            raise DeviseError("this softmax run was trained without label vectors: it cannot embed images")
+        from devise.conse import conse_embed
+        return conse_embed(self._predict(features), self.label_vectors, self.T)
+
+    def vectors_for(self, label_vectors, names=None) -> np.ndarray:
+        """The vectors this run scores labels with: the given ones, or the random control's (by name)."""
+        if self.method == "random":
+            if names is None:
+                raise DeviseError("a random-control run scores labels by name: pass the label names")
+            return random_label_vectors(names, self.label_vectors.shape[1], self.settings["seed"])
+        label_vectors = np.asarray(label_vectors, dtype=np.float32)
+        if self.label_vectors is not None and label_vectors.shape[-1] != self.label_vectors.shape[1]:
+            raise DeviseError(f"label vectors have dimension {label_vectors.shape[-1]}, this run was trained "
+                              f"with {self.label_vectors.shape[1]} (vectors {self.settings.get('vectors')})")
+        return _unit(label_vectors)
+
+    def predict_scores(self, features, label_vectors, names=None) -> np.ndarray:
+        """(N, L) cosine scores of every image against any label set (zero-shot).
+
+        label_vectors: (L, D) vectors from the run's vectors spec; names: the L label names (required
+        for the random control, whose labels get seeded random vectors by name).
+        Softmax runs score by ConSE (they need their training label vectors).
+        """
+        return self.embed(features) @ self.vectors_for(label_vectors, names).T
+
+
+def _save_model(model, path: Path) -> None:
+    """model.keras written atomically (Keras wants the .keras suffix, so write in a temp folder)."""
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-model-") as tmp:
+        tmp_path = Path(tmp) / "model.keras"
+        model.save(tmp_path)
+        os.replace(tmp_path, path)
+
+
+def load_run(path) -> Run:
+    """Load a run folder written by train() (in any process)."""
+    import keras
+    import devise.losses  # noqa: F401  (registers the custom losses)
+
+    folder = Path(path)
+    needed = [folder / n for n in ("settings.json", "labels.npz", "model.keras")]
+    missing = [p.name for p in needed if not p.is_file()]
+    if missing:
+        raise DeviseError(f"{folder}: not a finished training run (missing {', '.join(missing)})")
+    settings = json.loads((folder / "settings.json").read_text())
+    with np.load(folder / "labels.npz", allow_pickle=False) as data:
+        class_names = [str(n) for n in data["class_names"]]
+        label_vectors = data["label_vectors"] if data["label_vectors"].size else None
+    history_path = folder / "history.json"
+    history = json.loads(history_path.read_text()) if history_path.is_file() else {}
+    model = keras.saving.load_model(folder / "model.keras", compile=False)
+    return Run(settings["method"], model, class_names, label_vectors, settings, history, folder)
+
+
+# ---------------------------------------------------------------- training
+
+def _as_validation(val, method, class_names, label_vectors, seed):
+    """Normalise `val` to (features, labels, score_vectors or None, is_zero_shot)."""
+    if val is None:
+        return None
+    if not isinstance(val, (tuple, list)) or len(val) not in (2, 3, 4):
+        raise DeviseError("val must be (features, labels) or (features, labels, label_vectors[, class_names])")
+    features, labels = np.asarray(val[0], dtype=np.float32), np.asarray(val[1]).astype(np.int64)
+    if len(features) != len(labels) or len(features) == 0:
+        raise DeviseError(f"validation set: {len(features)} feature rows for {len(labels)} labels")
+    if len(val) == 2:            # labels index the training classes
+        vectors, names = label_vectors, class_names
+    else:                        # zero-shot: labels index the validation classes
+        vectors = np.asarray(val[2], dtype=np.float32)
+        names = list(val[3]) if len(val) == 4 else None
+    if method == "random":
+        if names is None:
+            raise DeviseError("the random control needs the validation class names: val=(f, l, vectors, names)")
+        vectors = random_label_vectors(names, label_vectors.shape[1], seed)
+    if vectors is not None:
+        vectors = _unit(vectors)
+        if labels.max() >= len(vectors):
+            raise DeviseError(f"validation label {labels.max()} has no vector ({len(vectors)} given)")
+    return features, labels, vectors, len(val) > 2
+
+
+def _make_optimizer(name: str, learning_rate: float):
+    import keras
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate)
+    return keras.optimizers.Adagrad(learning_rate)
+
+
+def _shuffled_batches(features, labels, batch_size, seed):
+    """A keras PyDataset over (features, labels) with a permutation seeded by (seed, epoch)."""
+    import keras
+
+    class ShuffledBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.set_epoch(0)
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+            self._order = np.random.default_rng([int(seed), int(epoch)]).permutation(len(labels))
+
+        def __len__(self):
+            return int(np.ceil(len(labels) / batch_size))
+
+        def __getitem__(self, index):
+            rows = np.sort(self._order[index * batch_size:(index + 1) * batch_size])
+            return np.asarray(features[rows], dtype=np.float32), labels[rows]
+
+    return ShuffledBatches()
+
+
+def train(method: str, features, labels, class_names, label_vectors=None, *, val=None,
+          loss: str = "hinge", head: str = "linear", epochs: int = 100, batch_size: int = 128,
+          learning_rate: float | None = None, optimizer: str = "adam", seed: int = 0, out_dir=None,
+          margin: float = 0.1, truncated: bool = True, normalize_output: bool = False,
+          patience: int = 8, top_k: int = 5, T: int = 10, vectors_spec: str | None = None,
+          backbone_name: str | None = None, verbose: int = 1) -> Run:
+    """Train one method on (features (N, F), labels (N,) into class_names) and return the Run.
+
+    label_vectors: (C, D) vectors of class_names (needed by devise/random/conse; random uses only D).
+    val: (features, labels) scored over the training classes, or (features, labels, label_vectors
+        [, class_names]) scored zero-shot over the validation classes (class_names needed by "random").
+    Early stopping on validation hit@top_k (patience epochs) restores the best epoch's weights.
+    out_dir: the run folder; an interrupted run with the same settings resumes from its last checkpoint.
+    """
+    import keras
+    from devise.heads import linear_head, mlp_head, softmax_head
+    from devise.losses import CosineLoss, HingeRankLoss
+
+    for value, allowed, what in ((method, METHODS, "method"), (loss, LOSSES, "loss"), (head, HEADS, "head"),
+                                 (optimizer, OPTIMIZERS, "optimizer")):
+        if value not in allowed:
+            raise DeviseError(f"unknown {what} '{value}': choose one of {', '.join(allowed)}")
+    features = np.asarray(features, dtype=np.float32)
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    class_names = [str(n) for n in class_names]
+    if features.ndim != 2 or len(features) != len(labels) or len(labels) == 0:
+        raise DeviseError(f"training set: features of shape {features.shape} for {len(labels)} labels")
+    if labels.min() < 0 or labels.max() >= len(class_names):
+        raise DeviseError(f"training labels must index the {len(class_names)} class names (got {labels.max()})")
+    if label_vectors is None and method != "softmax":
+        raise DeviseError(f"method '{method}' needs label vectors")
+    if label_vectors is not None:
+        label_vectors = _unit(label_vectors)
+        if len(label_vectors) != len(class_names):
+            raise DeviseError(f"{len(label_vectors)} label vectors for {len(class_names)} class names")
+    if method == "random":
+        label_vectors = random_label_vectors(class_names, label_vectors.shape[1], seed)
+    validation = _as_validation(val, method, class_names, label_vectors, seed)
+    learning_rate = float(learning_rate or DEFAULT_LEARNING_RATES[optimizer])
+
+    classifies = method in ("softmax", "conse")
+    settings = {
+        "method": method, "loss": None if classifies else loss, "head": "softmax" if classifies else head,
+        "epochs": int(epochs), "batch_size": int(batch_size), "learning_rate": learning_rate,
+        "optimizer": optimizer, "seed": int(seed), "margin": float(margin), "truncated": bool(truncated),
+        "normalize_output": bool(normalize_output), "patience": int(patience), "top_k": int(top_k), "T": int(T),
+        "vectors": vectors_spec, "backbone": backbone_name, "feature_dim": int(features.shape[1]),
+        "vector_dim": None if label_vectors is None else int(label_vectors.shape[1]),
+        "num_classes": len(class_names), "num_train": int(len(labels)),
+        "data": _fingerprint(features, labels, *(() if label_vectors is None else (label_vectors,))),
+        "val_data": None if validation is None else _fingerprint(validation[0], validation[1]),
+        "val_zero_shot": None if validation is None else bool(validation[3]),
+    }
+
+    keras.utils.set_random_seed(int(seed))
+    if classifies:
+        model = softmax_head(features.shape[1], len(class_names))
+        loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    else:
+        builder = linear_head if head == "linear" else mlp_head
+        model = builder(features.shape[1], label_vectors.shape[1])
+        if loss == "hinge":
+            loss_fn = HingeRankLoss(label_vectors, margin=margin, truncated=truncated,
+                                    normalize_output=normalize_output, seed=int(seed))
+        else:
+            loss_fn = CosineLoss(label_vectors)
+    if getattr(loss_fn, "seed_generator", None) is not None:
+        # The loss's random state must be a model variable so the (jitted, stateless) JAX train step
+        # threads it through and advances it each step; otherwise every batch would reuse one order.
+        model.hinge_loss_seed = loss_fn.seed_generator
+    model.compile(optimizer=_make_optimizer(optimizer, learning_rate), loss=loss_fn)
+
+    run = Run(method, model, class_names, label_vectors, settings, {}, None)
+    out = Path(out_dir) if out_dir is not None else None
+    state = {"epoch": 0, "best_score": None, "best_epoch": None, "wait": 0, "history": {}}
+    best_weights = None
+    if out is not None:
+        state, best_weights = _prepare_run_folder(out, settings, class_names, label_vectors, model, loss_fn)
+
+    def validate():
+        vf, vl, vvectors, _ = validation
+        if classifies and not validation[3]:
+            scores = run.predict_proba(vf)
+        elif vvectors is None:
+            raise DeviseError("zero-shot validation of a softmax run needs training label vectors (ConSE)")
+        else:
+            scores = run.embed(vf) @ vvectors.T
+        return {f"val_hit@{k}": hit_at_k(scores, vl, k) for k in sorted({1, int(top_k)})}
+
+    batches = _shuffled_batches(features, labels, int(batch_size), int(seed))
+    monitor = f"val_hit@{int(top_k)}"
+
+    class EpochEnd(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            batches.set_epoch(epoch)
+
+        def on_epoch_end(self, epoch, logs=None):
+            nonlocal best_weights
+            logs = logs if logs is not None else {}
+            if validation is not None:
+                logs.update(validate())
+                score = logs[monitor]
+                if state["best_score"] is None or score > state["best_score"]:
+                    state.update(best_score=score, best_epoch=epoch + 1, wait=0)
+                    best_weights = [np.array(w) for w in model.get_weights()]
+                else:
+                    state["wait"] += 1
+                if state["wait"] >= patience:
+                    self.model.stop_training = True
+            for key, value in logs.items():
+                state["history"].setdefault(key, []).append(float(value))
+            state["epoch"] = epoch + 1
+            state["stopped"] = bool(self.model.stop_training)
+            if out is not None:
+                _write_checkpoint(out, model, loss_fn, state, best_weights)
+            if verbose and validation is not None:
+                print(f"  {monitor} {logs[monitor]:.4f} (best {state['best_score']:.4f} at epoch {state['best_epoch']})",
+                      flush=True)
+
+    finished = state.get("stopped") or state["epoch"] >= epochs
+    if not finished:
+        model.fit(batches, epochs=int(epochs), initial_epoch=int(state["epoch"]), shuffle=False,
+                  callbacks=[EpochEnd()], verbose=verbose)
+    if best_weights is not None:
+        model.set_weights(best_weights)
+    run.history = {"epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
+                   "best_" + monitor: state["best_score"], **state["history"]}
+    if out is not None:
+        _save_model(model, out / "model.keras")
+        _write_json(out / "history.json", run.history)
+        run.path = out
+    return run
+
+
+# ---------------------------------------------------------------- run folder and checkpoints
+
+def _prepare_run_folder(out: Path, settings, class_names, label_vectors, model, loss_fn):
+    """Create the run folder, or check it holds the same run and load its last checkpoint."""
+    out.mkdir(parents=True, exist_ok=True)
+    settings_path = out / "settings.json"
+    if settings_path.is_file():
+        previous = json.loads(settings_path.read_text())
+        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        if changed:
+            raise DeviseError(f"{out} holds a run with other settings ({', '.join(changed)}): choose another folder")
+        if (out / "model.keras").is_file() and (out / "history.json").is_file():
+            raise DeviseError(f"{out} already holds this finished run: load it with load_run or choose another folder")
+    else:
+        _write_npz(out / "labels.npz", class_names=np.asarray(class_names, dtype=str),
+                   label_vectors=np.zeros((0, 0), np.float32) if label_vectors is None else label_vectors)
+        _write_json(settings_path, settings)
+    return _load_checkpoint(out, model, loss_fn)
+
+
+def _write_checkpoint(out: Path, model, loss_fn, state, best_weights) -> None:
+    """Write checkpoint/ (model.keras, optimizer + best weights, state.json) as one atomic folder swap."""
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-checkpoint-"))
+    model.save(tmp / "model.keras")
+    arrays = {f"opt_{i}": np.array(v) for i, v in enumerate(model.optimizer.variables)}
+    if best_weights is not None:
+        arrays.update({f"best_{i}": w for i, w in enumerate(best_weights)})
+    if getattr(loss_fn, "seed_generator", None) is not None:
+        arrays["loss_seed_state"] = np.array(loss_fn.seed_generator.state.value)
+    np.savez(tmp / "arrays.npz", **arrays)
+    (tmp / "state.json").write_text(json.dumps(state))
+    final, old = out / "checkpoint", out / "checkpoint.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(out: Path, model, loss_fn):
+    """Restore weights, optimizer variables and loss random state from the last complete checkpoint."""
+    import keras
+    fresh = {"epoch": 0, "best_score": None, "best_epoch": None, "wait": 0, "history": {}}
+    folder = out / "checkpoint"
+    if not (folder / "state.json").is_file():
+        folder = out / "checkpoint.old"      # a crash between the two renames of _write_checkpoint
+    if not (folder / "state.json").is_file():
+        return fresh, None
+    state = json.loads((folder / "state.json").read_text())
+    saved = keras.saving.load_model(folder / "model.keras", compile=False)
+    model.set_weights(saved.get_weights())
+    with np.load(folder / "arrays.npz") as arrays:
+        optimizer = model.optimizer
+        optimizer.build(model.trainable_variables)
+        for i, variable in enumerate(optimizer.variables):
+            variable.assign(arrays[f"opt_{i}"])
+        best = [arrays[f"best_{i}"] for i in range(len(model.get_weights()))] if "best_0" in arrays else None
+        if "loss_seed_state" in arrays and getattr(loss_fn, "seed_generator", None) is not None:
+            loss_fn.seed_generator.state.assign(arrays["loss_seed_state"])
+    print(f"resuming {out} after epoch {state['epoch']}", flush=True)
+    return state, best
