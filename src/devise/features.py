@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from devise.assets import data_home
 from devise.errors import DeviseError
-from devise.images import _load_or_none
+from devise.images import _load_or_none, decode_context
 
 # Bump when the decode/resize policy in images.py changes: old stores then stop matching.
 IMAGE_POLICY_VERSION = "v1-short0.875-bicubic-white"
@@ -122,7 +122,7 @@ def build_image_store(paths: list[str], size: int = 224, *, chunk_size: int = 51
     bad: list[str] = []
     bar = tqdm(total=n, initial=n - sum(min(chunk_size, n - c * chunk_size) for c in todo),
                desc="decoding images", unit="img", disable=not progress)
-    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    pool = ProcessPoolExecutor(workers, mp_context=decode_context()) if workers > 1 else None
     try:
         for c in todo:
             lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)

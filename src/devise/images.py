@@ -5,6 +5,7 @@ size (256 -> 224). Transparency is composited on white (emoji artwork has transp
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -59,6 +60,11 @@ def load_image(path: str | os.PathLike, size: int = 224) -> np.ndarray:
         raise DeviseError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
 
 
+def decode_context():
+    # forkserver, not fork: forking a process that runs JAX's threads can deadlock.
+    return multiprocessing.get_context("forkserver")
+
+
 def _load_or_none(args: tuple[str, int]) -> np.ndarray | str:
     path, size = args
     try:
@@ -77,7 +83,7 @@ def load_images(paths: list[str], size: int = 224, workers: int | None = None) -
     workers = workers if workers is not None else (os.cpu_count() or 1)
     jobs = [(str(p), size) for p in paths]
     if workers > 1 and len(paths) >= 64:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, mp_context=decode_context()) as pool:
             results = list(pool.map(_load_or_none, jobs, chunksize=16))
     else:
         results = [_load_or_none(job) for job in jobs]
