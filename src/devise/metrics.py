@@ -46,14 +46,21 @@ def top_k_indices(scores, k: int) -> np.ndarray:
         raise DeviseError(f"k={k}: must be at least 1")
     out = np.empty((n, k), np.int64)
     for rows in _row_chunks(n, n_labels):
-        s = scores[rows].astype(np.float64, copy=True)
-        s[np.isnan(s)] = -np.inf
+        s = scores[rows]
+        if not np.issubdtype(s.dtype, np.floating):
+            s = s.astype(np.float64)
+        nan = np.isnan(s)
+        if nan.any():
+            s = np.where(nan, -np.inf, s)
         kth = np.partition(s, n_labels - k, axis=1)[:, n_labels - k][:, None]  # k-th largest per row
         above = s > kth
         tied = s == kth
         need = k - above.sum(axis=1, keepdims=True)
-        # the lowest-index tied labels fill the remaining places
-        chosen = above | (tied & (np.cumsum(tied, axis=1) <= need))
+        chosen = above | tied
+        # rows with more tied labels than places left: the lowest-index tied labels fill them
+        crowded = np.flatnonzero(tied.sum(axis=1) > need[:, 0])
+        if len(crowded):
+            chosen[crowded] = above[crowded] | (tied[crowded] & (np.cumsum(tied[crowded], axis=1) <= need[crowded]))
         idx = np.nonzero(chosen)[1].reshape(-1, k)  # row-major: ascending index within each row
         vals = np.take_along_axis(s, idx, axis=1)
         order = np.argsort(-vals, axis=1, kind="stable")  # stable keeps the lower index first on ties

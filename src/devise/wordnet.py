@@ -20,7 +20,7 @@ import numpy as np
 
 from devise.errors import DeviseError
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 def _lemma_key(lemma: str) -> str:
@@ -44,25 +44,38 @@ class WordNet:
                  instance_hypernyms: Mapping[str, Sequence[str]] | None = None,
                  glosses: Mapping[str, str] | None = None,
                  senses: Mapping[str, Sequence[str]] | None = None):
-        self.ids: list[str] = list(synsets)
-        self.index: dict[str, int] = {wnid: i for i, wnid in enumerate(self.ids)}
-        self._lemmas = [tuple(l.replace("_", " ") for l in synsets[w]) for w in self.ids]
-        self._glosses = [(glosses or {}).get(w, "") for w in self.ids]
-        edges = []  # (child, parent, is_instance)
-        for table, flag in ((hypernyms or {}, 0), (instance_hypernyms or {}, 1)):
-            for child, parents in table.items():
-                for parent in parents:
-                    edges.append((self._id(child), self._id(parent), flag))
-        edges = np.array(sorted(set(edges)), dtype=np.int32).reshape(-1, 3)
-        self._edge_child, self._edge_parent, self._edge_instance = edges[:, 0], edges[:, 1], edges[:, 2].astype(bool)
+        ids = list(synsets)
+        index = {wnid: i for i, wnid in enumerate(ids)}
+
+        def pos(wnid):
+            if wnid not in index:
+                raise DeviseError(f"{wnid!r}: not a noun synset id in this WordNet")
+            return index[wnid]
+
+        edges = {(pos(child), pos(parent), flag)
+                 for table, flag in ((hypernyms or {}, 0), (instance_hypernyms or {}, 1))
+                 for child, parents in table.items() for parent in parents}
         if senses is None:
             built: dict[str, list[int]] = {}
-            for i, lemmas in enumerate(self._lemmas):
-                for lemma in lemmas:
+            for i, wnid in enumerate(ids):
+                for lemma in synsets[wnid]:
                     built.setdefault(_lemma_key(lemma), []).append(i)
-            self._senses = {k: tuple(v) for k, v in built.items()}
         else:
-            self._senses = {_lemma_key(k): tuple(self._id(w) for w in v) for k, v in senses.items()}
+            built = {_lemma_key(k): [pos(w) for w in v] for k, v in senses.items()}
+        self._set_state(_state(ids, ["\t".join(l.replace("_", " ") for l in synsets[w]) for w in ids],
+                               [(glosses or {}).get(w, "") for w in ids], sorted(edges), built))
+
+    def _set_state(self, state: dict) -> None:
+        """Install the compact form (also what the on-disk cache holds: a few strings and int arrays)."""
+        self.ids: list[str] = state["ids"].split("\n") if state["ids"] else []
+        self.index: dict[str, int] = dict(zip(self.ids, range(len(self.ids))))
+        self._lemma_lines = state["lemmas"].split("\n")
+        self._glosses = state["glosses"].split("\n")
+        edges = state["edges"]
+        self._edge_child, self._edge_parent, self._edge_instance = edges[:, 0], edges[:, 1], edges[:, 2].astype(bool)
+        keys = state["sense_keys"].split("\n") if state["sense_keys"] else []
+        self._sense_row = dict(zip(keys, range(len(keys))))
+        self._sense_ptr, self._sense_ids = state["sense_ptr"], state["sense_ids"]
         self._graphs: dict[bool, tuple[np.ndarray, np.ndarray]] = {}
 
     # ------------------------------------------------------------ lookups
@@ -85,15 +98,18 @@ class WordNet:
 
     def synsets_for(self, lemma: str) -> list[str]:
         """Noun synsets containing `lemma` (case-insensitive, spaces or underscores), most frequent sense first."""
-        return [self.ids[i] for i in self._senses.get(_lemma_key(lemma), ())]
+        row = self._sense_row.get(_lemma_key(lemma))
+        if row is None:
+            return []
+        return [self.ids[i] for i in self._sense_ids[self._sense_ptr[row]:self._sense_ptr[row + 1]]]
 
     def lemmas(self, wnid: str) -> list[str]:
         """The synset's lemmas as written in WordNet, underscores turned into spaces."""
-        return list(self._lemmas[self._id(wnid)])
+        return self._lemma_lines[self._id(wnid)].split("\t")
 
     def name(self, wnid: str) -> str:
         """The synset's first lemma (the paper's label term)."""
-        return self._lemmas[self._id(wnid)][0]
+        return self._lemma_lines[self._id(wnid)].split("\t", 1)[0]
 
     def gloss(self, wnid: str) -> str:
         """The synset's definition and examples."""
@@ -195,36 +211,38 @@ def zero_shot_label_sets(training_wnids: Iterable[str | None], candidates: Itera
 
 # ------------------------------------------------------------------ reading WNdb files
 
+def _state(ids: list[str], lemma_lines: list[str], glosses: list[str], edges, senses: dict[str, list[int]]) -> dict:
+    """The compact form of a WordNet: newline-joined strings and int arrays (fast to pickle and load)."""
+    keys = list(senses)
+    ptr = np.zeros(len(keys) + 1, np.int64)
+    np.cumsum([len(senses[k]) for k in keys], out=ptr[1:])
+    flat = [i for k in keys for i in senses[k]]
+    return {"ids": "\n".join(ids), "lemmas": "\n".join(lemma_lines), "glosses": "\n".join(g.replace("\n", " ") for g in glosses),
+            "edges": np.array(edges, np.int32).reshape(-1, 3), "sense_keys": "\n".join(keys),
+            "sense_ptr": ptr, "sense_ids": np.array(flat, np.int32)}
+
+
 def _parse_wndb(folder: Path) -> dict:
-    """Read data.noun and index.noun into plain lists (the pickled cache holds exactly this)."""
-    ids, lemmas, glosses, hyper, inst = [], [], [], {}, {}
+    """Read data.noun and index.noun into the compact form (what the pickled cache holds)."""
+    ids, lemma_lines, glosses, raw_edges = [], [], [], []
     with open(folder / "data.noun", encoding="utf-8", errors="replace") as fh:
         for line in fh:
             if line.startswith("  "):  # licence header
                 continue
             head, _, gloss = line.partition(" | ")
             tok = head.split()
-            wnid = "n" + tok[0]
             n_words = int(tok[3], 16)
-            words = tok[4:4 + 2 * n_words:2]
             pos = 4 + 2 * n_words
-            n_ptrs = int(tok[pos])
-            parents, iparents = [], []
-            for j in range(pos + 1, pos + 1 + 4 * n_ptrs, 4):
-                symbol, offset, ptr_pos = tok[j], tok[j + 1], tok[j + 2]
-                if ptr_pos != "n":
-                    continue
-                if symbol == "@":
-                    parents.append("n" + offset)
-                elif symbol == "@i":
-                    iparents.append("n" + offset)
-            ids.append(wnid)
-            lemmas.append(words)
+            child = len(ids)
+            for j in range(pos + 1, pos + 1 + 4 * int(tok[pos]), 4):
+                symbol = tok[j]
+                if (symbol == "@" or symbol == "@i") and tok[j + 2] == "n":
+                    raw_edges.append((child, "n" + tok[j + 1], symbol == "@i"))
+            ids.append("n" + tok[0])
+            lemma_lines.append("\t".join(tok[4:pos:2]).replace("_", " "))
             glosses.append(gloss.strip())
-            if parents:
-                hyper[wnid] = parents
-            if iparents:
-                inst[wnid] = iparents
+    index = dict(zip(ids, range(len(ids))))
+    edges = sorted({(child, index[parent], int(inst)) for child, parent, inst in raw_edges})
     senses = {}
     with open(folder / "index.noun", encoding="utf-8", errors="replace") as fh:
         for line in fh:
@@ -232,9 +250,8 @@ def _parse_wndb(folder: Path) -> dict:
                 continue
             tok = line.split()
             synset_cnt = int(tok[2])
-            senses[tok[0]] = ["n" + off for off in tok[len(tok) - synset_cnt:]]
-    return {"synsets": dict(zip(ids, lemmas)), "glosses": dict(zip(ids, glosses)), "hypernyms": hyper,
-            "instance_hypernyms": inst, "senses": senses}
+            senses[tok[0]] = [index["n" + off] for off in tok[len(tok) - synset_cnt:]]
+    return _state(ids, lemma_lines, glosses, edges, senses)
 
 
 def _cache_path(folder: Path) -> Path:
@@ -272,13 +289,15 @@ def _load(folder: str) -> WordNet:
     if parsed is None:
         try:
             parsed = _parse_wndb(folder)
-        except (OSError, ValueError, IndexError) as exc:
+        except (OSError, ValueError, IndexError, KeyError) as exc:
             raise DeviseError(f"{folder}/data.noun: not a readable WordNet noun database ({exc})") from None
         try:
             _atomic_pickle(parsed, cache)
         except OSError:
             pass  # a read-only data home only costs speed
-    return WordNet(**parsed)
+    wordnet = WordNet.__new__(WordNet)
+    wordnet._set_state(parsed)
+    return wordnet
 
 
 def load_wordnet(path: str | os.PathLike | None = None) -> WordNet:
