@@ -3,7 +3,7 @@
 Ids are "n" + the 8-digit data.noun offset ("n02123045" = tabby.n.01), the ids ImageNet uses.
 
 The graph used for hops and for hierarchical precision is UNDIRECTED: an edge joins a synset and each of
-its hypernyms (and, unless `instances=False`, each of its instance hypernyms, e.g. Paris -> city).
+its hypernyms (and, unless `instances=False`, each of its instance hypernyms, e.g. Paris -> national capital).
 Direction does not matter and every edge is one hop, so a sibling is 2 hops away (up to the parent,
 down again). Hyponym edges are the same edges seen from the other end.
 """
