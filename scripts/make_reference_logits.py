@@ -16,6 +16,11 @@ How tests/data/foolbox_reference.npz was made (run once, by hand, with the proje
    (uint8/255 - ImageNet mean) / ImageNet std in NCHW float32, logits in float32.
 4. It writes tests/data/foolbox_reference.npz: files (20 names), labels (int64 (20,)),
    logits (float32 (20, 1000)), and prints the reference top-1 / top-5 counts.
+5. For tests/test_torch_checkpoint.py it also saves, with real torch, one small state dict in both of
+   torch's formats: tests/data/torch_small_zip.pt (torch.save default, zip) and torch_small_legacy.pt
+   (_use_new_zipfile_serialization=False), plus the expected arrays in torch_small_expected.npz. The state
+   dict mixes dtypes (float32, float16, int64 scalar), a transposed (non-contiguous) tensor and two
+   tensors sharing one storage at different offsets.
 """
 from __future__ import annotations
 
@@ -51,6 +56,22 @@ with torch.no_grad():
     logits = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy().astype(np.float32)
 np.save(out_path, logits)
 print("torch", torch.__version__)
+
+# Small state dicts in both on-disk formats for the checkpoint reader's tests.
+full = model.state_dict()
+shared = torch.arange(100, dtype=torch.float32)
+small = {
+    "stem.weight": full["_conv_stem.weight"].clone(),
+    "stem.weight_t": full["_conv_stem.weight"].clone().permute(1, 0, 3, 2),
+    "bn.weight_half": full["_bn0.weight"].clone().half(),
+    "bn.num_batches_tracked": torch.tensor(7, dtype=torch.int64),
+    "shared.all": shared,
+    "shared.slice": shared[10:20],
+}
+data_dir = sys.argv[4]
+torch.save(small, f"{data_dir}/torch_small_zip.pt")
+torch.save(small, f"{data_dir}/torch_small_legacy.pt", _use_new_zipfile_serialization=False)
+np.savez(f"{data_dir}/torch_small_expected.npz", **{k: v.numpy() for k, v in small.items()})
 """
 
 
@@ -72,13 +93,13 @@ def main() -> None:
     files = foolbox_imagenet_files()
     labels = np.array([int(f.stem.split("_")[-1]) for f in files], np.int64)
     images = np.stack([load_image(f, 224) for f in files])
+    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         inputs, logits_path = os.path.join(tmp, "inputs.npz"), os.path.join(tmp, "logits.npy")
         np.savez(inputs, images=images)
-        subprocess.run([str(python), "-c", TORCH_CODE, inputs, str(efficientnet_lite0_checkpoint()), logits_path],
-                       check=True)
+        subprocess.run([str(python), "-c", TORCH_CODE, inputs, str(efficientnet_lite0_checkpoint()), logits_path,
+                        str(OUTPUT.parent)], check=True)
         logits = np.load(logits_path)
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = OUTPUT.with_suffix(".tmp.npz")
     np.savez(tmp_out, files=np.array([f.name for f in files]), labels=labels, logits=logits)
     os.replace(tmp_out, OUTPUT)

@@ -247,10 +247,16 @@ def _resnet50_weights(weights) -> str:
             "resnet50_weights_tf_dim_ordering_tf_kernels.h5"
         if cached.is_file():
             return str(cached)
-        raise DeviseError("resnet50 needs weights: pass weights=PATH (.h5/.keras/.weights.h5) or 'imagenet' (downloads)")
+        raise DeviseError("resnet50 needs weights: pass weights=PATH / --weights PATH (.h5, .weights.h5, .keras) "
+                          "or 'imagenet' (downloads, needs internet)")
     path = Path(weights)
     if not path.is_file():
         raise DeviseError(f"{path}: no such weights file for resnet50")
+    # Check the file's signature before building the network: a wrong file fails in a millisecond.
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head != b"\x89HDF\r\n\x1a\n" and not head.startswith(b"PK"):
+        raise DeviseError(f"{path}: not a Keras weights file (expected HDF5 .h5 or a .keras archive)")
     return str(path)
 
 

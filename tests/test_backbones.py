@@ -1,0 +1,146 @@
+"""The Keras EfficientNet-Lite0 against the reference PyTorch package on 20 real ImageNet photos, both
+depthwise formulations, `devise classify`, and one-line errors for bad weights."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from devise.assets import foolbox_data_dir
+from devise.backbones import load_backbone
+from devise.classify import classify
+from devise.cli import main
+from devise.errors import DeviseError
+from devise.images import load_image
+
+REFERENCE = Path(__file__).parent / "data" / "foolbox_reference.npz"
+CAT_SYNSETS = {"n02124075", "n02123045", "n02123159"}  # Egyptian cat, tabby, tiger cat
+
+
+@pytest.fixture(scope="module")
+def reference():
+    ref = np.load(REFERENCE)
+    images = np.stack([load_image(foolbox_data_dir() / name, 224) for name in ref["files"]])
+    return images, ref["logits"], ref["labels"]
+
+
+@pytest.fixture(scope="module")
+def chelsea(tmp_path_factory):
+    import skimage.data
+
+    path = tmp_path_factory.mktemp("photos") / "chelsea.jpg"
+    Image.fromarray(skimage.data.chelsea()).save(path, quality=95)
+    return path
+
+
+def _topk_hits(logits, labels, k):
+    top = np.argsort(-logits, axis=1)[:, :k]
+    return int((top == labels[:, None]).any(axis=1).sum())
+
+
+def test_lite0_matches_pytorch_reference_on_foolbox_photos(reference):
+    images, ref_logits, labels = reference
+    backbone = load_backbone("efficientnet_lite0")
+    assert (backbone.image_size, backbone.feature_dim) == (224, 1280)
+    assert backbone.class_wnids[281] == "n02123045" and len(backbone.class_names) == 1000
+    features = np.asarray(backbone.features_model.predict_on_batch(images))
+    assert features.shape == (20, 1280) and features.dtype == np.float32
+    logits = np.asarray(backbone.classifier.predict_on_batch(features))
+    rel_err = np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()
+    assert rel_err <= 1e-3, rel_err
+    assert _topk_hits(logits, labels, 1) >= _topk_hits(ref_logits, labels, 1) == 16
+    assert _topk_hits(logits, labels, 5) >= 19
+
+
+def test_depthwise_formulations_agree(reference):
+    images = reference[0][:8]
+    shifted = load_backbone(depthwise="shifted").features_model.predict_on_batch(images)
+    grouped = load_backbone(depthwise="grouped").features_model.predict_on_batch(images)
+    np.testing.assert_allclose(np.asarray(shifted), np.asarray(grouped), atol=1e-4, rtol=0)
+
+
+def test_backbone_is_cached_and_keyed():
+    first = load_backbone("efficientnet_lite0")
+    assert load_backbone("efficientnet-lite0") is first
+    assert first.cache_key.startswith("efficientnet_lite0-") and len(first.cache_key) > 20
+
+
+def test_chelsea_is_a_cat(chelsea):
+    [result] = classify([chelsea], top_k=3)
+    assert result["image"] == str(chelsea)
+    assert result["predictions"][0]["synset"] in CAT_SYNSETS
+
+
+def test_classify_cli_json(chelsea, capsys):
+    coffee = chelsea.parent / "coffee.png"
+    import skimage.data
+
+    Image.fromarray(skimage.data.coffee()).save(coffee)
+    assert main(["classify", "--json", "--top", "3", str(chelsea), str(coffee)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    results = [json.loads(line) for line in lines]
+    assert [r["image"] for r in results] == [str(chelsea), str(coffee)]
+    for r in results:
+        preds = r["predictions"]
+        assert len(preds) == 3 and set(preds[0]) == {"label", "synset", "score"}
+        scores = [p["score"] for p in preds]
+        assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-6
+        assert all(p["synset"].startswith("n") and len(p["synset"]) == 9 for p in preds)
+    assert results[1]["predictions"][0]["label"] == "espresso"
+
+    assert main(["classify", str(chelsea), "--top", "2"]) == 0
+    table = capsys.readouterr().out
+    assert str(chelsea) in table and "1." in table and "2." in table and "3." not in table
+
+
+def test_unreadable_image_is_a_one_line_error(tmp_path, capsys):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(DeviseError, match="broken.jpg"):
+        classify([broken])
+    assert main(["classify", str(tmp_path / "missing.jpg")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "missing.jpg" in err
+
+
+def _assert_one_line(call, must_contain):
+    with pytest.raises(DeviseError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message and must_contain in message, message
+
+
+def test_bad_weights_files_give_one_line_errors(tmp_path):
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"\x80\x02garbage" * 100)
+    _assert_one_line(lambda: load_backbone("efficientnet_lite0", weights=corrupt), "corrupt.pth")
+    _assert_one_line(lambda: load_backbone("efficientnet_lite0", weights=tmp_path / "none.pth"), "none.pth")
+    # A readable checkpoint of some other network is refused by name, not with a shape traceback.
+    small = Path(__file__).parent / "data" / "torch_small_zip.pt"
+    _assert_one_line(lambda: load_backbone("efficientnet_lite0", weights=small), "not an EfficientNet-Lite0")
+    _assert_one_line(lambda: load_backbone("resnet50", weights=tmp_path / "none.h5"), "none.h5")
+    bad_h5 = tmp_path / "bad.h5"
+    bad_h5.write_bytes(b"not hdf5")
+    _assert_one_line(lambda: load_backbone("resnet50", weights=bad_h5), "bad.h5")
+    _assert_one_line(lambda: load_backbone("vgg16"), "unknown backbone")
+
+
+@pytest.mark.slow
+def test_resnet50_from_a_local_weights_file(tmp_path, chelsea):
+    """The resnet50 path end to end with a weights file Keras wrote (random init: no real weights offline)."""
+    import keras
+
+    reference_model = keras.applications.ResNet50(include_top=True, weights=None)
+    weights = tmp_path / "resnet50.weights.h5"
+    reference_model.save_weights(weights)
+    backbone = load_backbone("resnet50", weights=weights)
+    assert (backbone.feature_dim, backbone.image_size) == (2048, 224)
+    image = load_image(chelsea, 224)[None]
+    logits = np.asarray(backbone.classifier.predict_on_batch(backbone.features_model.predict_on_batch(image)))
+    # Keras' own model: caffe preprocessing outside, softmax on top; ours: uint8 in, logits out.
+    expected = reference_model.predict_on_batch(keras.applications.resnet50.preprocess_input(image.astype("float32")))
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    np.testing.assert_allclose(probs, np.asarray(expected), rtol=1e-3, atol=0)
+    assert backbone.cache_key != load_backbone("efficientnet_lite0").cache_key
