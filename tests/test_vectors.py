@@ -105,6 +105,22 @@ def test_every_text_and_binary_format_loads(kind, raw_rows, tmp_path, home):
     assert forced.cache_dir is None and forced.words == words
 
 
+def test_fast_and_exact_text_parsers_agree_and_words_may_have_spaces(raw_rows, tmp_path, home):
+    words, rows = raw_rows
+    path = tmp_path / "vecs.vec"
+    _write_text(path, words, rows, header=True, trailing=" ")
+    fast, exact = np.zeros_like(rows), np.zeros_like(rows)
+    assert V._fill_with_pyarrow(path, fast, True, 50, len(words)) == words
+    assert V._fill_line_by_line(path, exact, True, 50, len(words)) == words
+    np.testing.assert_allclose(fast, exact, atol=1e-7)
+    spaced = [w if i != 7 else ". . ." for i, w in enumerate(words)]  # GloVe 840B has such words
+    _write_text(path, spaced, rows, header=False)
+    assert V._fill_with_pyarrow(path, fast, False, 50, len(words)) is None  # the exact parser takes over
+    vecs = V.load_vectors(path)
+    assert vecs.words == spaced and ". . ." in vecs
+    np.testing.assert_allclose(vecs.matrix, _unit(rows), atol=2e-5)
+
+
 def test_fasttext_bin_loads_through_gensim(small_corpus, tmp_path, home):
     from gensim.models import FastText
     from gensim.models.fasttext import save_facebook_model

@@ -454,6 +454,57 @@ def _parse_text(path: Path, folder: Path) -> list[str]:
         expected_rows += last != b"\n"  # a last line without a newline; blank lines are trimmed below
     out = np.lib.format.open_memmap(folder / "matrix.npy", mode="w+", dtype=np.float32,
                                     shape=(max(expected_rows, 0), dim))
+    words = _fill_with_pyarrow(path, out, header, dim, expected_rows)
+    if words is None:  # anything unusual: the line-by-line parser below, which names the bad line
+        words = _fill_line_by_line(path, out, header, dim, expected_rows)
+    out.flush()
+    del out
+    if len(words) != expected_rows:  # blank lines: shrink the matrix to the rows read
+        matrix = np.load(folder / "matrix.npy", mmap_mode="r")[: len(words)]
+        np.save(folder / "matrix.tmp.npy", matrix)
+        del matrix
+        os.replace(folder / "matrix.tmp.npy", folder / "matrix.npy")
+    return words
+
+
+def _fill_with_pyarrow(path: Path, out: np.ndarray, header: bool, dim: int, expected_rows: int) -> list[str] | None:
+    """Fast path: pyarrow's multithreaded CSV reader (about 10x Python). None when the file is not a
+    plain "word x1 .. xD" table (words with spaces, bad numbers, truncation): the caller then re-parses."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    with _open_binary(path) as f:
+        if header:
+            f.readline()
+        trailing = f.readline().rstrip(b"\r\n").endswith(b" ")  # fastText ends lines with a space
+    names = [f"c{i}" for i in range(dim + 1 + trailing)]
+    types = {name: pa.float32() for name in names[1:dim + 1]}
+    types[names[0]] = pa.string()
+    if trailing:
+        types[names[-1]] = pa.string()
+    words: list[str] = []
+    try:
+        reader = pacsv.open_csv(
+            pa.input_stream(str(path), compression="gzip" if path.suffix == ".gz" else None),
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=int(header), block_size=1 << 24),
+            parse_options=pacsv.ParseOptions(delimiter=" ", quote_char=False, escape_char=False,
+                                             ignore_empty_lines=True),
+            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
+        for batch in reader:
+            numbers = batch.select(names[1:dim + 1])
+            if any(col.null_count for col in numbers.columns) or len(words) + batch.num_rows > expected_rows:
+                return None
+            block = np.column_stack([col.to_numpy(zero_copy_only=False) for col in numbers.columns])
+            out[len(words):len(words) + batch.num_rows] = _unit_rows(block)
+            words += batch.column(0).to_pylist()
+    except (pa.ArrowException, ValueError, UnicodeDecodeError):
+        return None
+    if not words or (header and len(words) != expected_rows):
+        return None
+    return words
+
+
+def _fill_line_by_line(path: Path, out: np.ndarray, header: bool, dim: int, expected_rows: int) -> list[str]:
+    """The exact parser: fills `out` or raises DeviseError naming the file and the line."""
     words: list[str] = []
     chunk, chunk_lines = [], []
     last_line = 1
@@ -502,13 +553,6 @@ def _parse_text(path: Path, folder: Path) -> list[str]:
                           f"found {len(words)}")
     if not words:
         raise DeviseError(f"{path}: no vectors found")
-    out.flush()
-    del out
-    if len(words) != expected_rows:  # blank lines: shrink the matrix to the rows read
-        matrix = np.load(folder / "matrix.npy", mmap_mode="r")[: len(words)]
-        np.save(folder / "matrix.tmp.npy", matrix)
-        del matrix
-        os.replace(folder / "matrix.tmp.npy", folder / "matrix.npy")
     return words
 
 
