@@ -94,6 +94,48 @@ def cmd_vectors_train(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- predict / index / search / serve (issue 5)
+
+def cmd_predict(args) -> int:
+    from devise.predict import format_table, predict
+
+    results = predict(args.images, model=args.model, vocab=args.vocab, top_k=args.top, hubness=args.hubness,
+                      reference=args.reference, progress=len(args.images) > 1 or not args.json)
+    if args.json:
+        for result in results:
+            print(json.dumps(result))
+    else:
+        print(format_table(results))
+    return 0
+
+
+def cmd_index(args) -> int:
+    from devise.search import build_index
+
+    index = build_index(args.folders, model=args.model, out=args.out)
+    print(f"{args.out}: {len(index)} images ({index.kind} index, model {index.model}); "
+          f"{len(index.added)} embedded now, {len(index.removed)} removed, {len(index.unreadable)} unreadable")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from devise.search import format_results, search
+
+    if (args.text is None) == (args.image is None):
+        raise DeviseError("give a text query or --image PATH (exactly one)")
+    result = search(args.index, text=args.text, image=args.image, top_k=args.top)
+    print(json.dumps(result) if args.json else format_results(result))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from devise.serve import serve
+
+    serve(model=args.model, index=args.index, vocab=args.vocab, host=args.host, port=args.port,
+          max_upload_mb=args.max_upload_mb)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="devise", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -142,6 +184,40 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, default=2)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_vectors_train)
+    p = sub.add_parser("predict", help="open-vocabulary labels for images (ConSE by default, or a trained run)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("--model", default="conse", help="'conse' (default, no training) or a run folder")
+    p.add_argument("--vocab", default="wordnet", help="wordnet (default), imagenet1k, or a FILE of labels")
+    p.add_argument("--top", type=int, default=5, metavar="K", help="labels per image (default 5)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image per line")
+    p.add_argument("--hubness", choices=("csls", "center"), default=None,
+                   help="correct hubness with CSLS or per-label centring (reference: --reference or the images)")
+    p.add_argument("--reference", default=None, metavar="INDEX",
+                   help="image index whose images are the hubness reference set")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("index", help="embed a folder of images into a FAISS search index (adds to an existing one)")
+    p.add_argument("folders", nargs="+", metavar="FOLDER", help="image folders or files")
+    p.add_argument("--model", default="conse", help="'conse' (default) or a run folder")
+    p.add_argument("--out", required=True, metavar="INDEX", help="index folder")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="search an image index by text or by an example image")
+    p.add_argument("index", metavar="INDEX")
+    p.add_argument("text", nargs="?", default=None, help="text query (words or a phrase)")
+    p.add_argument("--image", default=None, metavar="PATH", help="query by an example image")
+    p.add_argument("--top", type=int, default=10, metavar="K")
+    p.add_argument("--json", action="store_true", help='print {"query", "results": [{"image", "score"}]}')
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("serve", help="web page and JSON API for prediction and search")
+    p.add_argument("--model", default="conse", help="'conse' (default) or a run folder")
+    p.add_argument("--index", default=None, help="image index for text search")
+    p.add_argument("--vocab", default="wordnet", help="wordnet (default), imagenet1k, or a FILE")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,473 @@
+"""Open-vocabulary prediction: images -> unit vectors in the label space -> nearest labels of any vocabulary.
+
+An `Embedder` maps images into the word-vector space:
+- "conse" (the default, no training): the backbone's ImageNet-1K softmax mixed over the vectors of the
+  ImageNet class names (ConSE, T=10);
+- a trained run folder (`devise train ... --out DIR`): the run's own map from backbone features.
+
+A `Vocabulary` is the label space searched:
+- "wordnet": every WordNet 3.0 noun synset that gets a vector by the label rule (the paper's 21K-like
+  space, here ~80K synsets). Synsets whose vector comes from the same term have identical rows; they are
+  scored once, as that term, and the term is expanded to its synsets in WordNet sense order, as in the
+  paper's appendix A.2 (4k nearest terms, expanded, duplicates dropped, first k kept);
+- "imagenet1k": the 1000 ImageNet class names (synset = the class's WordNet id);
+- a FILE: one label per line (words, phrases or WordNet ids; blank lines and "#" comments skipped);
+  a word's synset is its most frequent WordNet noun sense, or null.
+Vocabulary matrices are cached in the data home.
+
+Hubness (a few labels nearest to every image) can be reduced with `hubness=`:
+- "csls" (Conneau et al. 2018): score = 2 cos(x, l) - r_l, where r_l is the mean cosine of label l to
+  its K=10 nearest images in a reference set (the image-side term is constant per image and dropped);
+- "center": score = cos(x, l) - mean cosine of label l over the reference set.
+The reference set is `reference=` (image embeddings, or a search index folder), else the query images.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from devise.errors import DeviseError
+
+VOCAB_VERSION = "1"
+VOCABS = ("wordnet", "imagenet1k")
+HUBNESS = ("csls", "center")
+CSLS_K = 10
+MIN_REFERENCE = 20  # fewer reference images than this make the hubness statistics meaningless
+CONSE_T = 10
+LOAD_CHUNK = 256  # images decoded per chunk (bounds memory on big folders)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _bucket(n: int, batch_size: int) -> int:
+    """Padded batch size: the next power of two up to batch_size (a handful of compiled shapes, and a
+    single uploaded image does not pay for a full batch)."""
+    size = 1
+    while size < n and size < batch_size:
+        size *= 2
+    return min(size, batch_size)
+
+
+@contextmanager
+def _quiet_vectors_log():
+    logger = logging.getLogger("devise.vectors")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+# ---------------------------------------------------------------- embedders
+
+class Embedder:
+    """Images -> unit vectors in the label space of `vectors_spec`. Thread-safe; load with `load_embedder`."""
+
+    name: str
+    vectors_spec: str
+    backbone = None
+
+    def __init__(self, batch_size: int = 32):
+        self.batch_size = batch_size
+        self._forward = None
+        self._lock = threading.Lock()
+
+    @property
+    def vectors(self):
+        from devise.vectors import load_vectors
+        return load_vectors(self.vectors_spec)
+
+    def embed_features(self, features: np.ndarray, logits: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def embed_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3) -> unit (N, D), in fixed-size padded batches (never one image at a time)."""
+        from devise.features import backbone_forward
+
+        with self._lock:
+            if self._forward is None:
+                self._forward = backbone_forward(self.backbone)
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = np.asarray(images[start:start + self.batch_size])
+            size = _bucket(len(chunk), self.batch_size)
+            if len(chunk) < size:
+                chunk = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+            m = min(self.batch_size, len(images) - start)
+            # One forward at a time: concurrent requests (the web server) share one model, and only the
+            # JAX path is re-entrant; on a CPU a batch already uses every core.
+            with self._lock:
+                feats, logits = self._forward(chunk)
+                feats = np.asarray(feats)[:m]
+                logits = np.asarray(logits)[:m] if logits is not None else None
+            out.append(self.embed_features(feats, logits))
+        dim = self.dim
+        return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+    def embed_paths(self, paths: list[str], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Image files -> (unit (N, D), valid (N,) bool). Unreadable files get zero rows, valid False, and
+        one warning listing them (from devise.images.load_images)."""
+        from devise.images import load_images
+
+        size = self.backbone.image_size
+        embs, valid = [], []
+        with tqdm(total=len(paths), desc=f"embedding ({self.name})", unit="img", disable=not progress) as bar:
+            for start in range(0, len(paths), LOAD_CHUNK):
+                images, ok = load_images(paths[start:start + LOAD_CHUNK], size)
+                emb = self.embed_images(images)
+                emb[~ok] = 0.0
+                embs.append(emb)
+                valid.append(ok)
+                bar.update(len(ok))
+        if not embs:
+            return np.zeros((0, self.dim), np.float32), np.zeros(0, bool)
+        return np.concatenate(embs), np.concatenate(valid)
+
+
+class ConseEmbedder(Embedder):
+    """ConSE over the backbone's ImageNet-1K classifier: no training needed."""
+
+    def __init__(self, backbone="efficientnet_lite0", vectors_spec: str = "glove-6b-50d", T: int = CONSE_T,
+                 batch_size: int = 32):
+        from devise.backbones import load_backbone
+        from devise.conse import imagenet1k_class_vectors
+        from devise.vectors import load_vectors
+
+        super().__init__(batch_size)
+        self.name, self.vectors_spec, self.T = "conse", vectors_spec, T
+        self.backbone = load_backbone(backbone) if isinstance(backbone, str) else backbone
+        if self.backbone.classifier is None:
+            raise DeviseError(f"backbone '{self.backbone.name}' has no ImageNet classifier: ConSE needs one")
+        with _quiet_vectors_log():  # the few ImageNet names without a vector are expected, not news
+            self.kept, self.class_vectors, _ = imagenet1k_class_vectors(load_vectors(vectors_spec))
+        self.dim = self.class_vectors.shape[1]
+        self.cache_key = f"conse-T{T}-{self.backbone.cache_key}-{vectors_spec}"
+
+    def embed_features(self, features, logits):
+        from devise.conse import conse_from_logits
+        return conse_from_logits(logits, self.class_vectors, self.kept, self.T)
+
+
+class RunEmbedder(Embedder):
+    """A trained run folder: backbone features -> the run's learned map into the word space."""
+
+    def __init__(self, run_dir: str | os.PathLike, batch_size: int = 32):
+        from devise.backbones import load_backbone
+        from devise.train import load_run
+
+        super().__init__(batch_size)
+        self.run = load_run(run_dir)
+        settings = getattr(self.run, "settings", {}) or {}
+        self.name = str(run_dir)
+        self.vectors_spec = str(getattr(self.run, "vectors_spec", None) or settings.get("vectors", "glove-6b-50d"))
+        backbone = getattr(self.run, "backbone", None) or settings.get("backbone", "efficientnet_lite0")
+        self.backbone = load_backbone(backbone) if isinstance(backbone, str) else backbone
+        self.dim = int(self.vectors.dim)
+        stat = max((p.stat().st_mtime_ns for p in Path(run_dir).iterdir() if p.is_file()), default=0)
+        self.cache_key = f"run-{Path(run_dir).resolve()}-{stat}"
+
+    def embed_features(self, features, logits):
+        return _unit(self.run.embed(features))
+
+
+@lru_cache(maxsize=4)
+def _load_embedder(model: str) -> Embedder:
+    if model == "conse":
+        return ConseEmbedder()
+    if not Path(model).is_dir():
+        raise DeviseError(f"{model}: no such run folder (give a folder made by 'devise train' or 'conse')")
+    return RunEmbedder(model)
+
+
+def load_embedder(model: str | os.PathLike | Embedder = "conse") -> Embedder:
+    """'conse' or a trained run folder -> Embedder (loaded once per process)."""
+    if isinstance(model, Embedder):
+        return model
+    return _load_embedder(str(model) if str(model) == "conse" else str(Path(model).resolve()))
+
+
+# ---------------------------------------------------------------- vocabularies
+
+@dataclass
+class Vocabulary:
+    """Terms scored by cosine (matrix rows) and the entries they expand to (label, synset) in rank order.
+
+    entry_term[e] is the term (row) entry e came from; a term's entries are contiguous, best sense first.
+    """
+
+    name: str
+    matrix: np.ndarray  # (T, D) unit float32
+    labels: list[str]  # per entry
+    synsets: list[str | None]  # per entry
+    entry_term: np.ndarray  # (E,) int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def one_per_term(self) -> bool:
+        return len(self.labels) == len(self.matrix)
+
+    def term_entries(self) -> list[list[int]]:
+        starts = np.searchsorted(self.entry_term, np.arange(len(self.matrix) + 1))
+        return [list(range(starts[t], starts[t + 1])) for t in range(len(self.matrix))]
+
+
+def _read_label_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DeviseError(f"{path}: cannot read the label file ({exc.__class__.__name__})") from None
+    labels = list(dict.fromkeys(l.strip() for l in lines if l.strip() and not l.strip().startswith("#")))
+    if not labels:
+        raise DeviseError(f"{path}: no labels in the file (one label per line)")
+    return labels
+
+
+def _build_wordnet_vocab(vectors) -> tuple[np.ndarray, list[str], list[str | None], np.ndarray]:
+    from devise.vectors import embed_labels
+    from devise.wordnet import load_wordnet
+
+    wordnet = load_wordnet()
+    with _quiet_vectors_log():  # synsets without a vector simply are not in this vocabulary
+        emb = embed_labels(wordnet.all_noun_ids(), vectors, wordnet=wordnet, drop_missing=True)
+    matrix = np.ascontiguousarray(emb.matrix, np.float32)
+    # Identical rows come from the same term: score it once, expand it to its synsets (appendix A.2).
+    _, first, term_of = np.unique(matrix.view(np.dtype((np.void, matrix.dtype.itemsize * matrix.shape[1]))),
+                                  return_index=True, return_inverse=True)
+    term_of = term_of.reshape(-1)
+    order_terms = np.argsort(first, kind="stable")  # terms in WordNet data order of their first synset
+    renumber = np.empty_like(order_terms)
+    renumber[order_terms] = np.arange(len(order_terms))
+    term_of = renumber[term_of]
+
+    def sense_rank(wnid: str) -> int:
+        senses = wordnet.synsets_for(wordnet.name(wnid))
+        return senses.index(wnid) if wnid in senses else len(senses)
+
+    entries = sorted(range(len(emb.labels)), key=lambda i: (term_of[i], sense_rank(emb.labels[i]), i))
+    synsets = [emb.labels[i] for i in entries]
+    labels = [wordnet.name(w) for w in synsets]
+    return matrix[np.sort(first)], labels, synsets, term_of[entries].astype(np.int64)
+
+
+def _build_vocab(vocab: str, vectors) -> tuple[np.ndarray, list[str], list[str | None], np.ndarray]:
+    from devise.vectors import SYNSET_ID, embed_labels
+
+    if vocab == "wordnet":
+        return _build_wordnet_vocab(vectors)
+    if vocab == "imagenet1k":
+        from devise.assets import imagenet1k_classes
+        classes = imagenet1k_classes()
+        emb = embed_labels([c["name"] for c in classes], vectors, drop_missing=True)
+        wnid = {c["name"]: c["wnid"] for c in classes}
+        labels, synsets = list(emb.labels), [wnid[n] for n in emb.labels]
+    else:
+        from devise.wordnet import load_wordnet
+        wordnet = load_wordnet()
+        emb = embed_labels(_read_label_file(Path(vocab)), vectors, wordnet=wordnet, drop_missing=False)
+        labels, synsets = [], []
+        for label in emb.labels:
+            if SYNSET_ID.match(label) and label in wordnet:
+                labels.append(wordnet.name(label))
+                synsets.append(label)
+            else:
+                senses = wordnet.synsets_for(label)
+                labels.append(label)
+                synsets.append(senses[0] if senses else None)
+    return np.asarray(emb.matrix, np.float32), labels, synsets, np.arange(len(labels), dtype=np.int64)
+
+
+def _vocab_key(vocab: str, vectors_spec: str, dim: int) -> str:
+    digest = hashlib.sha256(f"{VOCAB_VERSION}|{vocab}|{vectors_spec}|{dim}".encode())
+    if vocab not in VOCABS:
+        digest.update(Path(vocab).read_bytes())
+    spec = Path(vectors_spec)
+    if spec.is_file():
+        st = spec.stat()
+        digest.update(f"|{spec.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:20]
+
+
+def _save_npz_atomic(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_vocab_cache: dict[str, Vocabulary] = {}
+_vocab_lock = threading.Lock()
+
+
+def load_vocabulary(vocab: str | os.PathLike = "wordnet", vectors_spec: str = "glove-6b-50d") -> Vocabulary:
+    """'wordnet', 'imagenet1k' or a label FILE, embedded with the vectors of `vectors_spec`; cached on disk."""
+    from devise.assets import data_home
+    from devise.vectors import load_vectors
+
+    vocab = str(vocab)
+    if vocab not in VOCABS and not Path(vocab).is_file():
+        raise DeviseError(f"{vocab}: vocabulary must be 'wordnet', 'imagenet1k' or a file with one label per line")
+    vectors = load_vectors(vectors_spec)
+    key = _vocab_key(vocab, str(vectors_spec), int(vectors.dim))
+    with _vocab_lock:
+        if key in _vocab_cache:
+            return _vocab_cache[key]
+        path = data_home() / "vocab" / f"{key}.npz"
+        data = None
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    data = (z["matrix"], list(z["labels"]), [s or None for s in z["synsets"]], z["entry_term"])
+            except (OSError, ValueError, KeyError):
+                data = None  # a damaged cache is rebuilt, never trusted
+        if data is None:
+            data = _build_vocab(vocab, vectors)
+            matrix, labels, synsets, entry_term = data
+            _save_npz_atomic(path, matrix=matrix, labels=np.array(labels, dtype=str),
+                             synsets=np.array([s or "" for s in synsets], dtype=str), entry_term=entry_term)
+        matrix, labels, synsets, entry_term = data
+        name = vocab if vocab in VOCABS else Path(vocab).name
+        result = Vocabulary(name, np.asarray(matrix, np.float32), [str(l) for l in labels],
+                            [str(s) if s else None for s in synsets], np.asarray(entry_term, np.int64))
+        _vocab_cache[key] = result
+        return result
+
+
+# ---------------------------------------------------------------- scoring
+
+def label_statistics(reference: np.ndarray, matrix: np.ndarray, k: int = CSLS_K,
+                     chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per label: (mean cosine to its k nearest reference images, mean cosine over all of them)."""
+    reference = _unit(reference)
+    k = min(k, len(reference))
+    knn_mean = np.empty(len(matrix), np.float32)
+    mean = np.empty(len(matrix), np.float32)
+    for lo in range(0, len(matrix), chunk):
+        sims = reference @ matrix[lo:lo + chunk].T  # (M, chunk)
+        mean[lo:lo + chunk] = sims.mean(axis=0)
+        knn_mean[lo:lo + chunk] = np.partition(sims, len(reference) - k, axis=0)[len(reference) - k:].mean(axis=0)
+    return knn_mean, mean
+
+
+def _resolve_reference(reference, queries: np.ndarray) -> np.ndarray:
+    if reference is None:
+        reference = queries
+    elif isinstance(reference, (str, os.PathLike)):
+        from devise.search import load_index
+        reference = load_index(reference).embeddings
+    reference = np.asarray(reference, np.float32)
+    if len(reference) < MIN_REFERENCE:
+        raise DeviseError(f"hubness correction needs at least {MIN_REFERENCE} reference images, got "
+                          f"{len(reference)}: predict more images at once or pass a reference index")
+    return reference
+
+
+def score_labels(embeddings: np.ndarray, vocabulary: Vocabulary, hubness: str | None = None,
+                 reference=None) -> np.ndarray:
+    """(N, D) unit image embeddings -> (N, T) term scores, hubness-corrected if asked."""
+    if hubness not in (None, *HUBNESS):
+        raise DeviseError(f"hubness must be one of {', '.join(HUBNESS)}, not '{hubness}'")
+    if embeddings.shape[1] != vocabulary.matrix.shape[1]:
+        raise DeviseError(f"embeddings are {embeddings.shape[1]}-d but vocabulary '{vocabulary.name}' is "
+                          f"{vocabulary.matrix.shape[1]}-d (different word vectors)")
+    scores = embeddings @ vocabulary.matrix.T
+    if hubness is not None:
+        knn_mean, mean = label_statistics(_resolve_reference(reference, embeddings), vocabulary.matrix)
+        scores = 2 * scores - knn_mean if hubness == "csls" else scores - mean
+    return scores
+
+
+def rank_labels(scores: np.ndarray, vocabulary: Vocabulary, top_k: int) -> list[list[dict]]:
+    """(N, T) term scores -> per image the top_k [{"label", "synset", "score"}] (appendix A.2 expansion)."""
+    from devise.metrics import expand_to_synsets, top_k_indices
+
+    if top_k < 1:
+        raise DeviseError(f"top_k must be at least 1, not {top_k}")
+    if vocabulary.one_per_term:
+        entries = top_k_indices(scores, top_k)
+    else:
+        ranked = top_k_indices(scores, 4 * top_k)
+        entries = expand_to_synsets(ranked, vocabulary.term_entries(), top_k)
+    results = []
+    for row, picks in zip(scores, entries):
+        results.append([{"label": vocabulary.labels[e], "synset": vocabulary.synsets[e],
+                         "score": round(float(row[vocabulary.entry_term[e]]), 6)} for e in picks if e >= 0])
+    return results
+
+
+# ---------------------------------------------------------------- the API
+
+def expand_image_paths(paths) -> list[str]:
+    """Files as given; folders replaced by the image files below them (sorted)."""
+    from devise.images import is_image_file
+
+    out = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(f))
+        elif p.exists():
+            out.append(str(p))
+        else:
+            raise DeviseError(f"{p}: no such file or folder")
+    if not out:
+        raise DeviseError("no image files found in: " + ", ".join(str(p) for p in paths))
+    return out
+
+
+def predict_arrays(images: np.ndarray, model="conse", vocab="wordnet", top_k: int = 5,
+                   hubness: str | None = None, reference=None) -> list[list[dict]]:
+    """uint8 (N, S, S, 3) images -> per image its top_k predictions."""
+    embedder = load_embedder(model)
+    vocabulary = vocab if isinstance(vocab, Vocabulary) else load_vocabulary(vocab, embedder.vectors_spec)
+    return rank_labels(score_labels(embedder.embed_images(images), vocabulary, hubness, reference),
+                       vocabulary, top_k)
+
+
+def predict(paths, model="conse", vocab="wordnet", top_k: int = 5, hubness: str | None = None,
+            reference=None, progress: bool = False) -> list[dict]:
+    """Open-vocabulary labels for image files (folders expand to their images), embedded in batches.
+
+    Returns [{"image": PATH, "predictions": [{"label", "synset", "score"}, ...]}] in rank order; score is
+    the cosine (or the hubness-corrected score). Unreadable files are reported in one warning and left out.
+    """
+    paths = expand_image_paths([paths] if isinstance(paths, (str, os.PathLike)) else paths)
+    embedder = load_embedder(model)
+    vocabulary = vocab if isinstance(vocab, Vocabulary) else load_vocabulary(vocab, embedder.vectors_spec)
+    embeddings, valid = embedder.embed_paths(paths, progress=progress)
+    if not valid.any():
+        raise DeviseError("none of the images could be read: " + ", ".join(paths[:5]))
+    kept = [p for p, ok in zip(paths, valid) if ok]
+    ranked = rank_labels(score_labels(embeddings[valid], vocabulary, hubness, reference), vocabulary, top_k)
+    return [{"image": p, "predictions": preds} for p, preds in zip(kept, ranked)]
+
+
+def format_table(results: list[dict]) -> str:
+    """Readable text: the image path, then one line per prediction (rank, score, label, synset)."""
+    lines = []
+    for result in results:
+        lines.append(result["image"])
+        for rank, pred in enumerate(result["predictions"], 1):
+            synset = f"  ({pred['synset']})" if pred["synset"] else ""
+            lines.append(f"  {rank}. {pred['score']:+.3f}  {pred['label']}{synset}")
+    return "\n".join(lines)
