@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-import devise  # noqa: F401  (sets KERAS_BACKEND before keras is imported)
 import keras
 from keras import ops
 
