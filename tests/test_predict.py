@@ -1,0 +1,138 @@
+"""Open-vocabulary prediction on real photos with the real backbone, GloVe and WordNet (no mocks)."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from devise.errors import DeviseError
+from devise.predict import (
+    expand_image_paths, label_statistics, load_vocabulary, predict, rank_labels, score_labels,
+)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """chelsea (a tabby cat) and coffee (an espresso) from skimage, saved as JPEG."""
+    import skimage.data
+
+    folder = tmp_path_factory.mktemp("photos")
+    Image.fromarray(skimage.data.chelsea()).save(folder / "chelsea.jpg", quality=95)
+    Image.fromarray(skimage.data.coffee()).save(folder / "coffee.jpg", quality=95)
+    return folder
+
+
+def _labels(result):
+    return [p["label"] for p in result["predictions"]]
+
+
+def test_chelsea_gets_a_cat_label_in_the_top5_with_the_defaults(photos):
+    [result] = predict([photos / "chelsea.jpg"])
+    assert result["image"] == str(photos / "chelsea.jpg")
+    preds = result["predictions"]
+    assert len(preds) == 5
+    assert any("cat" in p["label"].split() for p in preds), preds
+    scores = [p["score"] for p in preds]
+    assert scores == sorted(scores, reverse=True)
+    # wordnet vocabulary: every prediction is a WordNet noun synset, the label its first lemma
+    from devise.wordnet import load_wordnet
+    wordnet = load_wordnet()
+    assert all(wordnet.name(p["synset"]) == p["label"] for p in preds)
+
+
+def test_folder_is_predicted_in_batches_and_matches_single_images(photos, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        (folder / name).write_bytes((photos / name).read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        results = predict([folder], vocab="imagenet1k", top_k=3)
+    assert [r["image"] for r in results] == [str(folder / "chelsea.jpg"), str(folder / "coffee.jpg")]
+    assert results[1]["predictions"][0]["label"] == "espresso"
+    # padding the batch never changes an image's answer
+    [alone] = predict([folder / "coffee.jpg"], vocab="imagenet1k", top_k=3)
+    np.testing.assert_allclose([p["score"] for p in alone["predictions"]],
+                               [p["score"] for p in results[1]["predictions"]], atol=1e-5)
+
+
+def test_label_file_vocabulary(photos, tmp_path):
+    vocab = tmp_path / "labels.txt"
+    vocab.write_text("# my labels\ncat\ndog\ncoffee cup\n\ncar\nn02123045\n")
+    results = predict([photos / "chelsea.jpg", photos / "coffee.jpg"], vocab=vocab, top_k=5)
+    chelsea, coffee = results
+    assert chelsea["predictions"][0]["label"] in ("cat", "tabby")
+    assert coffee["predictions"][0]["label"] == "coffee cup"
+    synsets = {p["label"]: p["synset"] for p in chelsea["predictions"]}
+    assert synsets["cat"] == "n02121620"  # a word's synset: its most frequent noun sense
+    assert synsets["tabby"] == "n02123045"  # a WordNet id keeps its own synset
+    assert len(chelsea["predictions"]) == 5
+
+
+def test_label_file_with_unknown_words_is_an_error(photos, tmp_path):
+    vocab = tmp_path / "labels.txt"
+    vocab.write_text("cat\nqzxvbnmw\n")
+    with pytest.raises(DeviseError, match="qzxvbnmw"):
+        predict([photos / "chelsea.jpg"], vocab=vocab)
+
+
+def test_wordnet_vocabulary_expands_terms_to_synsets_in_sense_order():
+    vocab = load_vocabulary("wordnet")
+    assert 70_000 < len(vocab) < 82_115 and len(vocab.matrix) < len(vocab)
+    np.testing.assert_allclose(np.linalg.norm(vocab.matrix, axis=1), 1, atol=1e-5)
+    # a score row that puts one term first: its synsets come out first, most frequent sense first
+    term = vocab.entry_term[vocab.synsets.index("n02121620")]  # cat.n.01
+    scores = np.zeros((1, len(vocab.matrix)), np.float32)
+    scores[0, term] = 1.0
+    top = rank_labels(scores, vocab, 3)[0]
+    members = [vocab.synsets[e] for e in np.flatnonzero(vocab.entry_term == term)]
+    assert [p["synset"] for p in top[:len(members)]] == members[:3]
+    assert top[0]["synset"] == "n02121620" and top[0]["score"] == 1.0
+
+
+def test_hubness_statistics_and_corrections(photos, foolbox_photos):
+    vocab = load_vocabulary("imagenet1k")
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(30, vocab.matrix.shape[1])).astype(np.float32)
+    reference /= np.linalg.norm(reference, axis=1, keepdims=True)
+    knn, mean = label_statistics(reference, vocab.matrix, k=10, chunk=100)
+    sims = reference @ vocab.matrix.T
+    np.testing.assert_allclose(knn, np.sort(sims, axis=0)[-10:].mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(mean, sims.mean(axis=0), atol=1e-5)
+    queries = reference[:3]
+    plain = score_labels(queries, vocab)
+    np.testing.assert_allclose(score_labels(queries, vocab, "csls", reference), 2 * plain - knn, atol=1e-5)
+    np.testing.assert_allclose(score_labels(queries, vocab, "center", reference), plain - mean, atol=1e-5)
+    with pytest.raises(DeviseError, match="at least 20 reference images"):
+        score_labels(queries, vocab, "csls")
+    with pytest.raises(DeviseError, match="hubness"):
+        score_labels(queries, vocab, "zscore")
+    # on real photos: the query batch is the reference; chelsea stays a cat
+    paths = [photos / "chelsea.jpg"] + list(foolbox_photos)
+    results = predict(paths, vocab="imagenet1k", hubness="csls", top_k=5)
+    assert any("cat" in p["label"] for p in results[0]["predictions"])
+
+
+def test_bad_inputs():
+    with pytest.raises(DeviseError, match="no such file"):
+        expand_image_paths(["/nonexistent/x.jpg"])
+    with pytest.raises(DeviseError, match="vocabulary"):
+        load_vocabulary("not-a-vocab")
+    with pytest.raises(DeviseError, match="run folder"):
+        predict([__file__], model="/no/run")
+
+
+def test_cli_predict_json(photos, capsys):
+    from devise.cli import main
+
+    assert main(["predict", str(photos / "chelsea.jpg"), str(photos / "coffee.jpg"), "--json", "--top", "3",
+                 "--vocab", "imagenet1k"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    objects = [json.loads(line) for line in lines]
+    assert [o["image"] for o in objects] == [str(photos / "chelsea.jpg"), str(photos / "coffee.jpg")]
+    assert all(set(p) == {"label", "synset", "score"} for o in objects for p in o["predictions"])
+    assert objects[1]["predictions"][0] == {"label": "espresso", "synset": "n07920052",
+                                            "score": objects[1]["predictions"][0]["score"]}
+    assert main(["predict", str(photos / "chelsea.jpg")]) == 0
+    assert "chelsea.jpg" in capsys.readouterr().out
+    assert main(["predict", "/nonexistent.jpg"]) == 2
