@@ -68,7 +68,8 @@ def cmd_vectors_info(args) -> int:
     from devise.vectors import embed_labels, load_vectors
 
     vectors = load_vectors(args.spec, format=args.format)
-    print(f"{vectors.name}: {len(vectors) if hasattr(vectors, '__len__') else 'any phrase'} words x {vectors.dim}")
+    size = f"{len(vectors)} words" if hasattr(vectors, "__len__") else "sentence encoder (any phrase)"
+    print(f"{vectors.name}: {size} x {vectors.dim}")
     if args.labels:
         emb = embed_labels(_read_labels(args.labels), vectors, drop_missing=True)
         print(emb.coverage_report())
