@@ -181,7 +181,11 @@ def build_index(folder_or_paths, model="conse", out: str | os.PathLike = "devise
 
     out.mkdir(parents=True, exist_ok=True)
     gen = (json.loads((out / "meta.json").read_text())["generation"] + 1) if old is not None else 1
-    _atomic_write(out / f"embeddings-{gen}.npy", lambda tmp: np.save(open(tmp, "wb"), embeddings))
+    def save_embeddings(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to a name
+            np.save(fh, embeddings)
+
+    _atomic_write(out / f"embeddings-{gen}.npy", save_embeddings)
     _atomic_write(out / f"index-{gen}.faiss", lambda tmp: faiss.write_index(index, tmp))
     meta = {"version": INDEX_VERSION, "generation": gen, "model": model_id, "vectors": embedder.vectors_spec,
             "dim": int(embedder.dim), "kind": kind, "count": len(paths), "paths": paths, "stamps": stamps}

@@ -1,0 +1,126 @@
+"""FAISS image index and search over real emoji images of the benchmark (ConSE, real backbone and GloVe)."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from devise.errors import DeviseError
+from devise.search import build_index, load_index, search
+
+CAT_LIKE = ("cat", "cat face", "black cat")
+OTHERS = ("dog", "pizza", "guitar", "automobile", "house", "banana", "rocket")
+
+
+@pytest.fixture(scope="module")
+def emoji_subset():
+    """{class name: [image paths]} for a few classes of the emoji benchmark, cat-like ones included."""
+    from devise.datasets import load_dataset
+
+    dataset = load_dataset("emoji")
+    wanted = {dataset.classes.index(name): name for name in CAT_LIKE + OTHERS}
+    subset = {}
+    for path, label in zip(dataset.paths, dataset.labels):
+        if int(label) in wanted:
+            subset.setdefault(wanted[int(label)], []).append(path)
+    return subset
+
+
+@pytest.fixture(scope="module")
+def emoji_index(emoji_subset, tmp_path_factory):
+    paths = [p for paths in emoji_subset.values() for p in paths]
+    return build_index(paths, out=tmp_path_factory.mktemp("idx") / "emoji.index", progress=False)
+
+
+def _class_of(path, subset):
+    return next(name for name, paths in subset.items() if path in paths)
+
+
+def test_text_cat_returns_cat_like_emoji_first(emoji_index, emoji_subset):
+    result = search(emoji_index, text="cat", top_k=5)
+    assert result["query"] == "cat"
+    classes = [_class_of(r["image"], emoji_subset) for r in result["results"]]
+    assert all(c in CAT_LIKE for c in classes[:3]), classes
+    scores = [r["score"] for r in result["results"]]
+    assert scores == sorted(scores, reverse=True) and -1 <= scores[-1] <= scores[0] <= 1
+    # multi-word queries are phrases; an unknown word is a clear error
+    assert _class_of(search(emoji_index, text="musical instrument", top_k=1)["results"][0]["image"],
+                     emoji_subset) == "guitar"
+    with pytest.raises(DeviseError, match="qzxvbnmw"):
+        search(emoji_index, text="qzxvbnmw")
+
+
+def test_image_query_finds_itself_and_its_class(emoji_index, emoji_subset):
+    query = emoji_subset["guitar"][0]
+    result = search(emoji_index, image=query, top_k=3)
+    assert result["results"][0]["image"] == query
+    assert result["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(DeviseError, match="give exactly one query"):
+        search(emoji_index, text="cat", image=query)
+
+
+def test_index_is_reloaded_from_disk(emoji_index):
+    again = load_index(emoji_index.folder)
+    assert again.paths == emoji_index.paths and again.kind == "flat" and again.model == "conse"
+    np.testing.assert_array_equal(again.embeddings, emoji_index.embeddings)
+
+
+def test_adding_removing_and_unreadable_files(emoji_subset, emoji_index, tmp_path):
+    folder = tmp_path / "collection"
+    folder.mkdir()
+    cats = emoji_subset["cat"][:3]
+    for i, p in enumerate(cats):
+        shutil.copy(p, folder / f"cat{i}.png")
+    out = tmp_path / "my.index"
+    first = build_index(folder, out=out, progress=False)
+    assert len(first) == 3 and len(first.added) == 3
+
+    (folder / "cat0.png").unlink()
+    for i, p in enumerate(emoji_subset["guitar"][:2]):
+        shutil.copy(p, folder / f"guitar{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.warns(UserWarning) as caught:
+        second = build_index(folder, out=out, progress=False)
+    assert len(caught) == 1, [str(w.message) for w in caught]  # one warning listing every problem
+    message = str(caught[0].message)
+    assert "cat0.png" in message and "broken.png" in message
+    assert sorted(second.added) == sorted(str(folder / f"guitar{i}.png") for i in range(2))  # old ones not re-embedded
+    assert second.removed == [str(folder / "cat0.png")]
+    assert len(load_index(out)) == 4
+    assert search(out, text="guitar", top_k=1)["results"][0]["image"].startswith(str(folder / "guitar"))
+    # same embeddings as the big index for the same picture (batch composition never matters)
+    row = second.paths.index(str(folder / "cat1.png"))
+    np.testing.assert_allclose(second.embeddings[row],
+                               emoji_index.embeddings[emoji_index.paths.index(cats[1])], atol=1e-5)
+    with pytest.raises(DeviseError, match="built with model"):
+        build_index(folder, model=str(tmp_path), out=out)
+
+
+def test_approximate_index_gives_the_same_top_results(emoji_subset, emoji_index, tmp_path):
+    paths = emoji_index.paths
+    hnsw = build_index(paths, out=tmp_path / "hnsw.index", approx_threshold=1, progress=False)
+    assert hnsw.kind == "hnsw" and load_index(hnsw.folder).kind == "hnsw"
+    exact = [r["image"] for r in search(emoji_index, text="cat", top_k=5)["results"]]
+    approx = [r["image"] for r in search(hnsw.folder, text="cat", top_k=5)["results"]]
+    assert approx == exact
+
+
+def test_cli_index_and_search(emoji_subset, tmp_path, capsys):
+    from devise.cli import main
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for name in ("cat", "dog", "guitar"):
+        shutil.copy(emoji_subset[name][0], folder / f"{name.replace(' ', '_')}.png")
+    out = tmp_path / "pics.index"
+    assert main(["index", str(folder), "--out", str(out)]) == 0
+    assert "3 images" in capsys.readouterr().out
+    assert main(["search", str(out), "guitar", "--top", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["query"] == "guitar" and len(result["results"]) == 2
+    assert result["results"][0]["image"] == str(folder / "guitar.png")
+    assert set(result["results"][0]) == {"image", "score"}
+    assert main(["search", str(out), "--image", str(folder / "dog.png"), "--top", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["image"] == str(folder / "dog.png")
+    assert main(["search", str(out)]) == 2
+    assert main(["search", str(tmp_path / "nothing"), "cat"]) == 2
