@@ -43,20 +43,20 @@ def conse_embed(probabilities, class_vectors, T: int = 10) -> np.ndarray:
     return embedded / np.maximum(np.linalg.norm(embedded, axis=1, keepdims=True), 1e-12)
 
 
-def imagenet1k_class_vectors(vectors, wordnet=None, drop_missing: bool = True):
-    """Vectors of the backbone's 1000 ImageNet classes -> (kept class indices (K,), unit vectors (K, D), report).
+def imagenet1k_class_vectors(vectors, wordnet=None):
+    """Vectors of the backbone's 1000 ImageNet classes -> (kept class indices (K,), unit vectors (K, D), embedding).
 
-    Labels are the ImageNet WordNet ids so the vectors module's synset rule applies (first lemma with a
-    vector, else its tokens' mean). Classes with no vector are dropped (and reported): ConSE then only
-    mixes the classes it can place in the word space.
+    Labels are the ImageNet WordNet ids, so the vectors module's synset rule applies (the first lemma
+    with a vector, as in the paper). Classes with no vector are dropped (and reported by the returned
+    LabelEmbedding): ConSE then mixes only the classes it can place in the word space.
     """
     from devise.assets import imagenet1k_classes
     from devise.vectors import embed_labels
 
-    classes = imagenet1k_classes()
-    names = [c["name"] for c in classes]
-    embedding = embed_labels(names, vectors, wordnet=wordnet, drop_missing=drop_missing)
-    kept = np.asarray(getattr(embedding, "kept", range(len(names))), dtype=np.int64)
+    wnids = [c["wnid"] for c in imagenet1k_classes()]
+    embedding = embed_labels(wnids, vectors, wordnet=wordnet, drop_missing=True)
+    position = {wnid: i for i, wnid in enumerate(wnids)}
+    kept = np.asarray([position[label] for label in embedding.labels], dtype=np.int64)
     return kept, np.asarray(embedding.matrix, dtype=np.float32), embedding
 
 

@@ -249,7 +249,7 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
           learning_rate: float | None = None, optimizer: str = "adam", seed: int = 0, out_dir=None,
           margin: float = 0.1, truncated: bool = True, normalize_output: bool = False,
           patience: int = 8, top_k: int = 5, T: int = 10, vectors_spec: str | None = None,
-          backbone_name: str | None = None, verbose: int = 1) -> Run:
+          backbone_name: str | None = None, callbacks=(), verbose: int = 1) -> Run:
     """Train one method on (features (N, F), labels (N,) into class_names) and return the Run.
 
     label_vectors: (C, D) vectors of class_names (needed by devise/random/conse; random uses only D).
@@ -257,6 +257,7 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
         [, class_names]) scored zero-shot over the validation classes (class_names needed by "random").
     Early stopping on validation hit@top_k (patience epochs) restores the best epoch's weights.
     out_dir: the run folder; an interrupted run with the same settings resumes from its last checkpoint.
+    callbacks: extra Keras callbacks, run after validation and checkpointing of each epoch.
     """
     import keras
     from devise.heads import linear_head, mlp_head, softmax_head
@@ -366,7 +367,7 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
     finished = state.get("stopped") or state["epoch"] >= epochs
     if not finished:
         model.fit(batches, epochs=int(epochs), initial_epoch=int(state["epoch"]), shuffle=False,
-                  callbacks=[EpochEnd()], verbose=verbose)
+                  callbacks=[EpochEnd(), *callbacks], verbose=verbose)
     if best_weights is not None:
         model.set_weights(best_weights)
     run.history = {"epochs_run": state["epoch"], "best_epoch": state["best_epoch"],

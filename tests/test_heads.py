@@ -1,0 +1,36 @@
+"""Heads: the paper's linear M, the Keras blog's MLP, the softmax baseline."""
+import numpy as np
+import pytest
+
+import devise  # noqa: F401
+from devise.errors import DeviseError
+from devise.heads import build_head, linear_head, mlp_head, softmax_head
+
+
+def test_linear_head_is_a_bias_free_matrix():
+    model = linear_head(1280, 50)
+    assert model.count_params() == 1280 * 50
+    x = np.random.default_rng(0).standard_normal((4, 1280)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(x, verbose=0), x @ model.get_weights()[0], rtol=1e-5, atol=1e-5)
+    assert linear_head(1280, 50, use_bias=True).count_params() == 1280 * 50 + 50
+
+
+def test_mlp_head_is_the_blog_head():
+    model = mlp_head(1280, 300)
+    kinds = [type(layer).__name__ for layer in model.layers[1:]]
+    assert kinds == ["Dropout", "Dense", "BatchNormalization", "Dense"]
+    assert model.layers[1].rate == 0.3 and model.layers[2].units == 1024
+    assert model.layers[2].activation.__name__ == "relu" and model.output_shape == (None, 300)
+
+
+def test_softmax_head_gives_probabilities():
+    model = softmax_head(64, 7)
+    probs = model.predict(np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32), verbose=0)
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+    assert softmax_head(64, 7, hidden=32).count_params() == 64 * 32 + 32 + 32 * 7 + 7
+
+
+def test_build_head_by_name():
+    assert build_head("mlp", 8, 4).output_shape == (None, 4)
+    with pytest.raises(DeviseError, match="unknown head 'conv'"):
+        build_head("conv", 8, 4)
