@@ -14,9 +14,15 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+# Module level (not inside create_app): FastAPI resolves the endpoints' annotations in these globals.
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
 
 from devise.errors import DeviseError
 
@@ -28,7 +34,6 @@ MAX_K = 100
 
 def decode_upload(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Uploaded bytes -> uint8 (size, size, 3), or fastapi.HTTPException (4xx) saying what is wrong."""
-    from fastapi import HTTPException
     from PIL import Image, UnidentifiedImageError
 
     from devise.images import CROP_FRACTION, to_rgb_array
@@ -55,9 +60,6 @@ def decode_upload(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.nd
 def create_app(model="conse", index: str | os.PathLike | None = None, vocab="wordnet", *, top_k: int = 5,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS):
     """The FastAPI app with the model, vocabulary and optional search index loaded once."""
-    from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-    from fastapi.responses import FileResponse, JSONResponse
-
     from devise.predict import load_embedder, load_vocabulary, rank_labels, score_labels
     from devise.search import load_index, search
 
@@ -124,6 +126,28 @@ def create_app(model="conse", index: str | os.PathLike | None = None, vocab="wor
         return FileResponse(path)
 
     return app
+
+
+@contextmanager
+def running_server(app, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0):
+    """Run `app` with uvicorn in a background thread; yields its base URL (port 0: a free port)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise DeviseError(f"server on {host}:{port} did not start")
+        time.sleep(0.05)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
 
 
 def serve(model="conse", index=None, vocab="wordnet", host: str = "127.0.0.1", port: int = 8000,
