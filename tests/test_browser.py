@@ -1,0 +1,61 @@
+"""The web page driven in headless Debian chromium with Playwright: one upload, one text search, a screenshot."""
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from playwright.sync_api import sync_playwright
+
+from devise.search import build_index
+from devise.serve import create_app, running_server
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshot.png"
+CLASSES = ("cat", "cat face", "black cat", "dog", "guitar", "automobile", "house", "banana")
+
+
+@pytest.mark.slow
+def test_upload_and_text_search_in_chromium(tmp_path):
+    import skimage.data
+
+    from devise.datasets import load_dataset
+
+    dataset = load_dataset("emoji")
+    wanted = {dataset.classes.index(c) for c in CLASSES}
+    paths = [p for p, label in zip(dataset.paths, dataset.labels) if int(label) in wanted]
+    cats = {p for p, label in zip(dataset.paths, dataset.labels)
+            if dataset.classes[int(label)] in ("cat", "cat face", "black cat")}
+    index = build_index(paths, out=tmp_path / "emoji.index", progress=False)
+    chelsea = tmp_path / "chelsea.jpg"
+    Image.fromarray(skimage.data.chelsea()).save(chelsea, quality=95)
+
+    app = create_app(index=index.folder)
+    with running_server(app) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 1200})
+            page.goto(url + "/")
+            page.wait_for_selector("#info:has-text('images indexed')", timeout=30_000)
+
+            page.set_input_files("#file", str(chelsea))
+            page.wait_for_selector("tr.prediction", timeout=60_000)
+            labels = page.locator("tr.prediction td:first-child").all_inner_texts()
+            assert len(labels) == 10 and any("cat" in label.split() for label in labels[:5]), labels
+
+            page.fill("#query", "cat")
+            page.press("#query", "Enter")
+            page.wait_for_selector("figure.result img", timeout=30_000)
+            page.wait_for_function("Array.from(document.querySelectorAll('figure.result img'))"
+                                   ".every(img => img.complete && img.naturalWidth > 0)", timeout=30_000)
+            shown = page.locator("figure.result img").evaluate_all("imgs => imgs.map(i => i.alt)")
+            assert len(shown) == 24 and all(p in cats for p in shown[:3]), shown[:5]
+            assert page.locator("#search-error").inner_text() == ""
+
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "page.png").stat().st_size > 10_000
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    shutil.copy(tmp_path / "page.png", SCREENSHOT)
