@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from devise.assets import data_home
 from devise.errors import DeviseError
-from devise.images import _load_or_none, decode_context
+from devise.images import _load_or_none
 
 # Bump when the decode/resize policy in images.py changes: old stores then stop matching.
 IMAGE_POLICY_VERSION = "v1-short0.875-bicubic-white"
@@ -122,12 +122,14 @@ def build_image_store(paths: list[str], size: int = 224, *, chunk_size: int = 51
     bad: list[str] = []
     bar = tqdm(total=n, initial=n - sum(min(chunk_size, n - c * chunk_size) for c in todo),
                desc="decoding images", unit="img", disable=not progress)
-    pool = ProcessPoolExecutor(workers, mp_context=decode_context()) if workers > 1 else None
+    # Threads, not processes: Pillow releases the GIL while it decodes and resizes, and threads need
+    # no `if __name__ == "__main__"` guard in the user's script nor a fork beside JAX's threads.
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
         for c in todo:
             lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
             jobs = [(p, size) for p in paths[lo:hi]]
-            results = pool.map(_load_or_none, jobs, chunksize=8) if pool else map(_load_or_none, jobs)
+            results = pool.map(_load_or_none, jobs) if pool else map(_load_or_none, jobs)
             for i, result in enumerate(results, start=lo):
                 if isinstance(result, str):
                     store.arrays["valid"][i] = False
@@ -151,8 +153,23 @@ def build_image_store(paths: list[str], size: int = 224, *, chunk_size: int = 51
     return np.load(folder / "images.npy", mmap_mode="r"), valid, folder
 
 
+_FORWARDS: dict = {}
+
+
 def backbone_forward(backbone):
-    """One compiled function: uint8 batch -> (features, logits or None), sharded when several devices are in use."""
+    """One compiled function: uint8 batch -> (features, logits or None), sharded when several devices are in use.
+
+    Kept per backbone and distribution, so later calls in the process reuse the compiled program.
+    """
+    import keras
+
+    key = (id(backbone), id(keras.distribution.distribution()))
+    if key not in _FORWARDS:
+        _FORWARDS[key] = _build_forward(backbone)
+    return _FORWARDS[key]
+
+
+def _build_forward(backbone):
     import keras
 
     from devise.runtime import compiled_forward
@@ -189,7 +206,7 @@ def _read_back(start, count, outputs):
     return start, np.asarray(feats)[:count], (np.asarray(logits)[:count] if logits is not None else None)
 
 
-def extract_features(dataset_or_paths, backbone="efficientnet_lite0", *, batch_size: int = 64,
+def extract_features(dataset_or_paths, backbone="efficientnet_lite0", *, batch_size: int | None = None,
                      chunk_size: int = 512, progress: bool = True) -> FeatureSet:
     """Pooled features (and ImageNet logits) for a dataset or a list of image paths, cached on disk.
 
@@ -214,8 +231,9 @@ def extract_features(dataset_or_paths, backbone="efficientnet_lite0", *, batch_s
         if cache.done:
             tqdm.write(f"resuming features: {len(cache.done)} of {n_chunks} chunks already done")
         done_images = n - sum(min(chunk_size, n - c * chunk_size) for c in todo)
-        from devise.runtime import device_count
+        from devise.runtime import default_batch_size, device_count
 
+        batch_size = batch_size or default_batch_size()
         batch_size = -(-batch_size // device_count()) * device_count()  # split evenly across devices
         forward = backbone_forward(bb)
         with tqdm(total=n, initial=done_images, desc=f"features ({bb.name})", unit="img",

@@ -5,10 +5,9 @@ size (256 -> 224). Transparency is composited on white (emoji artwork has transp
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +59,6 @@ def load_image(path: str | os.PathLike, size: int = 224) -> np.ndarray:
         raise DeviseError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
 
 
-def decode_context():
-    # forkserver, not fork: forking a process that runs JAX's threads can deadlock.
-    return multiprocessing.get_context("forkserver")
-
-
 def _load_or_none(args: tuple[str, int]) -> np.ndarray | str:
     path, size = args
     try:
@@ -74,7 +68,7 @@ def _load_or_none(args: tuple[str, int]) -> np.ndarray | str:
 
 
 def load_images(paths: list[str], size: int = 224, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Decode many images (in worker processes when there are many): (uint8 (N,size,size,3), valid (N,) bool).
+    """Decode many images (in threads: Pillow releases the GIL while decoding and resizing): (uint8 (N,size,size,3), valid (N,) bool).
 
     Unreadable files are left black, marked invalid and reported in ONE warning that lists them.
     """
@@ -83,7 +77,7 @@ def load_images(paths: list[str], size: int = 224, workers: int | None = None) -
     workers = workers if workers is not None else (os.cpu_count() or 1)
     jobs = [(str(p), size) for p in paths]
     if workers > 1 and len(paths) >= 64:
-        with ProcessPoolExecutor(workers, mp_context=decode_context()) as pool:
+        with ThreadPoolExecutor(workers) as pool:
             results = list(pool.map(_load_or_none, jobs, chunksize=16))
     else:
         results = [_load_or_none(job) for job in jobs]

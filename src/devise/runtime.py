@@ -34,6 +34,12 @@ def device_count() -> int:
     return 1
 
 
+def default_batch_size() -> int:
+    """Images per forward batch: small on a CPU, where a batch that fits in cache runs fastest
+    (EfficientNet-Lite0 on 2 cores: 44 images/s at batch 4, 20 at batch 64), large on an accelerator."""
+    return 4 * device_count() if platform() == "cpu" else 256 * device_count()
+
+
 def use_devices(count: int | None = None, *, multi_host: bool = False):
     """Shard batches across `count` devices (all by default) with keras.distribution.DataParallel.
 
@@ -64,12 +70,20 @@ def compiled_forward(model: keras.Model):
     import jax
 
     distribution = keras.distribution.distribution()
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
+    replicated = None
     if distribution is not None:
         mesh = distribution.device_mesh.backend_mesh
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        trainable, non_trainable = jax.device_put((trainable, non_trainable), replicated)
+    cache = {"source": None, "state": None}
+
+    def current_state():
+        # Read the variables at call time: Keras' own predict/fit replace (and delete) their buffers.
+        source = [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
+        old = cache["source"]
+        if old is None or any(a is not b for a, b in zip(old[0] + old[1], source[0] + source[1])):
+            cache["source"] = source
+            cache["state"] = jax.device_put(source, replicated) if replicated is not None else source
+        return cache["state"]
 
     @jax.jit
     def forward(trainable, non_trainable, x):
@@ -79,6 +93,7 @@ def compiled_forward(model: keras.Model):
     def call(x):
         if distribution is not None:
             x = jax.device_put(x, distribution.get_data_layout(x.shape).backend_layout)
+        trainable, non_trainable = current_state()
         return forward(trainable, non_trainable, x)
 
     return call

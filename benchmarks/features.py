@@ -1,0 +1,107 @@
+"""Images/s of `devise features` (decode once + cached forward) against the backbone's own jitted forward
+on the same images in the same process, and against one `model.predict` per image as the Keras blog did.
+
+Images: the first N emoji benchmark images if it is built, else copies of foolbox's 20 ImageNet photos.
+Each feature run starts from an empty data home, so decoding and cache writing are counted.
+Last line: RESULT {"images_per_s": .., "ratio_vs_forward": .., "ratio_vs_per_image_predict": ..}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import devise  # noqa: F401
+import numpy as np
+
+from devise.backbones import load_backbone
+from devise.features import backbone_forward, extract_features
+from devise.images import load_image
+from devise.runtime import default_batch_size, platform
+
+
+def benchmark_images(n: int, scratch: Path) -> list[str]:
+    from devise.assets import data_home
+
+    emoji = data_home() / "emoji" / "images"
+    paths = sorted(str(p) for p in emoji.glob("*/*.png"))[:: 7][:n] if emoji.exists() else []
+    if len(paths) >= n:
+        return paths
+    from devise.assets import foolbox_data_dir
+
+    photos = sorted(foolbox_data_dir().glob("imagenet_*.jpg"))
+    out = []
+    for i in range(n):
+        dst = scratch / f"photo_{i:04d}.jpg"
+        shutil.copy(photos[i % len(photos)], dst)
+        out.append(str(dst))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--per-image", type=int, default=24, help="images for the one-predict-per-image baseline")
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="devise-bench-"))
+    paths = benchmark_images(args.images, scratch)
+    backbone = load_backbone("efficientnet_lite0")
+    args.batch_size = args.batch_size or default_batch_size()
+    batch = np.stack([load_image(p, backbone.image_size) for p in paths])
+    forward = backbone_forward(backbone)
+
+    def raw_forward():
+        for start in range(0, len(batch), args.batch_size):
+            x = batch[start:start + args.batch_size]
+            if len(x) < args.batch_size:
+                x = np.concatenate([x, np.zeros((args.batch_size - len(x),) + x.shape[1:], x.dtype)])
+            feats, logits = forward(x)
+        np.asarray(feats)
+
+    raw_forward()  # compile
+    forward_s = []
+    cached_s = []
+    for r in range(args.repeats):  # interleaved, so load on this noisy machine hits both alike
+        t = time.perf_counter()
+        raw_forward()
+        forward_s.append(time.perf_counter() - t)
+        os.environ["DEVISE_HOME"] = str(scratch / f"home{r}")
+        t = time.perf_counter()
+        fs = extract_features(paths, backbone, batch_size=args.batch_size, progress=False)
+        cached_s.append(time.perf_counter() - t)
+        assert fs.valid.all()
+
+    # The Keras blog's way: one model.predict call per image.
+    model = backbone.features_model
+    model.predict(batch[:1], verbose=0)
+    t = time.perf_counter()
+    for i in range(args.per_image):
+        model.predict(batch[i:i + 1], verbose=0)
+    per_image_ips = args.per_image / (time.perf_counter() - t)
+
+    forward_ips = len(paths) / statistics.median(forward_s)
+    features_ips = len(paths) / statistics.median(cached_s)
+    print(f"platform {platform()}, {len(paths)} images ({Path(paths[0]).parent.parent.name}), batch {args.batch_size}")
+    print(f"jitted forward only     {forward_ips:8.1f} images/s   (median of {args.repeats})")
+    print(f"devise features (cold)  {features_ips:8.1f} images/s   decode + store + forward + cache write")
+    print(f"model.predict per image {per_image_ips:8.1f} images/s   ({args.per_image} images)")
+    shutil.rmtree(scratch, ignore_errors=True)
+    print("RESULT " + json.dumps({
+        "images_per_s": round(features_ips, 1),
+        "ratio_vs_forward": round(features_ips / forward_ips, 3),
+        "ratio_vs_per_image_predict": round(features_ips / per_image_ips, 2),
+        "forward_images_per_s": round(forward_ips, 1),
+        "per_image_predict_images_per_s": round(per_image_ips, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
