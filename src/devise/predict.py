@@ -173,15 +173,16 @@ class RunEmbedder(Embedder):
         self.run = load_run(run_dir)
         settings = getattr(self.run, "settings", {}) or {}
         self.name = str(run_dir)
-        self.vectors_spec = str(getattr(self.run, "vectors_spec", None) or settings.get("vectors", "glove-6b-50d"))
-        backbone = getattr(self.run, "backbone", None) or settings.get("backbone", "efficientnet_lite0")
+        self.vectors_spec = str(settings.get("vectors") or "glove-6b-50d")
+        backbone = settings.get("backbone") or "efficientnet_lite0"
         self.backbone = load_backbone(backbone) if isinstance(backbone, str) else backbone
         self.dim = int(self.vectors.dim)
         stat = max((p.stat().st_mtime_ns for p in Path(run_dir).iterdir() if p.is_file()), default=0)
         self.cache_key = f"run-{Path(run_dir).resolve()}-{stat}"
 
     def embed_features(self, features, logits):
-        return _unit(self.run.embed(features))
+        with self._lock:  # Keras model.predict is not re-entrant across threads (the web server)
+            return _unit(self.run.embed(features))
 
 
 @lru_cache(maxsize=4)
