@@ -137,6 +137,55 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from devise.train import train_dataset
+
+    options = {k: v for k, v in {"loss": args.loss, "head": args.head, "epochs": args.epochs,
+                                  "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+                                  "optimizer": args.optimizer, "patience": args.patience, "T": args.T}.items()
+               if v is not None}
+    run = train_dataset(args.dataset, args.method, out_dir=args.out, vectors=args.vectors, backbone=args.backbone,
+                        seed=args.seed, drop_missing=args.drop_missing, **options)
+    history = run.history
+    print(f"{run.method}: {history['epochs_run']} epochs, best epoch {history['best_epoch']} "
+          f"(validation-class {next(k for k in history if k.startswith('best_val'))[5:]} "
+          f"{history.get(next(k for k in history if k.startswith('best_val'))):.3f}) -> {run.path}")
+    for part in ("seen_test", "unseen_zero_shot"):
+        if part in history:
+            print(f"{part}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in history[part].items()))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from devise.evaluate import evaluate_run, format_table
+
+    result = evaluate_run(args.run_dir, args.dataset)
+    for group, values in result.items():
+        print(f"\n{group}")
+        print(format_table({"run": values}, list(values)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from devise.benchmark import METHODS, run_benchmark
+
+    methods = args.methods.split(",") if args.methods else None
+    unknown = [m for m in methods or [] if m not in METHODS]
+    if unknown:
+        raise DeviseError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+    report = run_benchmark(args.dataset, seeds=args.seeds, vectors=args.vectors, backbone=args.backbone,
+                           out_dir=args.out, methods=methods)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    print(f"\nwrote {args.out}/report.md, metrics.json, hit_at_k.png, unseen_grid.png ({report['seconds']:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="devise", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -150,9 +199,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("features", help="cache backbone features for a dataset (emoji or a class-per-folder tree)")
     p.add_argument("dataset", help="'emoji' or a folder with one sub-folder per class")
     p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 4 per device on CPU, 256 on GPU")
     p.add_argument("--chunk-size", type=int, default=512, help="images per resumable chunk")
     p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("evaluate", help="the paper's metrics for one trained run folder")
+    p.add_argument("run_dir")
+    p.add_argument("dataset", nargs="?", help="default: the dataset the run was trained on")
+    p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("benchmark", help="every method on the zero-shot benchmark, tables + report + plots")
+    p.add_argument("dataset", nargs="?", default="emoji", help="'emoji' (default) or a class-per-folder tree")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--vectors", default="glove-6b-50d", help="glove-6b-50d, minilm, or a vectors file")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--methods", help="comma-separated subset of the methods")
+    p.add_argument("--json", metavar="FILE", help="also write metrics.json here")
+    p.add_argument("--out", default="runs/benchmark-emoji", help="folder for report.md, metrics.json and plots")
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("classify", help="ImageNet-1K top-k classes of image files")
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -185,6 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, default=2)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_vectors_train)
+    p = sub.add_parser("train", help="train softmax / DeViSE / random control / ConSE on cached features")
+    p.add_argument("dataset", help="'emoji' (trains on its seen classes) or a folder with one sub-folder per class")
+    p.add_argument("--method", choices=["softmax", "devise", "random", "conse"], default="devise")
+    p.add_argument("--loss", choices=["hinge", "cosine"], default=None, help="DeViSE loss (default hinge)")
+    p.add_argument("--head", choices=["linear", "mlp"], default=None, help="DeViSE head (default linear)")
+    p.add_argument("--vectors", default="glove-6b-50d", help="word vectors spec (see 'devise vectors info')")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--epochs", type=int, default=None, help="most epochs (early stopping on validation classes)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--optimizer", choices=["adam", "adagrad"], default=None)
+    p.add_argument("--patience", type=int, default=None, help="epochs without validation gain before stopping")
+    p.add_argument("--T", type=int, default=None, help="ConSE: top classes mixed (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation and the batches")
+    p.add_argument("--drop-missing", action="store_true", help="drop classes with no word vector (reported)")
+    p.add_argument("--out", required=True, help="run folder (resumes an interrupted run with the same settings)")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("predict", help="open-vocabulary labels for images (ConSE by default, or a trained run)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     p.add_argument("--model", default="conse", help="'conse' (default, no training) or a run folder")

@@ -1,0 +1,274 @@
+"""`devise benchmark emoji`: every method, the paper's protocol, several seeds, one report.
+
+Per seed: a seen/unseen class split (75/25), validation classes split off the seen ones (20%), and one
+more style of the training classes held out for calibration. Each method is fit on the training classes
+(early stopping on zero-shot hit@5 of the validation classes; the softmax on the held-out style), then
+evaluated by devise.evaluate. Nothing is chosen on unseen classes or test images.
+Writes report.md, metrics.json and plots (hit@k curves, a grid of unseen images with their top-3 labels).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from devise.evaluate import HIT_KS, HP_KS, LabelSpace, evaluate_split, format_table, label_space
+
+# name -> train() settings; conse_t10 reuses the softmax model, conse_imagenet1k needs no training.
+METHODS = {
+    "softmax": {"method": "softmax"},
+    "devise_hinge_linear": {"method": "devise", "loss": "hinge", "head": "linear"},
+    "devise_hinge_mlp": {"method": "devise", "loss": "hinge", "head": "mlp"},
+    "devise_cosine_mlp": {"method": "devise", "loss": "cosine", "head": "mlp"},
+    "random_hinge_linear": {"method": "random", "loss": "hinge", "head": "linear"},
+    "conse_t10": {"from": "softmax", "T": 10},
+    "conse_imagenet1k": {"imagenet": True, "T": 10},
+}
+MAIN_METHOD = "devise_hinge_mlp"
+CALIBRATION_STYLE = "noto"  # near-duplicate of google's artwork: the cheapest style to hold out
+
+
+class ImageNetConSE:
+    """ConSE over the backbone's own ImageNet-1K classifier: scores images from their ImageNet logits."""
+
+    method = "conse"
+
+    def __init__(self, vectors, T: int = 10):
+        from devise.conse import imagenet1k_class_vectors
+
+        self.kept, self.class_vectors, _ = imagenet1k_class_vectors(vectors)
+        self.T = T
+
+    def predict_scores(self, logits, label_vectors, names=None):
+        from devise.conse import conse_from_logits
+
+        embedded = conse_from_logits(logits, self.class_vectors, self.kept, self.T)
+        label_vectors = label_vectors / np.maximum(np.linalg.norm(label_vectors, axis=1, keepdims=True), 1e-12)
+        return embedded @ label_vectors.T
+
+
+def _calibration_holdout(dataset, train_images: np.ndarray, seed: int) -> np.ndarray:
+    """Training-class images kept out of training to calibrate GZSL: one style, else a seeded 10%."""
+    if dataset.styles is not None and CALIBRATION_STYLE in set(dataset.styles.tolist()):
+        return train_images[np.asarray(dataset.styles)[train_images] == CALIBRATION_STYLE]
+    rng = np.random.default_rng([seed, 2])
+    return np.sort(rng.choice(train_images, max(1, len(train_images) // 10), replace=False))
+
+
+def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, methods, wordnet,
+             word_vectors, train_kwargs: dict, log=print) -> tuple[dict, dict]:
+    """Train and evaluate every method on one seed's split -> ({method: metrics}, {method: model})."""
+    from devise.datasets import validation_split, zero_shot_split
+
+    split = zero_shot_split(dataset, seed=seed)
+    val = validation_split(split, seed=seed)
+    labels = np.asarray(dataset.labels)
+    has_vec = space.has_vector
+    pick = lambda idx: np.asarray([i for i in idx if usable[i]], dtype=np.int64)  # noqa: E731
+    train_classes = np.asarray([c for c in val.train_classes if has_vec[c]])
+    val_classes = np.asarray([c for c in val.val_classes if has_vec[c]])
+    unseen_classes = np.asarray([c for c in split.unseen_classes if has_vec[c]])
+    cal_seen = _calibration_holdout(dataset, pick(val.train), seed)
+    fit_images = np.setdiff1d(pick(val.train), cal_seen)
+    val_images = pick(val.val)
+    position = np.full(len(dataset.classes), -1)
+    position[train_classes] = np.arange(len(train_classes))
+    vposition = np.full(len(dataset.classes), -1)
+    vposition[val_classes] = np.arange(len(val_classes))
+    names_tr, vec_tr, _ = space.subset(train_classes)
+    names_val, vec_val, _ = space.subset(val_classes)
+    x_fit, y_fit = features[fit_images], position[labels[fit_images]]
+    x_val, y_val = features[val_images], vposition[labels[val_images]]
+    x_cal, y_cal = features[cal_seen], position[labels[cal_seen]]
+    common = dict(train_classes=train_classes, unseen_classes=unseen_classes, seen_test=pick(split.seen_test),
+                  unseen_images=pick(split.unseen), calibration=(cal_seen, val_images, val_classes), wordnet=wordnet)
+    log(f"seed {seed}: {len(train_classes)} training / {len(val_classes)} validation / {len(unseen_classes)} "
+        f"unseen classes; {len(fit_images)} training images, {len(common['seen_test'])} seen-test, "
+        f"{len(common['unseen_images'])} unseen images")
+    results, models = {}, {}
+    for name in methods:
+        spec = METHODS[name]
+        t0 = time.perf_counter()
+        if spec.get("imagenet"):
+            model = ImageNetConSE(word_vectors, spec["T"])
+            results[name] = evaluate_split(model, logits, labels, space, **common)
+        elif "from" in spec:
+            base = models.get(spec["from"])
+            if base is None:
+                base = models[spec["from"]] = _fit("softmax", x_fit, y_fit, names_tr, vec_tr, (x_cal, y_cal), seed, train_kwargs)
+            model = dataclasses.replace(base, method="conse", settings={**base.settings, "T": spec["T"]})
+            results[name] = evaluate_split(model, features, labels, space, **common)
+        else:
+            kind = spec["method"]
+            validation = (x_cal, y_cal) if kind == "softmax" else (x_val, y_val, vec_val, names_val)
+            model = _fit(kind, x_fit, y_fit, names_tr, vec_tr, validation, seed, train_kwargs,
+                         loss=spec.get("loss", "hinge"), head=spec.get("head", "linear"))
+            results[name] = evaluate_split(model, features, labels, space, softmax_only=kind == "softmax", **common)
+        models[name] = model
+        zsl = results[name].get("zsl", {})
+        seen = results[name].get("seen", {})
+        log(f"  {name:<20} {time.perf_counter() - t0:6.1f} s   zsl hit@1 {zsl.get('hit@1', float('nan')):.3f} "
+            f"hit@5 {zsl.get('hit@5', float('nan')):.3f}   seen hit@5 {seen.get('hit@5', float('nan')):.3f}")
+    return results, models
+
+
+def _fit(kind, x, y, names, vectors, validation, seed, train_kwargs, **kwargs):
+    from devise.train import train
+
+    return train(kind, x, y, names, vectors, val=validation, seed=seed, verbose=0, **{**train_kwargs, **kwargs})
+
+
+def aggregate(per_seed: list[dict]) -> tuple[dict, dict]:
+    """Mean and std over seeds of every metric: ({method: {group: {metric: mean}}}, same with std)."""
+    means, stds = {}, {}
+    for method in per_seed[0]:
+        means[method], stds[method] = {}, {}
+        for group in per_seed[0][method]:
+            keys = per_seed[0][method][group].keys()
+            values = {k: [run[method][group][k] for run in per_seed] for k in keys}
+            means[method][group] = {k: float(np.mean(v)) for k, v in values.items()}
+            stds[method][group] = {k: float(np.std(v)) for k, v in values.items()}
+    return means, stds
+
+
+def run_benchmark(dataset_spec: str = "emoji", seeds: int | list[int] = 3, vectors: str = "glove-6b-50d",
+                  backbone: str = "efficientnet_lite0", out_dir="runs/benchmark-emoji", methods=None,
+                  train_kwargs: dict | None = None, log=print) -> dict:
+    """The whole benchmark -> the metrics.json object (also written to out_dir with report.md and plots)."""
+    from devise.datasets import load_dataset
+    from devise.features import extract_features
+    from devise.vectors import load_vectors
+    from devise.wordnet import load_wordnet
+
+    started = time.perf_counter()
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    methods = list(methods or METHODS)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset(dataset_spec)
+    fs = extract_features(dataset, backbone)
+    features = np.asarray(fs.features, np.float32)
+    logits = np.asarray(fs.logits, np.float32) if fs.logits is not None else None
+    if logits is None:
+        methods = [m for m in methods if not METHODS[m].get("imagenet")]
+    word_vectors = load_vectors(vectors)
+    space = label_space(dataset, vectors)
+    usable = np.asarray(fs.valid) & space.has_vector[np.asarray(dataset.labels)]
+    wordnet = load_wordnet()
+    per_seed, first_models = [], None
+    for seed in seeds:
+        results, models = run_seed(dataset, features, logits, usable, space, seed, methods, wordnet,
+                                   word_vectors, train_kwargs or {}, log)
+        per_seed.append(results)
+        first_models = first_models or models
+    means, stds = aggregate(per_seed)
+    report = {
+        "benchmark": str(dataset_spec), "backbone": backbone, "vectors": str(vectors), "seeds": seeds,
+        "classes": int(len(dataset.classes)), "classes_with_vector": int(space.has_vector.sum()),
+        "images": int(len(dataset.paths)), "seconds": round(time.perf_counter() - started, 1),
+        "methods": {},
+    }
+    for method in methods:
+        entry = {}
+        for group, values in means[method].items():
+            entry[group] = values
+            if group in ("zsl", "seen"):
+                entry[f"{group}_std"] = stds[method][group]
+        report["methods"][method] = entry
+    report["per_seed"] = per_seed
+    (out / "metrics.json").write_text(json.dumps(report, indent=1))
+    _plots(report, dataset, fs, features, space, first_models, seeds[0], out)
+    (out / "report.md").write_text(render_report(report, stds))
+    log(render_tables(report, stds))
+    return report
+
+
+def render_tables(report: dict, stds: dict | None = None) -> str:
+    """The paper-style tables (mean ± std over seeds)."""
+    methods = report["methods"]
+    zsl = {m: v["zsl"] for m, v in methods.items() if "zsl" in v}
+    seen = {m: v["seen"] for m, v in methods.items() if "seen" in v}
+    gzsl = {m: {**{f"raw {k}": x for k, x in v["gzsl"].items()},
+                **{f"cal {k}": x for k, x in v.get("gzsl_calibrated", {}).items()}}
+            for m, v in methods.items() if "gzsl" in v}
+    s = lambda group: {m: v.get(f"{group}_std", {}) for m, v in methods.items()}  # noqa: E731
+    hit_cols = [f"hit@{k}" for k in HIT_KS]
+    hp_cols = [f"hp@{k}" for k in HP_KS]
+    n = len(report["seeds"])
+    return "\n\n".join([
+        f"Zero-shot, unseen classes only ({n} seed(s), mean ± std; hit@k in %, hp@k as fractions)",
+        format_table(zsl, hit_cols + ["per_class_top1"] + hp_cols, s("zsl")),
+        "Seen classes, held-out style",
+        format_table(seen, hit_cols + hp_cols, s("seen")),
+        "Generalized zero-shot (u, s, H in %; raw and with calibrated stacking, gamma chosen on validation)",
+        format_table(gzsl, ["raw u", "raw s", "raw H", "cal u", "cal s", "cal H", "cal gamma"],
+                     percent=("raw", "cal u", "cal s", "cal H")),
+    ])
+
+
+def render_report(report: dict, stds: dict | None = None) -> str:
+    return "\n".join([
+        f"# DeViSE benchmark: {report['benchmark']}",
+        "",
+        f"Backbone {report['backbone']}, vectors {report['vectors']}, seeds {report['seeds']}; "
+        f"{report['images']} images, {report['classes']} classes ({report['classes_with_vector']} with a vector); "
+        f"{report['seconds']:.0f} s.",
+        "Splits: 75% seen / 25% unseen classes per seed; 20% of the seen classes are validation classes "
+        f"(early stopping, calibration); the '{CALIBRATION_STYLE}' style of the training classes is held out "
+        "for calibration; the seen-class test set is a held-out style.",
+        "",
+        render_tables(report, stds),
+        "",
+        "![hit@k](hit_at_k.png)",
+        "",
+        f"![unseen predictions of {MAIN_METHOD}](unseen_grid.png)",
+        "",
+    ])
+
+
+def _plots(report, dataset, fs, features, space, models, seed, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method, entry in report["methods"].items():
+        if "zsl" in entry:
+            ax.plot(HIT_KS, [100 * entry["zsl"][f"hit@{k}"] for k in HIT_KS], "o-", label=method)
+    ax.set(xlabel="k", ylabel="zero-shot flat hit@k (%)", xticks=HIT_KS,
+           title=f"{report['benchmark']}: unseen classes, mean over {len(report['seeds'])} seed(s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "hit_at_k.png", dpi=120)
+    plt.close(fig)
+
+    model = (models or {}).get(MAIN_METHOD)
+    if model is None:
+        return
+    from devise.datasets import zero_shot_split
+
+    split = zero_shot_split(dataset, seed=seed)
+    unseen = np.asarray([c for c in split.unseen_classes if space.has_vector[c]])
+    names, vectors, _ = space.subset(unseen)
+    rng = np.random.default_rng(seed)
+    images = rng.choice([i for i in split.unseen if fs.valid[i] and space.has_vector[dataset.labels[i]]], 12, replace=False)
+    scores = model.predict_scores(features[images], vectors, names)
+    top = np.argsort(-scores, axis=1)[:, :3]
+    fig, axes = plt.subplots(3, 4, figsize=(11, 9))
+    for ax, i, row in zip(axes.ravel(), images, top):
+        ax.imshow(Image.open(dataset.paths[i]).convert("RGB"))
+        truth = dataset.classes[dataset.labels[i]]
+        guesses = [names[j] for j in row]
+        ax.set_title(f"true: {truth}\n" + "\n".join(f"{r + 1}. {g}" for r, g in enumerate(guesses)),
+                     fontsize=8, color="green" if truth == guesses[0] else "black")
+        ax.axis("off")
+    fig.suptitle(f"{MAIN_METHOD}: unseen classes (seed {seed}), top-3 labels among {len(names)}")
+    fig.tight_layout()
+    fig.savefig(out / "unseen_grid.png", dpi=100)
+    plt.close(fig)

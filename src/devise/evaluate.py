@@ -1,0 +1,166 @@
+"""The paper's evaluation of one trained model on a zero-shot split: the numbers behind every table.
+
+- zero-shot (label space = unseen classes): flat hit@1/2/5/10, per-class top-1, hp@2/5/10/20 on the
+  images whose class has a WordNet synset;
+- seen classes in a held-out style (label space = training classes): hit@k and hp@k;
+- generalized zero-shot (label space = training + unseen classes): u, s, H, raw and with calibrated
+  stacking, the constant chosen on validation data (validation classes as "unseen", a held-out style of
+  the training classes as "seen"), never on test images.
+`devise evaluate RUN_DIR` runs this for a run folder written by `devise train`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from devise import metrics
+
+HIT_KS = (1, 2, 5, 10)
+HP_KS = (2, 5, 10, 20)
+
+
+@dataclass
+class LabelSpace:
+    """Classes of a dataset that have a vector: names, unit vectors and synsets, indexed by class id."""
+
+    names: list[str]
+    vectors: np.ndarray  # (C, D), zero rows for classes without a vector
+    wnids: list[str | None]
+    has_vector: np.ndarray  # (C,) bool
+
+    def subset(self, classes) -> tuple[list[str], np.ndarray, list[str | None]]:
+        classes = np.asarray(classes, dtype=np.int64)
+        return [self.names[c] for c in classes], self.vectors[classes], [self.wnids[c] for c in classes]
+
+
+def _relabel(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Dataset class ids -> positions in `classes` (-1 where absent)."""
+    position = np.full(int(max(labels.max(initial=0), classes.max(initial=0))) + 1, -1)
+    position[classes] = np.arange(len(classes))
+    return position[labels]
+
+
+def ranking_metrics(scores: np.ndarray, true: np.ndarray, label_wnids, wordnet, per_class: bool = False) -> dict:
+    """hit@k (and per-class top-1) over all images; hp@k over images whose true label has a synset."""
+    out = {f"hit@{k}": v for k, v in metrics.flat_hit_at_k(scores, true, HIT_KS).items()}
+    if per_class:
+        out["per_class_top1"] = metrics.per_class_top1(metrics.top_k_indices(scores, 1)[:, 0], true)
+    has_synset = np.array([label_wnids[t] is not None for t in true])
+    if has_synset.any():
+        hp = metrics.hierarchical_precision_at_k(scores[has_synset], true[has_synset], label_wnids, wordnet, HP_KS)
+        out.update({f"hp@{k}": v for k, v in hp.items()})
+    return {k: float(v) for k, v in out.items()}
+
+
+def evaluate_split(model, features: np.ndarray, labels: np.ndarray, space: LabelSpace, *, train_classes,
+                   unseen_classes, seen_test, unseen_images, calibration=None, wordnet=None,
+                   softmax_only: bool = False) -> dict:
+    """All metrics of one model. Image index arrays refer to rows of `features` / `labels`.
+
+    calibration: (seen_images, val_images, val_classes) for choosing the calibrated-stacking constant.
+    softmax_only: the model is a plain classifier over train_classes (no zero-shot, no GZSL).
+    """
+    train_classes = np.asarray(train_classes)
+    unseen_classes = np.asarray(unseen_classes)
+    result: dict = {}
+    seen_x, seen_y = features[seen_test], _relabel(labels[seen_test], train_classes)
+    keep = seen_y >= 0
+    seen_x, seen_y = seen_x[keep], seen_y[keep]
+    names_tr, vec_tr, wn_tr = space.subset(train_classes)
+    if softmax_only:
+        result["seen"] = ranking_metrics(model.predict_proba(seen_x), seen_y, wn_tr, wordnet)
+        return result
+    result["seen"] = ranking_metrics(model.predict_scores(seen_x, vec_tr, names_tr), seen_y, wn_tr, wordnet)
+
+    names_un, vec_un, wn_un = space.subset(unseen_classes)
+    un_x, un_y = features[unseen_images], _relabel(labels[unseen_images], unseen_classes)
+    result["zsl"] = ranking_metrics(model.predict_scores(un_x, vec_un, names_un), un_y, wn_un, wordnet, per_class=True)
+
+    # GZSL: every test image (seen held-out style + unseen) against training + unseen classes.
+    all_classes = np.concatenate([train_classes, unseen_classes])
+    names_all, vec_all, _ = space.subset(all_classes)
+    test_x = np.concatenate([seen_x, un_x])
+    test_y = np.concatenate([seen_y, un_y + len(train_classes)])
+    is_unseen = np.arange(len(test_y)) >= len(seen_y)
+    seen_mask = np.arange(len(all_classes)) < len(train_classes)
+    test_scores = model.predict_scores(test_x, vec_all, names_all)
+    result["gzsl"] = {k: float(v) for k, v in metrics.generalized_zero_shot(test_scores, test_y, seen_mask, is_unseen).items()}
+    if calibration is not None:
+        cal_seen, cal_val, val_classes = calibration
+        val_classes = np.asarray(val_classes)
+        cal_classes = np.concatenate([train_classes, val_classes])
+        names_cal, vec_cal, _ = space.subset(cal_classes)
+        cs_x, cs_y = features[cal_seen], _relabel(labels[cal_seen], train_classes)
+        cv_x, cv_y = features[cal_val], _relabel(labels[cal_val], val_classes)
+        ok_s, ok_v = cs_y >= 0, cv_y >= 0
+        cal_x = np.concatenate([cs_x[ok_s], cv_x[ok_v]])
+        cal_y = np.concatenate([cs_y[ok_s], cv_y[ok_v] + len(train_classes)])
+        cal_unseen = np.arange(len(cal_y)) >= ok_s.sum()
+        cal_mask = np.arange(len(cal_classes)) < len(train_classes)
+        gamma = metrics.choose_calibration(model.predict_scores(cal_x, vec_cal, names_cal), cal_y, cal_mask, cal_unseen)
+        calibrated = metrics.generalized_zero_shot(test_scores, test_y, seen_mask, is_unseen, gamma=gamma)
+        result["gzsl_calibrated"] = {**{k: float(v) for k, v in calibrated.items()}, "gamma": float(gamma)}
+    return result
+
+
+def evaluate_run(run_dir, dataset=None) -> dict:
+    """`devise evaluate`: the metrics of a run folder written by `devise train`, on its own split."""
+    from devise.datasets import load_dataset, validation_split, zero_shot_split
+    from devise.errors import DeviseError
+    from devise.features import extract_features
+    from devise.train import load_run
+    from devise.wordnet import load_wordnet
+
+    run = load_run(run_dir)
+    settings = run.settings
+    spec = dataset or settings.get("dataset")
+    if spec is None:
+        raise DeviseError(f"{run_dir}: the run does not record its dataset; pass DATASET")
+    ds = load_dataset(spec)
+    space = label_space(ds, settings.get("vectors") or "glove-6b-50d")
+    split = zero_shot_split(ds, seed=int(settings.get("split_seed", settings.get("seed", 0))))
+    val = validation_split(split, seed=int(settings.get("split_seed", settings.get("seed", 0))))
+    fs = extract_features(ds, settings.get("backbone") or "efficientnet_lite0")
+    usable = np.asarray(fs.valid) & space.has_vector[np.asarray(ds.labels)]
+    features = np.asarray(fs.features, np.float32)
+    labels = np.asarray(ds.labels)
+    train_classes = np.asarray(settings.get("train_classes", val.train_classes))
+    unseen = np.asarray([c for c in split.unseen_classes if space.has_vector[c]])
+    names = [space.names[c] for c in train_classes]
+    if names != list(run.class_names):
+        raise DeviseError(f"{run_dir}: its training classes do not match {spec}'s split (different dataset or seed?)")
+    pick = lambda idx: np.asarray([i for i in idx if usable[i]], dtype=np.int64)  # noqa: E731
+    return evaluate_split(run, features, labels, space, train_classes=train_classes, unseen_classes=unseen,
+                          seen_test=pick(split.seen_test), unseen_images=pick(split.unseen),
+                          wordnet=load_wordnet(), softmax_only=run.method == "softmax" and run.label_vectors is None)
+
+
+def label_space(dataset, vectors_spec: str) -> LabelSpace:
+    """Vectors for every class of a dataset (by name, else its synset); classes with neither are dropped."""
+    from devise.train import class_label_vectors
+    from devise.vectors import load_vectors
+
+    matrix, kept, report = class_label_vectors(dataset, load_vectors(vectors_spec), drop_missing=True)
+    print(report, flush=True)
+    wnids = list(dataset.wnids) if dataset.wnids is not None else [None] * len(dataset.classes)
+    return LabelSpace(list(dataset.classes), matrix, wnids, np.asarray(kept, bool))
+
+
+def format_table(rows: dict[str, dict], columns: list[str], stds: dict[str, dict] | None = None,
+                 percent: tuple[str, ...] = ("hit@", "per_class", "u", "s", "H")) -> str:
+    """A markdown table: one row per method, mean (± std) per column; flat hit@k in %, hp@k as fractions."""
+    def cell(method, col):
+        value = rows[method].get(col)
+        if value is None:
+            return "-"
+        scale = 100 if col.startswith(percent) else 1
+        fmt = "{:.1f}" if scale == 100 else "{:.3f}"
+        text = fmt.format(value * scale)
+        if stds and col in stds.get(method, {}):
+            text += " ± " + fmt.format(stds[method][col] * scale)
+        return text
+
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += ["| " + m + " | " + " | ".join(cell(m, c) for c in columns) + " |" for m in rows]
+    return "\n".join(lines)
