@@ -188,6 +188,10 @@ def cmd_benchmark(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="devise", description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, metavar="N",
+                        help="shard batches over N devices (keras.distribution.DataParallel; default: one)")
+    parser.add_argument("--multi-host", action="store_true",
+                        help="join the other hosts first (jax.distributed via keras.distribution.initialize)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("doctor", help="show which assets, backend and devices were found")
@@ -308,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.devices or args.multi_host:
+            from devise.runtime import use_devices
+
+            use_devices(args.devices, multi_host=args.multi_host)
         return int(args.func(args) or 0)
     except DeviseError as exc:
         print(f"devise: error: {exc}", file=sys.stderr)
