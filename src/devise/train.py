@@ -249,7 +249,8 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
           learning_rate: float | None = None, optimizer: str = "adam", seed: int = 0, out_dir=None,
           margin: float = 0.1, truncated: bool = True, normalize_output: bool = False,
           patience: int = 8, top_k: int = 5, T: int = 10, vectors_spec: str | None = None,
-          backbone_name: str | None = None, callbacks=(), verbose: int = 1) -> Run:
+          backbone_name: str | None = None, extra_settings: dict | None = None, callbacks=(),
+          verbose: int = 1) -> Run:
     """Train one method on (features (N, F), labels (N,) into class_names) and return the Run.
 
     label_vectors: (C, D) vectors of class_names (needed by devise/random/conse; random uses only D).
@@ -257,6 +258,7 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
         [, class_names]) scored zero-shot over the validation classes (class_names needed by "random").
     Early stopping on validation hit@top_k (patience epochs) restores the best epoch's weights.
     out_dir: the run folder; an interrupted run with the same settings resumes from its last checkpoint.
+    extra_settings: recorded in settings.json (e.g. the dataset split).
     callbacks: extra Keras callbacks, run after validation and checkpointing of each epoch.
     """
     import keras
@@ -297,6 +299,7 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
         "data": _fingerprint(features, labels, *(() if label_vectors is None else (label_vectors,))),
         "val_data": None if validation is None else _fingerprint(validation[0], validation[1]),
         "val_zero_shot": None if validation is None else bool(validation[3]),
+        **(extra_settings or {}),
     }
 
     keras.utils.set_random_seed(int(seed))
@@ -334,6 +337,9 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
             scores = run.embed(vf) @ vvectors.T
         return {f"val_hit@{k}": hit_at_k(scores, vl, k) for k in sorted({1, int(top_k)})}
 
+    # The random control scored zero-shot is chance by construction: it neither stops early nor picks
+    # a "best" epoch on that score (it keeps the last weights); the score is still recorded.
+    selects = validation is not None and not (method == "random" and validation[3])
     batches = _shuffled_batches(features, labels, int(batch_size), int(seed))
     monitor = f"val_hit@{int(top_k)}"
 
@@ -346,6 +352,7 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
             logs = logs if logs is not None else {}
             if validation is not None:
                 logs.update(validate())
+            if selects:
                 score = logs[monitor]
                 if state["best_score"] is None or score > state["best_score"]:
                     state.update(best_score=score, best_epoch=epoch + 1, wait=0)
@@ -360,7 +367,7 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
             state["stopped"] = bool(self.model.stop_training)
             if out is not None:
                 _write_checkpoint(out, model, loss_fn, state, best_weights)
-            if verbose and validation is not None:
+            if verbose and selects:
                 print(f"  {monitor} {logs[monitor]:.4f} (best {state['best_score']:.4f} at epoch {state['best_epoch']})",
                       flush=True)
 
@@ -401,9 +408,10 @@ def _prepare_run_folder(out: Path, settings, class_names, label_vectors, model, 
 
 def _write_checkpoint(out: Path, model, loss_fn, state, best_weights) -> None:
     """Write checkpoint/ (model.keras, optimizer + best weights, state.json) as one atomic folder swap."""
+    import keras
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-checkpoint-"))
     model.save(tmp / "model.keras")
-    arrays = {f"opt_{i}": np.array(v) for i, v in enumerate(model.optimizer.variables)}
+    arrays = {f"opt_{i}": np.asarray(keras.ops.convert_to_numpy(v.value)) for i, v in enumerate(model.optimizer.variables)}
     if best_weights is not None:
         arrays.update({f"best_{i}": w for i, w in enumerate(best_weights)})
     if getattr(loss_fn, "seed_generator", None) is not None:
@@ -441,3 +449,103 @@ def _load_checkpoint(out: Path, model, loss_fn):
             loss_fn.seed_generator.state.assign(arrays["loss_seed_state"])
     print(f"resuming {out} after epoch {state['epoch']}", flush=True)
     return state, best
+
+
+# ---------------------------------------------------------------- datasets (what `devise train` runs)
+
+def class_label_vectors(dataset, vectors, drop_missing: bool = False):
+    """Vectors of a dataset's classes -> (unit (C, D) matrix with zero rows for dropped classes, kept mask, report).
+
+    A class is embedded by its display name; a name with no vector falls back to its WordNet synset
+    (the paper's rule: the synset's first lemma with a vector). A class with neither is an error unless
+    drop_missing, which drops it (and reports it). Never a random vector.
+    """
+    from devise.vectors import embed_labels
+
+    names = list(dataset.classes)
+    by_name = embed_labels(names, vectors, drop_missing=True)
+    rows = dict(zip(by_name.labels, by_name.matrix))
+    wnids = list(getattr(dataset, "wnids", None) or [None] * len(names))
+    fallback = [(n, w) for n, w in zip(names, wnids) if n not in rows and w]
+    if fallback:
+        by_synset = embed_labels([w for _, w in fallback], vectors, drop_missing=True)
+        synset_rows = dict(zip(by_synset.labels, by_synset.matrix))
+        for name, wnid in fallback:
+            if wnid in synset_rows:
+                rows[name] = synset_rows[wnid]
+    missing = [n for n in names if n not in rows]
+    if missing and not drop_missing:
+        raise DeviseError(f"{len(missing)} of {len(names)} classes of {dataset.name} have no vector in "
+                          f"{vectors.name}: {', '.join(map(repr, missing[:20]))} (use --drop-missing to drop them)")
+    dim = by_name.matrix.shape[1]
+    matrix = np.stack([rows.get(n, np.zeros(dim, np.float32)) for n in names]).astype(np.float32)
+    kept = np.array([n in rows for n in names])
+    report = (f"{int(kept.sum())}/{len(names)} classes embedded with {vectors.name} ({dim}-d); "
+              f"{len([f for f in fallback if f[0] in rows])} through their WordNet synset"
+              + (f"; dropped: {', '.join(map(repr, missing[:20]))}" if missing else ""))
+    return matrix, kept, report
+
+
+def train_dataset(dataset_spec, method: str = "devise", *, out_dir=None, vectors: str = "glove-6b-50d",
+                  backbone: str = "efficientnet_lite0", seed: int = 0, split_seed: int | None = None,
+                  drop_missing: bool = False, **train_kwargs) -> Run:
+    """`devise train`: features from the cache, the zero-shot split, then train() on the seen classes.
+
+    The dataset's seen classes (zero_shot_split, seeded) are split again into training and validation
+    classes (validation_split); the model is fit on the training classes' images (the held-out test
+    style excluded) and early-stopped on zero-shot hit@k of the validation classes. The unseen classes
+    are never touched; the run's settings record the split so evaluation can score them.
+    """
+    from devise.datasets import load_dataset, validation_split, zero_shot_split
+    from devise.features import extract_features
+    from devise.vectors import load_vectors
+
+    split_seed = seed if split_seed is None else split_seed
+    dataset = load_dataset(dataset_spec)
+    word_vectors = load_vectors(vectors)
+    matrix, kept, report = class_label_vectors(dataset, word_vectors, drop_missing)
+    print(report, flush=True)
+    split = zero_shot_split(dataset, seed=split_seed)
+    val_split = validation_split(split, seed=split_seed)
+    feature_set = extract_features(dataset, backbone)
+    usable = np.asarray(feature_set.valid, bool) & kept[np.asarray(dataset.labels)]
+
+    def select(image_indices, class_indices):
+        class_indices = np.asarray([c for c in class_indices if kept[c]])
+        image_indices = np.asarray([i for i in image_indices if usable[i]], dtype=np.int64)
+        position = np.full(len(dataset.classes), -1)
+        position[class_indices] = np.arange(len(class_indices))
+        return (np.asarray(feature_set.features[image_indices], np.float32),
+                position[np.asarray(dataset.labels)[image_indices]], class_indices)
+
+    train_x, train_y, train_classes = select(val_split.train, val_split.train_classes)
+    val_x, val_y, val_classes = select(val_split.val, val_split.val_classes)
+    names = list(dataset.classes)
+    settings_extra = {"dataset": str(dataset_spec), "split_seed": int(split_seed),
+                      "train_classes": train_classes.tolist(), "val_classes": val_classes.tolist(),
+                      "unseen_classes": [int(c) for c in split.unseen_classes if kept[c]]}
+    run = train(method, train_x, train_y, [names[c] for c in train_classes], matrix[train_classes],
+                val=(val_x, val_y, matrix[val_classes], [names[c] for c in val_classes]),
+                seed=seed, out_dir=out_dir, vectors_spec=str(vectors), backbone_name=backbone,
+                extra_settings=settings_extra, **train_kwargs)
+    # A first look at the unseen classes (the evaluation module holds the full protocol): zero-shot
+    # flat hit@k of every unseen image against the unseen classes only.
+    unseen_x, unseen_y, unseen_classes = select(split.unseen, split.unseen_classes)
+    if len(unseen_y) and (method != "softmax" or run.label_vectors is not None):
+        scores = run.predict_scores(unseen_x, matrix[unseen_classes], [names[c] for c in unseen_classes])
+        run.history["unseen_zero_shot"] = {f"hit@{k}": hit_at_k(scores, unseen_y, k) for k in (1, 2, 5, 10)}
+        run.history["unseen_zero_shot"].update(images=int(len(unseen_y)), classes=int(len(unseen_classes)))
+    # Seen classes in the held-out style, over the training classes (the paper's 1K table, in small).
+    seen_x, seen_y, _ = select(split.seen_test, train_classes)
+    keep = seen_y >= 0
+    if keep.any():
+        seen_x, seen_y = seen_x[keep], seen_y[keep]
+        if method in ("softmax", "conse"):
+            scores = run.predict_proba(seen_x)
+        else:
+            scores = run.predict_scores(seen_x, run.label_vectors, run.class_names)
+        run.history["seen_test"] = {f"hit@{k}": hit_at_k(scores, seen_y, k) for k in (1, 2, 5, 10)}
+        run.history["seen_test"].update(images=int(len(seen_y)), classes=int(len(train_classes)))
+    if run.path is not None:
+        _write_json(run.path / "history.json", run.history)
+    return run
