@@ -133,7 +133,8 @@ def running_server(app, host: str = "127.0.0.1", port: int = 0, timeout_s: float
     """Run `app` with uvicorn in a background thread; yields its base URL (port 0: a free port)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    # A long keep-alive: a busy client thread must not find its idle connection closed under it.
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_keep_alive=60))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s
