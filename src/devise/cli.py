@@ -147,9 +147,10 @@ def cmd_train(args) -> int:
     run = train_dataset(args.dataset, args.method, out_dir=args.out, vectors=args.vectors, backbone=args.backbone,
                         seed=args.seed, drop_missing=args.drop_missing, **options)
     history = run.history
-    print(f"{run.method}: {history['epochs_run']} epochs, best epoch {history['best_epoch']} "
-          f"(validation-class {next(k for k in history if k.startswith('best_val'))[5:]} "
-          f"{history.get(next(k for k in history if k.startswith('best_val'))):.3f}) -> {run.path}")
+    best_key = next((k for k in history if k.startswith("best_val")), None)
+    best = (f", best epoch {history['best_epoch']} (validation classes {best_key[5:]} {history[best_key]:.3f})"
+            if best_key and history.get(best_key) is not None else " (last epoch kept)")
+    print(f"{run.method}: {history['epochs_run']} epochs{best} -> {run.path}")
     for part in ("seen_test", "unseen_zero_shot"):
         if part in history:
             print(f"{part}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
