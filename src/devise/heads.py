@@ -13,18 +13,29 @@ import keras
 from keras import layers
 
 
-def linear_head(input_dim: int, output_dim: int, use_bias: bool = False, name: str = "linear_head") -> keras.Model:
-    """features (B, input_dim) -> projection M v (B, output_dim)."""
+def _normalized(inputs, input_dim: int, scale: bool):
+    """Unit-length features (times sqrt(input_dim) when `scale`, so entries stay near 1 for the MLP's
+    optimizer). Chosen on the emoji benchmark's validation classes: +4-5 points zero-shot hit@5 for the
+    linear map, and the same or better for the MLP, against raw pooled features."""
+    x = layers.UnitNormalization(name="unit_features")(inputs)
+    return layers.Rescaling(float(input_dim) ** 0.5, name="scaled_features")(x) if scale else x
+
+
+def linear_head(input_dim: int, output_dim: int, use_bias: bool = False, normalize_features: bool = True,
+                name: str = "linear_head") -> keras.Model:
+    """features (B, input_dim) -> projection M v (B, output_dim); v is unit-normalised first by default."""
     inputs = keras.Input((input_dim,), name="features")
-    outputs = layers.Dense(output_dim, use_bias=use_bias, name="M")(inputs)
+    x = _normalized(inputs, input_dim, scale=False) if normalize_features else inputs
+    outputs = layers.Dense(output_dim, use_bias=use_bias, name="M")(x)
     return keras.Model(inputs, outputs, name=name)
 
 
 def mlp_head(input_dim: int, output_dim: int, hidden: int = 1024, dropout: float = 0.3,
-             name: str = "mlp_head") -> keras.Model:
-    """The Keras blog's head: Dropout, Dense(hidden, relu), BatchNorm, Dense(output_dim)."""
+             normalize_features: bool = True, name: str = "mlp_head") -> keras.Model:
+    """The Keras blog's head: Dropout, Dense(hidden, relu), BatchNorm, Dense(output_dim) (on normalised features)."""
     inputs = keras.Input((input_dim,), name="features")
-    x = layers.Dropout(dropout)(inputs)
+    x = _normalized(inputs, input_dim, scale=True) if normalize_features else inputs
+    x = layers.Dropout(dropout)(x)
     x = layers.Dense(hidden, activation="relu")(x)
     x = layers.BatchNormalization()(x)
     outputs = layers.Dense(output_dim, name="projection")(x)

@@ -285,7 +285,10 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
     if method == "random":
         label_vectors = random_label_vectors(class_names, label_vectors.shape[1], seed)
     validation = _as_validation(val, method, class_names, label_vectors, seed)
-    learning_rate = float(learning_rate or DEFAULT_LEARNING_RATES[optimizer])
+    # The linear map on unit-length features needs a larger Adam step (chosen on validation classes).
+    default_rate = 1e-2 if (optimizer == "adam" and head == "linear" and method in ("devise", "random")) \
+        else DEFAULT_LEARNING_RATES[optimizer]
+    learning_rate = float(learning_rate or default_rate)
 
     classifies = method in ("softmax", "conse")
     settings = {
