@@ -63,27 +63,11 @@ class Backbone:
 
 # ---------------------------------------------------------------- platform choice
 
-def _platform() -> str:
-    """'cpu', 'gpu' or 'tpu': where Keras will run by default (decides the depthwise formulation)."""
-    backend = keras.config.backend()
-    if backend == "jax":
-        import jax  # only to ask where XLA runs; model code stays keras.ops
-
-        return jax.default_backend()
-    if backend == "torch":
-        import torch
-
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
-    return "cpu"
-
-
 def default_depthwise() -> str:
     """'shifted' on CPU (XLA's grouped convolution is slow there), 'grouped' on accelerators."""
-    return "shifted" if _platform() == "cpu" else "grouped"
+    from devise.runtime import platform
+
+    return "shifted" if platform() == "cpu" else "grouped"
 
 
 # ---------------------------------------------------------------- layers

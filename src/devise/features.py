@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from devise.assets import data_home
+from devise.assets import atomic_write_json, data_home
 from devise.errors import DeviseError
 from devise.images import _load_or_none
 
@@ -41,12 +41,6 @@ class FeatureSet:
     valid: np.ndarray  # (N,) bool: False where the image could not be read (its row is meaningless)
     backbone: str
     folder: Path
-
-
-def _json_write(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 def images_key(paths: list[str], size: int) -> str:
@@ -87,12 +81,12 @@ class _ChunkedArrays:
         for arr in self.arrays.values():
             arr.flush()
         self.done.add(chunk)
-        _json_write(self.done_file, sorted(self.done))
+        atomic_write_json(self.done_file, sorted(self.done))
 
     def finish(self, meta: dict) -> None:
         for arr in self.arrays.values():
             arr.flush()
-        _json_write(self.partial / "meta.json", meta)
+        atomic_write_json(self.partial / "meta.json", meta)
         self.done_file.unlink(missing_ok=True)
         if self.final.exists():
             shutil.rmtree(self.final)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +35,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from devise.assets import atomic_save_npz
 from devise.errors import DeviseError
+from devise.vectors import unit_rows
 
 VOCAB_VERSION = "1"
 VOCABS = ("wordnet", "imagenet1k")
@@ -45,11 +46,6 @@ CSLS_K = 10
 MIN_REFERENCE = 20  # fewer reference images than this make the hubness statistics meaningless
 CONSE_T = 10
 LOAD_CHUNK = 256  # images decoded per chunk (bounds memory on big folders)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _bucket(n: int, batch_size: int) -> int:
@@ -182,7 +178,7 @@ class RunEmbedder(Embedder):
 
     def embed_features(self, features, logits):
         with self._lock:  # Keras model.predict is not re-entrant across threads (the web server)
-            return _unit(self.run.embed(features))
+            return unit_rows(self.run.embed(features))
 
 
 @lru_cache(maxsize=4)
@@ -304,18 +300,6 @@ def _vocab_key(vocab: str, vectors_spec: str, dim: int) -> str:
     return digest.hexdigest()[:20]
 
 
-def _save_npz_atomic(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 _vocab_cache: dict[str, Vocabulary] = {}
 _vocab_lock = threading.Lock()
 
@@ -344,7 +328,7 @@ def load_vocabulary(vocab: str | os.PathLike = "wordnet", vectors_spec: str = "g
         if data is None:
             data = _build_vocab(vocab, vectors)
             matrix, labels, synsets, entry_term = data
-            _save_npz_atomic(path, matrix=matrix, labels=np.array(labels, dtype=str),
+            atomic_save_npz(path, matrix=matrix, labels=np.array(labels, dtype=str),
                              synsets=np.array([s or "" for s in synsets], dtype=str), entry_term=entry_term)
         matrix, labels, synsets, entry_term = data
         name = vocab if vocab in VOCABS else Path(vocab).name
@@ -359,7 +343,7 @@ def load_vocabulary(vocab: str | os.PathLike = "wordnet", vectors_spec: str = "g
 def label_statistics(reference: np.ndarray, matrix: np.ndarray, k: int = CSLS_K,
                      chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Per label: (mean cosine to its k nearest reference images, mean cosine over all of them)."""
-    reference = _unit(reference)
+    reference = unit_rows(reference)
     k = min(k, len(reference))
     knn_mean = np.empty(len(matrix), np.float32)
     mean = np.empty(len(matrix), np.float32)

@@ -9,9 +9,7 @@ from __future__ import annotations
 import numpy as np
 from keras import ops
 
-
-def _unit(x):
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+from devise.vectors import unit_rows
 
 
 def top_k_labels(queries: np.ndarray, label_vectors: np.ndarray, k: int, *, batch_size: int = 1024,
@@ -23,7 +21,7 @@ def top_k_labels(queries: np.ndarray, label_vectors: np.ndarray, k: int, *, batc
     queries = np.asarray(queries, np.float32)
     labels = np.asarray(label_vectors, np.float32)
     if normalize:
-        queries, labels = _unit(queries), _unit(labels)
+        queries, labels = unit_rows(queries), unit_rows(labels)
     k = min(k, len(labels))
     labels_t = ops.convert_to_tensor(labels.T)  # (D, L) stays on the device for every batch
     indices, scores = [], []
@@ -44,7 +42,7 @@ def full_sort_labels(queries: np.ndarray, label_vectors: np.ndarray, k: int, *, 
     queries = np.asarray(queries, np.float32)
     labels = np.asarray(label_vectors, np.float32)
     if normalize:
-        queries, labels = _unit(queries), _unit(labels)
+        queries, labels = unit_rows(queries), unit_rows(labels)
     labels_t = ops.convert_to_tensor(labels.T)
     indices, scores = [], []
     for start in range(0, len(queries), batch_size):

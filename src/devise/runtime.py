@@ -23,6 +23,10 @@ def platform() -> str:
         import torch
 
         return "gpu" if torch.cuda.is_available() else "cpu"
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
     return "cpu"
 
 

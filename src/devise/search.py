@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from devise.assets import atomic_write
 from devise.errors import DeviseError
 
 INDEX_VERSION = 1
@@ -72,17 +72,6 @@ def _faiss_index(embeddings: np.ndarray, kind: str):
     if kind == "hnsw":
         index.hnsw.efSearch = HNSW_EF_SEARCH
     return index
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _model_id(model) -> str:
@@ -185,11 +174,11 @@ def build_index(folder_or_paths, model="conse", out: str | os.PathLike = "devise
         with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to a name
             np.save(fh, embeddings)
 
-    _atomic_write(out / f"embeddings-{gen}.npy", save_embeddings)
-    _atomic_write(out / f"index-{gen}.faiss", lambda tmp: faiss.write_index(index, tmp))
+    atomic_write(out / f"embeddings-{gen}.npy", save_embeddings)
+    atomic_write(out / f"index-{gen}.faiss", lambda tmp: faiss.write_index(index, tmp))
     meta = {"version": INDEX_VERSION, "generation": gen, "model": model_id, "vectors": embedder.vectors_spec,
             "dim": int(embedder.dim), "kind": kind, "count": len(paths), "paths": paths, "stamps": stamps}
-    _atomic_write(out / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
+    atomic_write(out / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
     for stale in (f"embeddings-{gen - 1}.npy", f"index-{gen - 1}.faiss"):
         (out / stale).unlink(missing_ok=True)
 

@@ -37,7 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
+from devise.assets import atomic_save_npz, atomic_write_json
 from devise.errors import DeviseError
+from devise.metrics import flat_hit_at_k
+from devise.vectors import unit_rows
 
 METHODS = ("softmax", "devise", "random", "conse")
 LOSSES = ("hinge", "cosine")
@@ -61,32 +64,8 @@ def random_label_vectors(names, dim: int, seed: int = 0) -> np.ndarray:
     return np.asarray(rows, dtype=np.float32).reshape(len(rows), dim)
 
 
-def _unit(matrix) -> np.ndarray:
-    matrix = np.asarray(matrix, dtype=np.float32)
-    return matrix / np.maximum(np.linalg.norm(matrix, axis=-1, keepdims=True), 1e-12)
-
-
-def hit_at_k(scores, labels, k: int) -> float:
-    """Fraction of rows whose true label (an index into the score columns) is among the k best scores."""
-    scores = np.asarray(scores)
-    labels = np.asarray(labels).reshape(-1)
-    k = min(k, scores.shape[1])
-    true_score = scores[np.arange(len(labels)), labels]
-    # rank = number of labels scoring strictly higher (ties count in the image's favour)
-    rank = (scores > true_score[:, None]).sum(axis=1)
-    return float(np.mean(rank < k))
-
-
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _write_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=2, sort_keys=True)
 
 
 def _fingerprint(*arrays) -> str:
@@ -131,7 +110,7 @@ class Run:
     def embed(self, features) -> np.ndarray:
         """(N, D) unit vectors in the label space (devise/random: the head's output; conse: ConSE)."""
         if self.method in ("devise", "random"):
-            return _unit(self._predict(features))
+            return unit_rows(self._predict(features))
         if self.label_vectors is None:
             raise DeviseError("this softmax run was trained without label vectors: it cannot embed images")
         from devise.conse import conse_embed
@@ -147,7 +126,7 @@ class Run:
         if self.label_vectors is not None and label_vectors.shape[-1] != self.label_vectors.shape[1]:
             raise DeviseError(f"label vectors have dimension {label_vectors.shape[-1]}, this run was trained "
                               f"with {self.label_vectors.shape[1]} (vectors {self.settings.get('vectors')})")
-        return _unit(label_vectors)
+        return unit_rows(label_vectors)
 
     def predict_scores(self, features, label_vectors, names=None) -> np.ndarray:
         """(N, L) cosine scores of every image against any label set (zero-shot).
@@ -208,7 +187,7 @@ def _as_validation(val, method, class_names, label_vectors, seed):
             raise DeviseError("the random control needs the validation class names: val=(f, l, vectors, names)")
         vectors = random_label_vectors(names, label_vectors.shape[1], seed)
     if vectors is not None:
-        vectors = _unit(vectors)
+        vectors = unit_rows(vectors)
         if labels.max() >= len(vectors):
             raise DeviseError(f"validation label {labels.max()} has no vector ({len(vectors)} given)")
     return features, labels, vectors, len(val) > 2
@@ -279,7 +258,7 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
     if label_vectors is None and method != "softmax":
         raise DeviseError(f"method '{method}' needs label vectors")
     if label_vectors is not None:
-        label_vectors = _unit(label_vectors)
+        label_vectors = unit_rows(label_vectors)
         if len(label_vectors) != len(class_names):
             raise DeviseError(f"{len(label_vectors)} label vectors for {len(class_names)} class names")
     if method == "random":
@@ -338,7 +317,7 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
             raise DeviseError("zero-shot validation of a softmax run needs training label vectors (ConSE)")
         else:
             scores = run.embed(vf) @ vvectors.T
-        return {f"val_hit@{k}": hit_at_k(scores, vl, k) for k in sorted({1, int(top_k)})}
+        return {f"val_hit@{k}": v for k, v in flat_hit_at_k(scores, vl, sorted({1, int(top_k)})).items()}
 
     # The random control scored zero-shot is chance by construction: it neither stops early nor picks
     # a "best" epoch on that score (it keeps the last weights); the score is still recorded.
@@ -403,7 +382,7 @@ def _prepare_run_folder(out: Path, settings, class_names, label_vectors, model, 
         if (out / "model.keras").is_file() and (out / "history.json").is_file():
             raise DeviseError(f"{out} already holds this finished run: load it with load_run or choose another folder")
     else:
-        _write_npz(out / "labels.npz", class_names=np.asarray(class_names, dtype=str),
+        atomic_save_npz(out / "labels.npz", class_names=np.asarray(class_names, dtype=str),
                    label_vectors=np.zeros((0, 0), np.float32) if label_vectors is None else label_vectors)
         _write_json(settings_path, settings)
     return _load_checkpoint(out, model, loss_fn)
@@ -536,7 +515,7 @@ def train_dataset(dataset_spec, method: str = "devise", *, out_dir=None, vectors
     unseen_x, unseen_y, unseen_classes = select(split.unseen, split.unseen_classes)
     if len(unseen_y) and (method != "softmax" or run.label_vectors is not None):
         scores = run.predict_scores(unseen_x, matrix[unseen_classes], [names[c] for c in unseen_classes])
-        run.history["unseen_zero_shot"] = {f"hit@{k}": hit_at_k(scores, unseen_y, k) for k in (1, 2, 5, 10)}
+        run.history["unseen_zero_shot"] = {f"hit@{k}": v for k, v in flat_hit_at_k(scores, unseen_y).items()}
         run.history["unseen_zero_shot"].update(images=int(len(unseen_y)), classes=int(len(unseen_classes)))
     # Seen classes in the held-out style, over the training classes (the paper's 1K table, in small).
     seen_x, seen_y, _ = select(split.seen_test, train_classes)
@@ -547,7 +526,7 @@ def train_dataset(dataset_spec, method: str = "devise", *, out_dir=None, vectors
             scores = run.predict_proba(seen_x)
         else:
             scores = run.predict_scores(seen_x, run.label_vectors, run.class_names)
-        run.history["seen_test"] = {f"hit@{k}": hit_at_k(scores, seen_y, k) for k in (1, 2, 5, 10)}
+        run.history["seen_test"] = {f"hit@{k}": v for k, v in flat_hit_at_k(scores, seen_y).items()}
         run.history["seen_test"].update(images=int(len(seen_y)), classes=int(len(train_classes)))
     if run.path is not None:
         _write_json(run.path / "history.json", run.history)

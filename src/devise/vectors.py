@@ -194,7 +194,7 @@ def _word_vector(word: str, vectors: WordVectors) -> tuple[np.ndarray | None, st
     parts = [p for p in PART_SPLIT.split(word) if p]
     hits = [(vectors.vector(t), t) for t in (vectors.lookup(p) for p in parts) if t is not None]
     if len(parts) > 1 and hits:  # unit mean, so each word of the phrase weighs the same
-        return _unit_rows(np.mean([v for v, _ in hits], axis=0)[None])[0], "(" + " ".join(t for _, t in hits) + ")"
+        return unit_rows(np.mean([v for v, _ in hits], axis=0)[None])[0], "(" + " ".join(t for _, t in hits) + ")"
     return None, ""
 
 
@@ -418,7 +418,7 @@ def _load_packaged_glove(cache: bool) -> WordVectors:
             raise DeviseError(f"{emb_path}: {source.shape[0]} vectors but {len(words)} words in {index_path.name}")
         out = np.lib.format.open_memmap(folder / "matrix.npy", mode="w+", dtype=np.float32, shape=source.shape)
         for start in range(0, source.shape[0], 100_000):
-            out[start:start + 100_000] = _unit_rows(source[start:start + 100_000])
+            out[start:start + 100_000] = unit_rows(source[start:start + 100_000])
         out.flush()
         del out
         return words
@@ -426,7 +426,8 @@ def _load_packaged_glove(cache: bool) -> WordVectors:
     return _cached(emb_path, "glove-6b-50d", DEFAULT_SPEC, parse, cache)
 
 
-def _unit_rows(rows: np.ndarray) -> np.ndarray:
+def unit_rows(rows: np.ndarray) -> np.ndarray:
+    """float32 rows scaled to unit L2 norm (all-zero rows stay zero)."""
     rows = np.asarray(rows, dtype=np.float32)
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     return rows / np.where(norms > 0, norms, 1.0)
@@ -494,7 +495,7 @@ def _fill_with_pyarrow(path: Path, out: np.ndarray, header: bool, dim: int, expe
             if any(col.null_count for col in numbers.columns) or len(words) + batch.num_rows > expected_rows:
                 return None
             block = np.column_stack([col.to_numpy(zero_copy_only=False) for col in numbers.columns])
-            out[len(words):len(words) + batch.num_rows] = _unit_rows(block)
+            out[len(words):len(words) + batch.num_rows] = unit_rows(block)
             words += batch.column(0).to_pylist()
     except (pa.ArrowException, ValueError, UnicodeDecodeError):
         return None
@@ -521,7 +522,7 @@ def _fill_line_by_line(path: Path, out: np.ndarray, header: bool, dim: int, expe
                         raise DeviseError(f"{path}:{line_no}: {x[:30]!r} is not a number") from None
             raise
         start = len(words) - len(chunk)
-        out[start:start + len(chunk)] = _unit_rows(block)
+        out[start:start + len(chunk)] = unit_rows(block)
         chunk.clear()
         chunk_lines.clear()
 
@@ -594,7 +595,7 @@ def _parse_word2vec_bin(path: Path, folder: Path) -> list[str]:
             words.append(word.decode("utf-8", "replace"))
             out[row] = np.frombuffer(raw, dtype="<f4")
         for start in range(0, rows, 100_000):
-            out[start:start + 100_000] = _unit_rows(out[start:start + 100_000])
+            out[start:start + 100_000] = unit_rows(out[start:start + 100_000])
         out.flush()
         del out
     return words
@@ -607,7 +608,7 @@ def _parse_fasttext_bin(path: Path, folder: Path) -> list[str]:
         kv = load_facebook_vectors(str(path))
     except Exception as exc:  # gensim raises assorted errors on a bad file
         raise DeviseError(f"{path}: not a readable fastText .bin model ({type(exc).__name__}: {exc})") from None
-    np.save(folder / "matrix.npy", _unit_rows(kv.vectors))
+    np.save(folder / "matrix.npy", unit_rows(kv.vectors))
     return list(kv.index_to_key)
 
 
