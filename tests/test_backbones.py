@@ -144,3 +144,20 @@ def test_resnet50_from_a_local_weights_file(tmp_path, chelsea):
     probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     np.testing.assert_allclose(probs, np.asarray(expected), rtol=1e-3, atol=0)
     assert backbone.cache_key != load_backbone("efficientnet_lite0").cache_key
+
+
+def test_bfloat16_backbone_is_close_to_float32(foolbox_photos):
+    """The GPU default (mixed bfloat16) run on CPU: float32 outputs, same top-1 on real photos."""
+    from devise.images import load_image
+
+    images = np.stack([load_image(p, 224) for p in foolbox_photos[:4]])
+    full = load_backbone("efficientnet_lite0", precision="float32")
+    half = load_backbone("efficientnet_lite0", precision="bfloat16")
+    assert half.cache_key != full.cache_key
+    f32 = np.asarray(full.features_model.predict_on_batch(images))
+    b16 = np.asarray(half.features_model.predict_on_batch(images))
+    assert b16.dtype == np.float32
+    assert np.abs(b16 - f32).max() <= 0.1 * np.abs(f32).max()
+    logits32 = np.asarray(full.classifier.predict_on_batch(f32))
+    logits16 = np.asarray(half.classifier.predict_on_batch(b16))
+    assert (logits32.argmax(1) == logits16.argmax(1)).all()

@@ -199,10 +199,12 @@ def _build_lite0(state: dict, image_size: int, formulation: str) -> tuple[keras.
             x = keras.layers.Add(name=f"{name}_add")([x, inputs])
     x = _conv(x, 1280, 1, 1, _fold_bn(state, "_conv_head", "_bn1"), "head")
     features = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    if keras.config.dtype_policy().compute_dtype != "float32":  # mixed precision: hand back float32
+        features = keras.layers.Activation("linear", dtype="float32", name="features_float32")(features)
     features_model = keras.Model(images, features, name="efficientnet_lite0_features")
 
     pooled = keras.Input((1280,), name="features")
-    fc = keras.layers.Dense(1000, name="logits")
+    fc = keras.layers.Dense(1000, name="logits", dtype="float32")
     classifier = keras.Model(pooled, fc(pooled), name="efficientnet_lite0_classifier")
     fc.set_weights([state["_fc.weight"].T.astype(np.float32), state["_fc.bias"].astype(np.float32)])
     return features_model, classifier
@@ -288,29 +290,38 @@ def _weights_id(weights: str) -> str:
 
 
 @lru_cache(maxsize=4)
-def _build(name: str, weights: str, weights_id: str, formulation: str) -> Backbone:
+def _build(name: str, weights: str, weights_id: str, formulation: str, precision: str = "float32") -> Backbone:
     from devise.assets import imagenet1k_classes
 
-    if name == "efficientnet_lite0":
-        features_model, classifier = _build_lite0(_checkpoint_state(Path(weights)), 224, formulation)
-        feature_dim = 1280
-    else:
-        features_model, classifier = _build_resnet50(weights)
-        feature_dim = 2048
+    previous = keras.config.dtype_policy()
+    # bfloat16: layers built now compute in bf16 with float32 weights (Keras' mixed_bfloat16 policy).
+    keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    try:
+        if name == "efficientnet_lite0":
+            features_model, classifier = _build_lite0(_checkpoint_state(Path(weights)), 224, formulation)
+            feature_dim = 1280
+        else:
+            features_model, classifier = _build_resnet50(weights)
+            feature_dim = 2048
+    finally:
+        keras.config.set_dtype_policy(previous)
     classes = imagenet1k_classes()
-    key = hashlib.sha256(f"{name}|{weights_id}|{PREPROCESSING_VERSION}".encode()).hexdigest()[:16]
+    precision_tag = "" if precision == "float32" else f"|{precision}"  # float32 keys stay as before
+    key = hashlib.sha256(f"{name}|{weights_id}|{PREPROCESSING_VERSION}{precision_tag}".encode()).hexdigest()[:16]
     return Backbone(name=name, image_size=224, feature_dim=feature_dim, features_model=features_model,
                     classifier=classifier, class_names=[c["name"] for c in classes],
                     class_wnids=[c["wnid"] for c in classes], cache_key=f"{name}-{key}")
 
 
 def load_backbone(name: str = "efficientnet_lite0", weights: str | os.PathLike | None = None,
-                  depthwise: str | None = None) -> Backbone:
+                  depthwise: str | None = None, precision: str | None = None) -> Backbone:
     """Build (once per process; later calls are cached) a pretrained backbone.
 
     name: 'efficientnet_lite0' or 'resnet50'. weights: None for the packaged/default weights, a local
     checkpoint path (.pth/zip for efficientnet_lite0, .h5/.keras for resnet50) or 'imagenet' (resnet50,
     downloads). depthwise: 'shifted' | 'grouped' | None (None: shifted on CPU, grouped on GPU/TPU).
+    precision: 'float32' | 'bfloat16' | None (None: mixed bfloat16 on a GPU/TPU, float32 on CPU, where
+    bf16 has no fast path). Features and logits come back as float32 either way.
     """
     name = name.lower().replace("-", "_")
     if name not in BACKBONES:
@@ -327,5 +338,11 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str | os.PathLike |
             raise DeviseError(f"{weights}: no such checkpoint file for efficientnet_lite0")
     else:
         weights = _resnet50_weights(weights if weights is None else str(weights))
+    if precision not in (None, "float32", "bfloat16"):
+        raise DeviseError(f"precision must be 'float32' or 'bfloat16', not '{precision}'")
     formulation = depthwise or default_depthwise()
-    return _build(name, weights, _weights_id(weights), formulation)
+    if precision is None:
+        from devise.runtime import platform
+
+        precision = "float32" if platform() == "cpu" else "bfloat16"
+    return _build(name, weights, _weights_id(weights), formulation, precision)
