@@ -1,9 +1,13 @@
-"""Images/s of `devise features` (decode once + cached forward) against the backbone's own jitted forward
-on the same images in the same process, and against one `model.predict` per image as the Keras blog did.
-
-Images: the first N emoji benchmark images if it is built, else copies of foolbox's 20 ImageNet photos.
-Each feature run starts from an empty data home, so decoding and cache writing are counted.
-Last line: RESULT {"images_per_s": .., "ratio_vs_forward": .., "ratio_vs_per_image_predict": ..}
+"""Images/s of `devise features` against the backbone's own jitted forward on the same images in the
+same process, and against one `model.predict` per image as the Keras blog did. Side by side:
+- forward only: the compiled forward on uint8 batches already in memory;
+- decode only: decoding + resizing the files into the uint8 store (threads), no forward;
+- from the store: features with the uint8 store already built (store read + forward + cache write);
+- cold: features from the image files in an empty data home (decode + store + forward + cache write).
+Images: N emoji benchmark images (PNG) if it is built, else (or with --photos) copies of foolbox's 20
+ImageNet JPEG photos. Repeats are interleaved so load on a noisy machine hits every variant alike.
+Last line: RESULT {"images_per_s": .., "ratio_vs_forward": .., "ratio_vs_per_image_predict": .., ...}
+(images_per_s and ratio_vs_forward are the cold run's).
 """
 from __future__ import annotations
 
@@ -20,16 +24,16 @@ import devise  # noqa: F401
 import numpy as np
 
 from devise.backbones import load_backbone
-from devise.features import backbone_forward, extract_features
+from devise.features import backbone_forward, build_image_store, extract_features
 from devise.images import load_image
 from devise.runtime import default_batch_size, platform
 
 
-def benchmark_images(n: int, scratch: Path) -> list[str]:
+def benchmark_images(n: int, scratch: Path, photos: bool = False) -> list[str]:
     from devise.assets import data_home
 
     emoji = data_home() / "emoji" / "images"
-    paths = sorted(str(p) for p in emoji.glob("*/*.png"))[:: 7][:n] if emoji.exists() else []
+    paths = sorted(str(p) for p in emoji.glob("*/*.png"))[:: 7][:n] if emoji.exists() and not photos else []
     if len(paths) >= n:
         return paths
     from devise.assets import foolbox_data_dir
@@ -49,10 +53,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--per-image", type=int, default=24, help="images for the one-predict-per-image baseline")
+    parser.add_argument("--photos", action="store_true", help="JPEG photos instead of the emoji PNGs")
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="devise-bench-"))
-    paths = benchmark_images(args.images, scratch)
+    paths = benchmark_images(args.images, scratch, args.photos)
     backbone = load_backbone("efficientnet_lite0")
     args.batch_size = args.batch_size or default_batch_size()
     batch = np.stack([load_image(p, backbone.image_size) for p in paths])
@@ -67,9 +72,8 @@ def main() -> None:
         np.asarray(feats)
 
     raw_forward()  # compile
-    forward_s = []
-    cached_s = []
-    for r in range(args.repeats):  # interleaved, so load on this noisy machine hits both alike
+    forward_s, cached_s, decode_s, store_s = [], [], [], []
+    for r in range(args.repeats):
         t = time.perf_counter()
         raw_forward()
         forward_s.append(time.perf_counter() - t)
@@ -78,6 +82,14 @@ def main() -> None:
         fs = extract_features(paths, backbone, batch_size=args.batch_size, progress=False)
         cached_s.append(time.perf_counter() - t)
         assert fs.valid.all()
+        shutil.rmtree(fs.folder)  # keep the uint8 store, drop the features: features from the store
+        t = time.perf_counter()
+        extract_features(paths, backbone, batch_size=args.batch_size, progress=False)
+        store_s.append(time.perf_counter() - t)
+        os.environ["DEVISE_HOME"] = str(scratch / f"decode{r}")
+        t = time.perf_counter()
+        build_image_store(paths, backbone.image_size, progress=False)
+        decode_s.append(time.perf_counter() - t)
 
     # The Keras blog's way: one model.predict call per image.
     model = backbone.features_model
@@ -89,8 +101,12 @@ def main() -> None:
 
     forward_ips = len(paths) / statistics.median(forward_s)
     features_ips = len(paths) / statistics.median(cached_s)
+    store_ips = len(paths) / statistics.median(store_s)
+    decode_ips = len(paths) / statistics.median(decode_s)
     print(f"platform {platform()}, {len(paths)} images ({Path(paths[0]).parent.parent.name}), batch {args.batch_size}")
     print(f"jitted forward only     {forward_ips:8.1f} images/s   (median of {args.repeats})")
+    print(f"decode only             {decode_ips:8.1f} images/s   files -> uint8 store")
+    print(f"features from the store {store_ips:8.1f} images/s   store read + forward + cache write")
     print(f"devise features (cold)  {features_ips:8.1f} images/s   decode + store + forward + cache write")
     print(f"model.predict per image {per_image_ips:8.1f} images/s   ({args.per_image} images)")
     shutil.rmtree(scratch, ignore_errors=True)
@@ -99,6 +115,9 @@ def main() -> None:
         "ratio_vs_forward": round(features_ips / forward_ips, 3),
         "ratio_vs_per_image_predict": round(features_ips / per_image_ips, 2),
         "forward_images_per_s": round(forward_ips, 1),
+        "store_ratio_vs_forward": round(store_ips / forward_ips, 3),
+        "cold_ratio_vs_decode_only": round(features_ips / decode_ips, 3),
+        "decode_images_per_s": round(decode_ips, 1),
         "per_image_predict_images_per_s": round(per_image_ips, 1),
     }))
 

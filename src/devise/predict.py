@@ -114,10 +114,23 @@ class Embedder:
         dim = self.dim
         return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
-    def embed_paths(self, paths: list[str], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def embed_paths(self, paths: list[str], progress: bool = False, cache: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Image files -> (unit (N, D), valid (N,) bool). Unreadable files get zero rows, valid False, and
-        one warning listing them (from devise.images.load_images)."""
+        one warning listing them. cache=True takes backbone features from the on-disk feature cache
+        (devise.features: computed once, resumable), for collections that are embedded again (indexes)."""
         from devise.images import load_images
+
+        if cache and paths:
+            from devise.features import extract_features
+
+            fs = extract_features(list(paths), self.backbone, progress=progress)
+            logits = fs.logits if fs.logits is not None else None
+            embs = [self.embed_features(np.asarray(fs.features[i:i + 4096], np.float32),
+                                        None if logits is None else np.asarray(logits[i:i + 4096], np.float32))
+                    for i in range(0, len(paths), 4096)]
+            emb, valid = np.concatenate(embs), np.asarray(fs.valid, bool)
+            emb[~valid] = 0.0
+            return emb, valid
 
         size = self.backbone.image_size
         embs, valid = [], []

@@ -154,7 +154,7 @@ def build_index(folder_or_paths, model="conse", out: str | os.PathLike = "devise
     todo = list(dict.fromkeys(p for p in listing if p not in known))
     with warnings.catch_warnings(record=True):  # load_images' own warning: reported below in one line
         warnings.simplefilter("always")
-        new_emb, valid = embedder.embed_paths(todo, progress=progress) if todo else \
+        new_emb, valid = embedder.embed_paths(todo, progress=progress, cache=True) if todo else \
             (np.zeros((0, embedder.dim), np.float32), np.zeros(0, bool))
     unreadable = [p for p, ok in zip(todo, valid) if not ok]
     new_paths = [p for p, ok in zip(todo, valid) if ok]
