@@ -171,6 +171,17 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from devise.finetune import finetune_run
+
+    run = finetune_run(args.run_dir, args.out, blocks=args.blocks, epochs=args.epochs,
+                       learning_rate=args.learning_rate, batch_size=args.batch_size,
+                       max_images=args.max_images, seed=args.seed)
+    print(f"fine-tuned run written to {run.path} (blocks: {', '.join(run.settings['finetune']['blocks'])}); "
+          f"evaluate it with: devise evaluate {run.path}")
+    return 0
+
+
 def cmd_benchmark(args) -> int:
     from devise.benchmark import METHODS, run_benchmark
 
@@ -213,6 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", nargs="?", help="default: the dataset the run was trained on")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("finetune", help="fine-tune a run's backbone top blocks end to end from images (GPU advised)")
+    p.add_argument("run_dir", help="a run folder written by devise train")
+    p.add_argument("--out", required=True, help="the new run folder (must not exist)")
+    p.add_argument("--blocks", type=int, default=2, help="backbone blocks to train, from the top (default 2: "
+                   "EfficientNet-Lite0's head conv and last MBConv block)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-images", type=int, help="a seeded random subset of the training images (quick trials)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("benchmark", help="every method on the zero-shot benchmark, tables + report + plots")
     p.add_argument("dataset", nargs="?", default="emoji", help="'emoji' (default) or a class-per-folder tree")

@@ -121,7 +121,8 @@ def evaluate_run(run_dir, dataset=None) -> dict:
     space = label_space(ds, settings.get("vectors") or "glove-6b-50d")
     split = zero_shot_split(ds, seed=int(settings.get("split_seed", settings.get("seed", 0))))
     val = validation_split(split, seed=int(settings.get("split_seed", settings.get("seed", 0))))
-    fs = extract_features(ds, settings.get("backbone") or "efficientnet_lite0")
+    from devise.finetune import load_backbone_from_run  # the run's backbone, fine-tuned or pretrained
+    fs = extract_features(ds, load_backbone_from_run(run))
     usable = np.asarray(fs.valid) & space.has_vector[np.asarray(ds.labels)]
     features = np.asarray(fs.features, np.float32)
     labels = np.asarray(ds.labels)

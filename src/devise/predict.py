@@ -183,8 +183,12 @@ class RunEmbedder(Embedder):
         settings = getattr(self.run, "settings", {}) or {}
         self.name = str(run_dir)
         self.vectors_spec = str(settings.get("vectors") or "glove-6b-50d")
-        backbone = settings.get("backbone") or "efficientnet_lite0"
-        self.backbone = load_backbone(backbone) if isinstance(backbone, str) else backbone
+        if settings.get("backbone_weights"):  # a fine-tuned run (devise finetune) embeds with its own backbone
+            from devise.finetune import load_backbone_from_run
+            self.backbone = load_backbone_from_run(self.run)
+        else:
+            backbone = settings.get("backbone") or "efficientnet_lite0"
+            self.backbone = load_backbone(backbone) if isinstance(backbone, str) else backbone
         self.dim = int(self.vectors.dim)
         stat = max((p.stat().st_mtime_ns for p in Path(run_dir).iterdir() if p.is_file()), default=0)
         self.cache_key = f"run-{Path(run_dir).resolve()}-{stat}"

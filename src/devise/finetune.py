@@ -1,0 +1,310 @@
+"""End-to-end fine-tuning of a trained run's backbone top blocks from images (the paper's later stage).
+
+    new = finetune_run("runs/x", "runs/x-ft", blocks=2, epochs=2)   # = devise finetune runs/x --out runs/x-ft
+    backbone = load_backbone_from_run("runs/x-ft")                 # the fine-tuned backbone, any process
+
+A run trained on cached features (devise.train) is a head over a frozen backbone. Here one Keras model
+is built: uint8 images -> augmentation (horizontal flip, random zoom-in = a random crop resized back;
+active only while training) -> the backbone's features_model -> the run's head, and trained with the
+run's own loss and label vectors on the run's own training images (its split is rebuilt from the
+settings), with a small learning rate. Only the last `blocks` blocks of the backbone are trainable
+(EfficientNet-Lite0: "head" is the final 1x1 conv, "blocks_15" the last MBConv block, ...); batch
+norm layers (ResNet-50) stay frozen in inference mode. The head keeps training too.
+
+The result is a new run folder: the run's files with the fine-tuned head, plus backbone.weights.npz
+(every backbone weight, by layer name) recorded in settings["backbone_weights"]. Weights rather than a
+saved graph, so the loader rebuilds the graph for the machine it runs on (depthwise formulation,
+precision): a backbone fine-tuned on a GPU runs fast on a CPU. Its cache_key hashes the weights file,
+so the feature cache never mixes its features with the pretrained backbone's. Images come from the
+uint8 image store (devise.features.build_image_store), decoded once. On a CPU this works but is slow
+(measured in tests/test_finetune.py); it is meant for a GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from devise.errors import DeviseError
+
+WEIGHTS_FILE = "backbone.weights.npz"
+DEFAULT_BLOCKS = 2  # EfficientNet-Lite0: the head conv and the last MBConv block
+
+
+# ---------------------------------------------------------------- backbone layers and blocks
+
+def _weighted_layers(model):
+    """(layer) for every layer with weights, descending into nested models (ResNet-50's trunk)."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _weighted_layers(layer)
+        elif layer.weights:
+            yield layer
+
+
+def _block_of(layer_name: str) -> str:
+    """The block a layer belongs to: "blocks_15_expand" -> "blocks_15", "conv5_block3_2_conv" -> "conv5_block3"."""
+    match = re.match(r"^(.*?blocks?_?\d+)", layer_name)
+    return match.group(1) if match else layer_name
+
+
+def backbone_blocks(features_model) -> list[str]:
+    """The backbone's blocks with weights, input to output (e.g. stem, blocks_0, ..., blocks_15, head)."""
+    blocks = []
+    for layer in _weighted_layers(features_model):
+        block = _block_of(layer.name)
+        if block not in blocks:
+            blocks.append(block)
+    return blocks
+
+
+def freeze_below(features_model, blocks: int) -> list[str]:
+    """Make only the last `blocks` blocks trainable (batch norm always frozen); returns their names."""
+    import keras
+
+    names = backbone_blocks(features_model)
+    if not 1 <= blocks <= len(names):
+        raise DeviseError(f"blocks must be between 1 and {len(names)} for this backbone, not {blocks}")
+    top = set(names[-blocks:])
+    for layer in _weighted_layers(features_model):
+        # Batch norm in training mode would re-estimate its statistics from a few small batches.
+        layer.trainable = _block_of(layer.name) in top and not isinstance(layer, keras.layers.BatchNormalization)
+    return names[-blocks:]
+
+
+def _save_weights(features_model, path: Path) -> None:
+    arrays = {f"{layer.name}/{i}": np.asarray(w) for layer in _weighted_layers(features_model)
+              for i, w in enumerate(layer.get_weights())}
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _load_weights(features_model, path: Path) -> None:
+    with np.load(path) as data:
+        for layer in _weighted_layers(features_model):
+            count = len(layer.get_weights())
+            keys = [f"{layer.name}/{i}" for i in range(count)]
+            missing = [k for k in keys if k not in data]
+            if missing:
+                raise DeviseError(f"{path}: no weights for backbone layer '{layer.name}' (a different backbone?)")
+            layer.set_weights([data[k] for k in keys])
+
+
+def _fresh_copy(backbone):
+    """A new features_model with the backbone's weights (load_backbone's models are shared and cached)."""
+    import keras
+
+    copy = keras.models.clone_model(backbone.features_model)
+    copy.set_weights(backbone.features_model.get_weights())
+    return copy
+
+
+# ---------------------------------------------------------------- the backbone a run embeds with
+
+@lru_cache(maxsize=4)
+def _finetuned_backbone(name: str, weights_path: str, size: int, mtime_ns: int, digest: str):
+    from devise.backbones import Backbone, load_backbone
+
+    base = load_backbone(name)
+    features_model = _fresh_copy(base)
+    _load_weights(features_model, Path(weights_path))
+    # No ImageNet classifier: the fine-tuned features no longer match its weights.
+    return Backbone(name=name, image_size=base.image_size, feature_dim=base.feature_dim,
+                    features_model=features_model, classifier=None, class_names=[], class_wnids=[],
+                    cache_key=f"{base.cache_key}-finetuned-{digest[:16]}")
+
+
+def load_backbone_from_run(run_or_dir):
+    """The Backbone a run embeds images with: its fine-tuned one (settings["backbone_weights"]) or the
+    pretrained backbone it names. Accepts a run folder or a devise.train.Run."""
+    from devise.backbones import _file_digest, load_backbone
+
+    if isinstance(run_or_dir, (str, os.PathLike)):
+        folder = Path(run_or_dir)
+        settings_path = folder / "settings.json"
+        if not settings_path.is_file():
+            raise DeviseError(f"{folder}: not a training run (missing settings.json)")
+        settings = json.loads(settings_path.read_text())
+    else:
+        folder, settings = Path(run_or_dir.path or "."), run_or_dir.settings
+    name = settings.get("backbone") or "efficientnet_lite0"
+    weights = settings.get("backbone_weights")
+    if not weights:
+        return load_backbone(name)
+    path = (folder / weights).resolve()
+    if not path.is_file():
+        raise DeviseError(f"{path}: the run's fine-tuned backbone weights are missing")
+    stat = path.stat()
+    digest = _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+    return _finetuned_backbone(name, str(path), stat.st_size, stat.st_mtime_ns, digest)
+
+
+# ---------------------------------------------------------------- the end-to-end model
+
+def _augmentation(seed: int):
+    """Flip left-right and zoom in by up to 25% (a random crop resized back); identity at inference."""
+    import keras
+
+    return keras.Sequential([
+        keras.layers.RandomFlip("horizontal", seed=seed),
+        keras.layers.RandomZoom((-0.25, 0.0), fill_mode="reflect", seed=seed + 1),
+    ], name="augmentation")
+
+
+def _round_to_uint8():
+    """Interpolated float pixels back to uint8 (rounded; the backbone's input is uint8)."""
+    import keras
+    from keras import ops
+
+    class RoundToUint8(keras.layers.Layer):
+        def call(self, x):
+            return ops.cast(ops.clip(ops.round(x), 0, 255), "uint8")
+
+    return RoundToUint8(name="round_to_uint8")
+
+
+def end_to_end_model(features_model, head, seed: int = 0):
+    """uint8 images -> augmentation (training only) -> features_model -> head, as one Keras model."""
+    import keras
+
+    images = keras.Input(features_model.input_shape[1:], dtype="uint8", name="images")
+    x = _augmentation(seed)(images)
+    x = _round_to_uint8()(x)
+    return keras.Model(images, head(features_model(x)), name="devise_end_to_end")
+
+
+def _run_loss(run):
+    """The loss the run was trained with, over its own training label vectors."""
+    import keras
+    from devise.losses import CosineLoss, HingeRankLoss
+
+    s = run.settings
+    if run.method in ("softmax", "conse"):
+        return keras.losses.SparseCategoricalCrossentropy()
+    if s.get("loss") == "cosine":
+        return CosineLoss(run.label_vectors)
+    return HingeRankLoss(run.label_vectors, margin=s.get("margin", 0.1), truncated=s.get("truncated", True),
+                         normalize_output=s.get("normalize_output", False), seed=int(s.get("seed", 0)))
+
+
+def training_images(settings) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The run's training images: (all dataset paths, indices of its training images, their labels
+    into settings["train_classes"]), rebuilt from the split seed as devise.train.train_dataset does."""
+    from devise.datasets import load_dataset, validation_split, zero_shot_split
+
+    if not settings.get("dataset") or settings.get("train_classes") is None:
+        raise DeviseError("this run does not record its dataset and training classes (train it with devise train)")
+    dataset = load_dataset(settings["dataset"])
+    split_seed = int(settings.get("split_seed", settings.get("seed", 0)))
+    val_split = validation_split(zero_shot_split(dataset, seed=split_seed), seed=split_seed)
+    train_classes = np.asarray(settings["train_classes"], dtype=np.int64)
+    position = np.full(len(dataset.classes), -1)
+    position[train_classes] = np.arange(len(train_classes))
+    labels = position[np.asarray(dataset.labels)]
+    indices = np.asarray([i for i in val_split.train if labels[i] >= 0], dtype=np.int64)
+    return list(dataset.paths), indices, labels[indices]
+
+
+def _image_batches(images, indices, labels, batch_size: int, seed: int):
+    """A keras PyDataset of uint8 image batches read from the memory-mapped store, reshuffled per epoch."""
+    import keras
+
+    class ImageBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.set_epoch(0)
+
+        def set_epoch(self, epoch):
+            order = np.random.default_rng([int(seed), int(epoch)]).permutation(len(indices))
+            self._indices, self._labels = indices[order], labels[order]
+
+        def __len__(self):
+            return int(np.ceil(len(indices) / batch_size))
+
+        def __getitem__(self, index):
+            rows = slice(index * batch_size, (index + 1) * batch_size)
+            order = np.argsort(self._indices[rows])  # ascending reads from the memory map
+            return np.asarray(images[self._indices[rows][order]]), self._labels[rows][order]
+
+    return ImageBatches()
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+def finetune_run(run_dir, out_dir, *, blocks: int = DEFAULT_BLOCKS, epochs: int = 1, learning_rate: float = 1e-4,
+                 batch_size: int = 32, max_images: int | None = None, seed: int = 0, verbose: int = 1,
+                 callbacks=()):
+    """Fine-tune a run's backbone top `blocks` blocks and head end to end; write and return the new Run.
+
+    run_dir: a run folder from devise train (its dataset, split and training classes are reused).
+    out_dir: the new run folder (must not exist yet; written atomically).
+    max_images: a seeded random subset of the training images (quick trials); None = all of them.
+    """
+    import keras
+    from devise.features import build_image_store
+    from devise.train import _save_model, _write_json, load_run
+
+    run = load_run(run_dir)
+    out = Path(out_dir)
+    if out.exists():
+        raise DeviseError(f"{out} already exists: choose another folder for the fine-tuned run")
+    if epochs < 1 or batch_size < 1 or learning_rate <= 0:
+        raise DeviseError(f"epochs ({epochs}) and batch size ({batch_size}) must be >= 1, the learning rate > 0")
+    paths, indices, labels = training_images(run.settings)
+    if max_images is not None and max_images < len(indices):
+        chosen = np.sort(np.random.default_rng(seed).choice(len(indices), int(max_images), replace=False))
+        indices, labels = indices[chosen], labels[chosen]
+    backbone = load_backbone_from_run(run)
+    images, valid, _ = build_image_store(paths, backbone.image_size, progress=verbose > 0)
+    keep = np.asarray(valid, bool)[indices]
+    indices, labels = indices[keep], labels[keep]
+    if len(indices) == 0:
+        raise DeviseError(f"{run_dir}: no readable training images to fine-tune on")
+
+    keras.utils.set_random_seed(int(seed))
+    features_model = _fresh_copy(backbone)
+    trainable_blocks = freeze_below(features_model, int(blocks))
+    model = end_to_end_model(features_model, run.model, seed)
+    loss_fn = _run_loss(run)
+    if getattr(loss_fn, "seed_generator", None) is not None:
+        model.hinge_loss_seed = loss_fn.seed_generator  # threaded through the jitted step (see train.py)
+    model.compile(optimizer=keras.optimizers.Adam(float(learning_rate)), loss=loss_fn)
+    batches = _image_batches(images, indices, labels, int(batch_size), int(seed))
+
+    class Reshuffle(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            batches.set_epoch(epoch)
+
+    if verbose:
+        print(f"fine-tuning backbone blocks {', '.join(trainable_blocks)} and the run's head "
+              f"on {len(indices)} images", flush=True)
+    fit = model.fit(batches, epochs=int(epochs), shuffle=False, callbacks=[Reshuffle(), *callbacks], verbose=verbose)
+
+    settings = {**run.settings, "backbone_weights": WEIGHTS_FILE,
+                "finetune": {"from": str(Path(run_dir).resolve()), "blocks": trainable_blocks,
+                             "epochs": int(epochs), "learning_rate": float(learning_rate),
+                             "batch_size": int(batch_size), "images": int(len(indices)), "seed": int(seed)}}
+    history = {"finetune_loss": [float(v) for v in fit.history.get("loss", [])], "source_history": run.history}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a run folder is an ordinary folder
+    try:
+        shutil.copy2(Path(run_dir) / "labels.npz", tmp / "labels.npz")
+        _save_weights(features_model, tmp / WEIGHTS_FILE)
+        _save_model(run.model, tmp / "model.keras")
+        _write_json(tmp / "settings.json", settings)
+        _write_json(tmp / "history.json", history)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_run(out)
+
