@@ -1,0 +1,139 @@
+"""End-to-end fine-tuning on real emoji images: only the top blocks move, the new run embeds with its own
+backbone (in a fresh process too), its features get their own cache, augmentation is off at inference."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import devise  # noqa: F401
+import keras
+from devise.backbones import load_backbone
+from devise.errors import DeviseError
+from devise.features import extract_features
+from devise.finetune import _weighted_layers, end_to_end_model, finetune_run, load_backbone_from_run
+from devise.train import load_run
+
+N_CLASSES = 40
+
+pytestmark = pytest.mark.slow  # ~1-2 min on 2 CPU cores: features of ~240 images, one fine-tuning epoch
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A DeViSE run trained on a 40-class emoji tree (real images, features, GloVe), then fine-tuned for
+    one epoch on 64 of its training images at batch 8."""
+    from devise.datasets import load_dataset
+    from devise.train import class_label_vectors, train_dataset
+    from devise.vectors import load_vectors
+
+    emoji = load_dataset("emoji")
+    _, kept, _ = class_label_vectors(emoji, load_vectors(), drop_missing=True)
+    simple = [c for c in np.flatnonzero(kept) if re.fullmatch(r"[a-z]+( [a-z]+)?", emoji.classes[c])]
+    classes = np.random.default_rng(0).choice(simple, N_CLASSES, replace=False)
+    root = tmp_path_factory.mktemp("finetune")
+    tree = root / "tree"
+    for c in classes:
+        (tree / emoji.classes[c]).mkdir(parents=True)
+        for i in np.flatnonzero(np.asarray(emoji.labels) == c):
+            shutil.copy(emoji.paths[i], tree / emoji.classes[c] / f"{i}{os.path.splitext(emoji.paths[i])[1]}")
+    train_dataset(str(tree), "devise", epochs=5, out_dir=root / "run", verbose=0)
+
+    steps = []
+
+    class StepTimer(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            steps.append(time.perf_counter() - self.start)
+
+    finetune_run(root / "run", root / "ft", epochs=1, batch_size=8, max_images=64, verbose=0,
+                 callbacks=[StepTimer()])
+    # The first step includes compilation; the rest are the steady-state cost.
+    print(f"\nfine-tuning on CPU, batch 8: {np.median(steps[1:]):.2f} s/step (first step {steps[0]:.1f} s)")
+    paths = sorted(str(p) for p in tree.rglob("*.*"))
+    return {"root": root, "run": root / "run", "ft": root / "ft", "paths": paths, "steps": steps}
+
+
+def test_only_the_top_blocks_change(runs):
+    assert len(runs["steps"]) == 8                                # 64 images at batch 8
+    settings = json.loads((runs["ft"] / "settings.json").read_text())
+    assert settings["finetune"]["blocks"] == ["blocks_15", "head"] and settings["finetune"]["images"] == 64
+    pretrained = {layer.name: layer.get_weights() for layer in _weighted_layers(load_backbone().features_model)}
+    tuned = load_backbone_from_run(runs["ft"])
+    changed = set()
+    for layer in _weighted_layers(tuned.features_model):
+        before, after = pretrained[layer.name], layer.get_weights()
+        if any(not np.array_equal(a, b) for a, b in zip(before, after)):
+            changed.add(layer.name)
+    assert changed == {"blocks_15_expand", "blocks_15_depthwise", "blocks_15_project", "head"}
+    # the head trained on too, and the pretrained backbone of this process was left untouched
+    old_head, new_head = load_run(runs["run"]).model.get_weights(), load_run(runs["ft"]).model.get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(old_head, new_head))
+    assert not np.array_equal(load_backbone().features_model.get_layer("head").get_weights()[0],
+                              tuned.features_model.get_layer("head").get_weights()[0])
+
+
+def test_fresh_process_embeds_with_the_finetuned_backbone(runs):
+    out = runs["root"] / "embeddings.npz"
+    code = f"""
+        import numpy as np, devise
+        from devise.predict import RunEmbedder
+        paths = {runs["paths"][:6]!r}
+        tuned, original = RunEmbedder({str(runs["ft"])!r}), RunEmbedder({str(runs["run"])!r})
+        assert "finetuned" in tuned.backbone.cache_key and "finetuned" not in original.backbone.cache_key
+        np.savez({str(out)!r}, tuned=tuned.embed_paths(paths)[0], original=original.embed_paths(paths)[0])
+    """
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with np.load(out) as data:
+        tuned, original = data["tuned"], data["original"]
+    np.testing.assert_allclose(np.linalg.norm(tuned, axis=1), 1, rtol=1e-5)
+    assert np.abs(tuned - original).max() > 1e-3
+    # the same embeddings as this process computes from the fine-tuned backbone's features
+    features = extract_features(runs["paths"][:6], load_backbone_from_run(runs["ft"]), progress=False).features
+    np.testing.assert_allclose(load_run(runs["ft"]).embed(np.asarray(features)), tuned, atol=1e-4)
+
+
+def test_finetuned_features_have_their_own_cache(runs):
+    paths = runs["paths"][:8]
+    pretrained = extract_features(paths, "efficientnet_lite0", progress=False)
+    tuned = extract_features(paths, load_backbone_from_run(runs["ft"]), progress=False)
+    assert tuned.folder != pretrained.folder and tuned.logits is None
+    assert np.abs(np.asarray(tuned.features) - np.asarray(pretrained.features)).max() > 1e-3
+
+
+def test_augmentation_only_while_training(runs):
+    from devise.features import build_image_store
+
+    images = np.asarray(build_image_store(runs["paths"][:8], 224, progress=False)[0])
+    backbone = load_backbone_from_run(runs["ft"])
+    head = load_run(runs["ft"]).model
+    model = end_to_end_model(backbone.features_model, head, seed=3)
+    first, second = model.predict(images, verbose=0), model.predict(images, verbose=0)
+    np.testing.assert_array_equal(first, second)
+    direct = head.predict(backbone.features_model.predict(images, verbose=0), verbose=0)
+    np.testing.assert_allclose(first, direct, rtol=1e-5, atol=1e-5)   # the augmentation is the identity
+    trained = np.asarray(model(images, training=True))
+    assert np.abs(trained - first).max() > 1e-3                       # ...and active while training
+
+
+def test_bad_inputs(runs, tmp_path):
+    from devise.cli import main
+
+    with pytest.raises(DeviseError, match="already exists"):
+        finetune_run(runs["run"], runs["ft"])
+    with pytest.raises(DeviseError, match="blocks must be between 1 and 18"):
+        finetune_run(runs["run"], tmp_path / "x", blocks=40, max_images=8, verbose=0)
+    with pytest.raises(DeviseError, match="not a finished training run"):
+        finetune_run(tmp_path, tmp_path / "y")
+    assert main(["finetune", str(runs["run"]), "--out", str(runs["ft"])]) != 0
+    assert not (tmp_path / "x").exists()
