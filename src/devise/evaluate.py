@@ -54,11 +54,12 @@ def ranking_metrics(scores: np.ndarray, true: np.ndarray, label_wnids, wordnet, 
 
 
 def evaluate_split(model, features: np.ndarray, labels: np.ndarray, space: LabelSpace, *, train_classes,
-                   unseen_classes, seen_test, unseen_images, calibration=None, wordnet=None,
+                   unseen_classes, seen_test, unseen_images, gamma: float | None = None, wordnet=None,
                    softmax_only: bool = False) -> dict:
     """All metrics of one model. Image index arrays refer to rows of `features` / `labels`.
 
-    calibration: (seen_images, val_images, val_classes) for choosing the calibrated-stacking constant.
+    train_classes: the seen classes the model was fit on (its seen label space).
+    gamma: the calibrated-stacking constant, chosen beforehand on validation data (`calibration_gamma`).
     softmax_only: the model is a plain classifier over train_classes (no zero-shot, no GZSL).
     """
     train_classes = np.asarray(train_classes)
@@ -86,22 +87,27 @@ def evaluate_split(model, features: np.ndarray, labels: np.ndarray, space: Label
     seen_mask = np.arange(len(all_classes)) < len(train_classes)
     test_scores = model.predict_scores(test_x, vec_all, names_all)
     result["gzsl"] = {k: float(v) for k, v in metrics.generalized_zero_shot(test_scores, test_y, seen_mask, is_unseen).items()}
-    if calibration is not None:
-        cal_seen, cal_val, val_classes = calibration
-        val_classes = np.asarray(val_classes)
-        cal_classes = np.concatenate([train_classes, val_classes])
-        names_cal, vec_cal, _ = space.subset(cal_classes)
-        cs_x, cs_y = features[cal_seen], _relabel(labels[cal_seen], train_classes)
-        cv_x, cv_y = features[cal_val], _relabel(labels[cal_val], val_classes)
-        ok_s, ok_v = cs_y >= 0, cv_y >= 0
-        cal_x = np.concatenate([cs_x[ok_s], cv_x[ok_v]])
-        cal_y = np.concatenate([cs_y[ok_s], cv_y[ok_v] + len(train_classes)])
-        cal_unseen = np.arange(len(cal_y)) >= ok_s.sum()
-        cal_mask = np.arange(len(cal_classes)) < len(train_classes)
-        gamma = metrics.choose_calibration(model.predict_scores(cal_x, vec_cal, names_cal), cal_y, cal_mask, cal_unseen)
+    if gamma is not None:
         calibrated = metrics.generalized_zero_shot(test_scores, test_y, seen_mask, is_unseen, gamma=gamma)
         result["gzsl_calibrated"] = {**{k: float(v) for k, v in calibrated.items()}, "gamma": float(gamma)}
     return result
+
+
+def calibration_gamma(model, features: np.ndarray, labels: np.ndarray, space: LabelSpace, *, train_classes,
+                      val_classes, seen_images, val_images) -> float:
+    """The calibrated-stacking constant chosen on VALIDATION data: images of held-out validation classes
+    play the unseen ones, held-out images of the training classes the seen ones (never test images)."""
+    train_classes, val_classes = np.asarray(train_classes), np.asarray(val_classes)
+    classes = np.concatenate([train_classes, val_classes])
+    names, vectors, _ = space.subset(classes)
+    s_y = _relabel(labels[seen_images], train_classes)
+    v_y = _relabel(labels[val_images], val_classes)
+    ok_s, ok_v = s_y >= 0, v_y >= 0
+    x = np.concatenate([features[seen_images][ok_s], features[val_images][ok_v]])
+    y = np.concatenate([s_y[ok_s], v_y[ok_v] + len(train_classes)])
+    is_unseen = np.arange(len(y)) >= ok_s.sum()
+    seen_mask = np.arange(len(classes)) < len(train_classes)
+    return float(metrics.choose_calibration(model.predict_scores(x, vectors, names), y, seen_mask, is_unseen))
 
 
 def evaluate_run(run_dir, dataset=None) -> dict:
