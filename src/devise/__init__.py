@@ -36,6 +36,7 @@ _API = {
     "train_model": "train", "train_dataset": "train", "load_run": "train", "Run": "train",
     "HingeRankLoss": "losses", "CosineLoss": "losses", "linear_head": "heads", "mlp_head": "heads",
     "softmax_head": "heads", "conse_embed": "conse", "random_label_vectors": "train",
+    "finetune_run": "finetune", "load_backbone_from_run": "finetune",
     # WordNet and metrics
     "load_wordnet": "wordnet", "WordNet": "wordnet", "hop_distances": "wordnet",
     "zero_shot_label_sets": "wordnet", "top_k_indices": "metrics", "flat_hit_at_k": "metrics",
