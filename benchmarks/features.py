@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--per-image", type=int, default=24, help="images for the one-predict-per-image baseline")
+    parser.add_argument("--per-image", type=int, default=96, help="images for the one-predict-per-image baseline")
     parser.add_argument("--photos", action="store_true", help="JPEG photos instead of the emoji PNGs")
     args = parser.parse_args()
 

@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("features", help="cache backbone features for a dataset (emoji or a class-per-folder tree)")
     p.add_argument("dataset", help="'emoji' or a folder with one sub-folder per class")
     p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 4 per device on CPU, 256 on GPU")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 2 per device on CPU, 256 on GPU")
     p.add_argument("--chunk-size", type=int, default=512, help="images per resumable chunk")
     p.set_defaults(func=cmd_features)
 
