@@ -136,3 +136,18 @@ def test_cli_predict_json(photos, capsys):
     assert main(["predict", str(photos / "chelsea.jpg")]) == 0
     assert "chelsea.jpg" in capsys.readouterr().out
     assert main(["predict", "/nonexistent.jpg"]) == 2
+
+
+def test_random_control_run_refuses_open_vocabulary_prediction(foolbox_photos, tmp_path):
+    """The random-embedding control's scores against real word vectors mean nothing: a clear error."""
+    from devise.features import extract_features
+    from devise.train import train
+    from devise.vectors import embed_labels, load_vectors
+
+    names = ["cat", "dog", "cup"]
+    fs = extract_features(foolbox_photos[:6], progress=False)
+    vectors = embed_labels(names, load_vectors()).matrix
+    train("random", np.asarray(fs.features), np.arange(6) % 3, names, vectors, epochs=1, verbose=0,
+          out_dir=tmp_path / "random", backbone_name="efficientnet_lite0", vectors_spec="glove-6b-50d")
+    with pytest.raises(DeviseError, match="random-embedding control run cannot name"):
+        predict([foolbox_photos[0]], model=tmp_path / "random")

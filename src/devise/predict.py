@@ -180,6 +180,11 @@ class RunEmbedder(Embedder):
 
         super().__init__(batch_size)
         self.run = load_run(run_dir)
+        if self.run.method == "random":
+            # The control maps images onto random label vectors: against real word vectors its
+            # scores mean nothing, so refuse rather than print confident nonsense.
+            raise DeviseError(f"{run_dir}: a random-embedding control run cannot name or search images "
+                              "(it exists to show the benchmark's word vectors carry the knowledge)")
         settings = getattr(self.run, "settings", {}) or {}
         self.name = str(run_dir)
         self.vectors_spec = str(settings.get("vectors") or "glove-6b-50d")
