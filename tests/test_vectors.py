@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from devise import skipgram as S
 from devise import vectors as V
 from devise.assets import glove_6b_50d_files
 from devise.cli import main
@@ -43,7 +44,7 @@ def home(tmp_path, monkeypatch):
 def small_corpus(tmp_path_factory):
     """4000 lines of real text: WordNet lemmas and glosses."""
     out = tmp_path_factory.mktemp("corpus") / "wordnet4k.txt"
-    stats = V.build_corpus(out, sources=("wordnet",), max_lines=4000)
+    stats = S.build_corpus(out, sources=("wordnet",), max_lines=4000)
     assert stats["lines"] == 4000 and stats["tokens"] > 40_000 and stats["sources"] == ["wordnet"]
     return out
 
@@ -287,7 +288,7 @@ def test_imagenet_names_coverage(glove):
 
 def test_skipgram_trains_on_a_small_real_corpus_and_loads(small_corpus, tmp_path, home):
     start = time.perf_counter()
-    text_vecs = V.train_skipgram(small_corpus, tmp_path / "sg.txt", dim=32, window=5, epochs=3, min_count=3)
+    text_vecs = S.train_skipgram(small_corpus, tmp_path / "sg.txt", dim=32, window=5, epochs=3, min_count=3)
     assert time.perf_counter() - start < 60
     assert text_vecs.dim == 32 and len(text_vecs) > 1000 and "animal" in text_vecs
     assert (tmp_path / "sg.txt").read_text().split("\n", 1)[0] == f"{len(text_vecs)} 32"
@@ -302,7 +303,7 @@ def test_skipgram_trains_on_a_small_real_corpus_and_loads(small_corpus, tmp_path
 
 
 def test_corpus_from_webster_and_wordnet(tmp_path, monkeypatch, caplog):
-    stats = V.build_corpus(tmp_path / "gcide.txt", sources=("gcide",), max_lines=300)
+    stats = S.build_corpus(tmp_path / "gcide.txt", sources=("gcide",), max_lines=300)
     assert stats["sources"] == ["gcide"] and stats["lines"] == 300
     text = (tmp_path / "gcide.txt").read_text()
     assert text == text.lower() and not {"webster", "gnu", "gcide"} & set(text.split())  # markup, licence gone
@@ -310,9 +311,9 @@ def test_corpus_from_webster_and_wordnet(tmp_path, monkeypatch, caplog):
     assert main(["vectors", "corpus", "--out", str(tmp_path / "c.txt"), "--max-lines", "50"]) == 0
     first = (tmp_path / "c.txt").read_text().splitlines()[0]
     assert first.startswith("entity ")  # WordNet's first noun synset, lemma then gloss
-    monkeypatch.setattr(V, "GCIDE_FILE", tmp_path / "absent.dict.dz")
-    with caplog.at_level(logging.WARNING, logger="devise.vectors"):
-        stats = V.build_corpus(tmp_path / "wn.txt", max_lines=20)
+    monkeypatch.setattr(S, "GCIDE_FILE", tmp_path / "absent.dict.dz")
+    with caplog.at_level(logging.WARNING, logger="devise.skipgram"):
+        stats = S.build_corpus(tmp_path / "wn.txt", max_lines=20)
     assert stats["sources"] == ["wordnet"] and "WordNet glosses only" in caplog.text
 
 

@@ -30,8 +30,8 @@ _API = {
     "prepare_assets": "datasets",
     # phase 1: label vectors
     "load_vectors": "vectors", "embed_labels": "vectors", "WordVectors": "vectors",
-    "LabelEmbedding": "vectors", "SentenceEncoder": "vectors", "train_skipgram": "vectors",
-    "build_corpus": "vectors",
+    "LabelEmbedding": "vectors", "SentenceEncoder": "vectors", "train_skipgram": "skipgram",
+    "build_corpus": "skipgram",
     # phases 2-3
     "train_model": "train", "train_dataset": "train", "load_run": "train", "Run": "train",
     "HingeRankLoss": "losses", "CosineLoss": "losses", "linear_head": "heads", "mlp_head": "heads",

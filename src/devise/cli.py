@@ -80,14 +80,14 @@ def cmd_vectors_info(args) -> int:
 
 
 def cmd_vectors_corpus(args) -> int:
-    from devise.vectors import build_corpus
+    from devise.skipgram import build_corpus
 
     _print_json(build_corpus(args.out, sources=tuple(args.sources.split(",")), max_lines=args.max_lines))
     return 0
 
 
 def cmd_vectors_train(args) -> int:
-    from devise.vectors import train_skipgram
+    from devise.skipgram import train_skipgram
 
     vectors = train_skipgram(args.corpus, args.out, dim=args.dim, window=args.window, epochs=args.epochs,
                              min_count=args.min_count, workers=args.workers, seed=args.seed)
