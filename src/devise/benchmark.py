@@ -19,10 +19,14 @@ import numpy as np
 from devise.evaluate import HIT_KS, HP_KS, LabelSpace, evaluate_split, format_table, label_space
 
 # name -> train() settings; conse_t10 reuses the softmax model, conse_imagenet1k needs no training.
+# devise_hinge_linear is the paper's exact setting (linear M, margin 0.1 on dot products, truncated sum).
 METHODS = {
     "softmax": {"method": "softmax"},
     "devise_hinge_linear": {"method": "devise", "loss": "hinge", "head": "linear"},
-    "devise_hinge_mlp": {"method": "devise", "loss": "hinge", "head": "mlp"},
+    # Chosen on the validation classes of seeds 0-2 (hit@5 .296 -> .338 against the paper's margin 0.1 on
+    # raw dot products, truncated): the hinge on cosines, margin 0.3, full sum over negatives.
+    "devise_hinge_mlp": {"method": "devise", "loss": "hinge", "head": "mlp",
+                         "normalize_output": True, "margin": 0.3, "truncated": False},
     "devise_cosine_mlp": {"method": "devise", "loss": "cosine", "head": "mlp"},
     "random_hinge_linear": {"method": "random", "loss": "hinge", "head": "linear"},
     "conse_t10": {"from": "softmax", "T": 10},
@@ -129,7 +133,8 @@ def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, me
         else:
             kind = spec["method"]
             validation = (x_cal, y_cal) if kind == "softmax" else (x_val, y_val, vec_val, names_val)
-            first, model = fit_twice(kind, validation, loss=spec.get("loss", "hinge"), head=spec.get("head", "linear"))
+            options = {k: v for k, v in spec.items() if k != "method"}
+            first, model = fit_twice(kind, validation, **options)
             stage1[name] = first
             gamma = None if kind == "softmax" else calibration_gamma(first, features, labels, space, **calibration)
             results[name] = evaluate_split(model, features, labels, space, gamma=gamma,

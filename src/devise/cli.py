@@ -142,8 +142,13 @@ def cmd_train(args) -> int:
 
     options = {k: v for k, v in {"loss": args.loss, "head": args.head, "epochs": args.epochs,
                                   "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-                                  "optimizer": args.optimizer, "patience": args.patience, "T": args.T}.items()
+                                  "optimizer": args.optimizer, "patience": args.patience, "T": args.T,
+                                  "margin": args.margin}.items()
                if v is not None}
+    if args.normalize_output:
+        options["normalize_output"] = True
+    if args.full_sum:
+        options["truncated"] = False
     run = train_dataset(args.dataset, args.method, out_dir=args.out, vectors=args.vectors, backbone=args.backbone,
                         seed=args.seed, drop_missing=args.drop_missing, **options)
     history = run.history
@@ -291,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["adam", "adagrad"], default=None)
     p.add_argument("--patience", type=int, default=None, help="epochs without validation gain before stopping")
     p.add_argument("--T", type=int, default=None, help="ConSE: top classes mixed (default 10)")
+    p.add_argument("--margin", type=float, default=None, help="hinge rank loss margin (default 0.1, the paper's)")
+    p.add_argument("--normalize-output", action="store_true",
+                   help="hinge on the cosine of the projection (unit-length M v) instead of the raw dot product")
+    p.add_argument("--full-sum", action="store_true",
+                   help="hinge: sum over every violating negative (default: truncated at the first, as the paper)")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation and the batches")
     p.add_argument("--drop-missing", action="store_true", help="drop classes with no word vector (reported)")
     p.add_argument("--out", required=True, help="run folder (resumes an interrupted run with the same settings)")
