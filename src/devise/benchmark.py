@@ -169,7 +169,10 @@ def aggregate(per_seed: list[dict]) -> tuple[dict, dict]:
 def run_benchmark(dataset_spec: str = "emoji", seeds: int | list[int] = 3, vectors: str = "glove-6b-50d",
                   backbone: str = "efficientnet_lite0", out_dir="runs/benchmark-emoji", methods=None,
                   train_kwargs: dict | None = None, log=print) -> dict:
-    """The whole benchmark -> the metrics.json object (also written to out_dir with report.md and plots)."""
+    """The whole benchmark -> the metrics.json object (also written to out_dir with report.md and plots).
+
+    dataset_spec: "emoji", a class-per-folder tree, or an ImageDataset (e.g. a subset of the benchmark).
+    """
     from devise.datasets import load_dataset
     from devise.features import extract_features
     from devise.vectors import load_vectors
@@ -180,7 +183,7 @@ def run_benchmark(dataset_spec: str = "emoji", seeds: int | list[int] = 3, vecto
     methods = list(methods or METHODS)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dataset = load_dataset(dataset_spec)
+    dataset = dataset_spec if hasattr(dataset_spec, "paths") else load_dataset(dataset_spec)
     fs = extract_features(dataset, backbone)
     features = np.asarray(fs.features, np.float32)
     logits = np.asarray(fs.logits, np.float32) if fs.logits is not None else None
@@ -198,7 +201,7 @@ def run_benchmark(dataset_spec: str = "emoji", seeds: int | list[int] = 3, vecto
         first_models = first_models or models
     means, stds = aggregate(per_seed)
     report = {
-        "benchmark": str(dataset_spec), "backbone": backbone, "vectors": str(vectors), "seeds": seeds,
+        "benchmark": dataset.name if hasattr(dataset_spec, "paths") else str(dataset_spec), "backbone": backbone, "vectors": str(vectors), "seeds": seeds,
         "classes": int(len(dataset.classes)), "classes_with_vector": int(space.has_vector.sum()),
         "images": int(len(dataset.paths)), "seconds": round(time.perf_counter() - started, 1),
         "methods": {},

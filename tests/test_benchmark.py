@@ -1,0 +1,72 @@
+"""The main job end to end on a real subset of the emoji benchmark, and `devise train` + `devise evaluate`
+on a real class-per-folder tree: real backbone features, GloVe, WordNet."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from devise.benchmark import METHODS, run_benchmark
+from devise.cli import main
+from devise.datasets import ImageDataset, load_dataset
+
+pytestmark = pytest.mark.slow  # ~1-2 min on 2 CPU cores (features of ~600 images, 7 methods fit twice)
+
+N_CLASSES = 100
+
+
+@pytest.fixture(scope="module")
+def subset():
+    """100 emoji classes in all their styles, as an ImageDataset (styles kept: the split holds one out)."""
+    emoji = load_dataset("emoji")
+    classes = np.sort(np.random.default_rng(0).choice(emoji.num_classes, N_CLASSES, replace=False))
+    keep = np.flatnonzero(np.isin(emoji.labels, classes))
+    position = np.full(emoji.num_classes, -1)
+    position[classes] = np.arange(N_CLASSES)
+    return ImageDataset(name="emoji-subset", root=emoji.root, paths=[emoji.paths[i] for i in keep],
+                        labels=position[np.asarray(emoji.labels)[keep]].astype(np.int32),
+                        classes=[emoji.classes[c] for c in classes], wnids=[emoji.wnids[c] for c in classes],
+                        styles=np.asarray(emoji.styles)[keep], match=[emoji.match[c] for c in classes])
+
+
+def test_benchmark_writes_the_report_and_the_metrics_schema(subset, tmp_path):
+    report = run_benchmark(subset, seeds=[0], out_dir=tmp_path, log=lambda *a: None)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["benchmark"] == "emoji-subset" and saved["seeds"] == [0] and set(saved["methods"]) == set(METHODS)
+    zsl_keys = {"hit@1", "hit@2", "hit@5", "hit@10", "per_class_top1", "hp@2", "hp@5", "hp@10", "hp@20"}
+    for name, entry in saved["methods"].items():
+        if name == "softmax":  # a closed-set classifier: seen classes only
+            assert set(entry) == {"seen", "seen_std"}
+            continue
+        assert set(entry["zsl"]) == zsl_keys and set(entry["zsl_std"]) == zsl_keys
+        assert set(entry["gzsl"]) == {"u", "s", "H"} and set(entry["gzsl_calibrated"]) == {"u", "s", "H", "gamma"}
+        assert all(0 <= v <= 1 for v in entry["zsl"].values())
+    n_unseen = round(0.25 * N_CLASSES)
+    chance5 = 5 / n_unseen
+    methods = report["methods"]
+    # The vectors carry the knowledge: DeViSE beats chance clearly, the random control does not.
+    assert methods["devise_hinge_mlp"]["zsl"]["hit@5"] > 1.5 * chance5
+    assert methods["random_hinge_linear"]["zsl"]["hit@5"] < methods["devise_hinge_mlp"]["zsl"]["hit@5"]
+    assert methods["softmax"]["seen"]["hit@1"] > 0.5
+    text = (tmp_path / "report.md").read_text()
+    assert "| devise_hinge_linear |" in text and "Generalized zero-shot" in text
+    for plot in ("hit_at_k.png", "unseen_grid.png"):
+        assert (tmp_path / plot).stat().st_size > 10_000
+
+
+def test_train_then_evaluate_a_folder_tree_from_the_cli(subset, tmp_path, capsys):
+    tree = tmp_path / "tree"
+    for c in range(40):
+        folder = tree / subset.classes[c].replace("/", " ")
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in np.flatnonzero(subset.labels == c):
+            shutil.copy(subset.paths[i], folder / f"{i}{os.path.splitext(subset.paths[i])[1]}")
+    run = tmp_path / "run"
+    assert main(["train", str(tree), "--method", "devise", "--head", "mlp", "--epochs", "5", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--json", str(tmp_path / "eval.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "zsl" in printed and "| run |" in printed
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert set(result) == {"seen", "zsl", "gzsl"} and 0 <= result["zsl"]["hit@1"] <= 1
