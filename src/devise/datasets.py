@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from devise.errors import DeviseError
-from devise.images import is_image_file
+from devise.images import list_image_files
 
 SPLIT_NAMES = ("train", "val", "test")
 # Other spellings of the split folders, mapped to the names above.
@@ -170,15 +170,6 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _image_files(folder: Path) -> list[str]:
-    """Image files under a class folder (nested folders too, as in Tiny-ImageNet's train/<wnid>/images)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".") and is_image_file(f)]
-    return found
-
-
 def folder_class_name(folder_name: str) -> str:
     """Display name from a class folder's name: underscores as spaces, a numeric prefix ("001.") dropped."""
     name = re.sub(r"^\d+[._-]", "", folder_name.strip())
@@ -202,7 +193,7 @@ def load_folder_dataset(root: str | os.PathLike, lookup: Callable[[str], list[st
     per_class: dict[str, list[tuple[str | None, str]]] = {}
     for split, folder in sources:
         for class_dir in _visible_dirs(folder):
-            files = _image_files(class_dir)
+            files = list_image_files(class_dir)
             if not files:
                 raise DeviseError(f"{class_dir}: class folder holds no image files")
             per_class.setdefault(class_dir.name, []).extend((split, f) for f in files)

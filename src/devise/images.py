@@ -25,6 +25,15 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
+def list_image_files(folder: str | os.PathLike) -> list[str]:
+    """Image files below a folder, nested folders included, sorted; hidden files and folders skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".") and is_image_file(f)]
+    return found
+
+
 def to_rgb_array(image: Image.Image, size: int) -> np.ndarray:
     """A decoded PIL image -> uint8 (size, size, 3): alpha on white, resize short side, centre crop."""
     image = ImageOps.exif_transpose(image)

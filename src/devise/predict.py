@@ -426,13 +426,13 @@ def rank_labels(scores: np.ndarray, vocabulary: Vocabulary, top_k: int) -> list[
 
 def expand_image_paths(paths) -> list[str]:
     """Files as given; folders replaced by the image files below them (sorted)."""
-    from devise.images import is_image_file
+    from devise.images import list_image_files
 
     out = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(f))
+            out += list_image_files(p)
         elif p.exists():
             out.append(str(p))
         else:
