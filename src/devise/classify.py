@@ -8,19 +8,15 @@ import numpy as np
 from devise.errors import DeviseError
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (stable: subtract the row max)."""
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def classify_arrays(images: np.ndarray, backbone="efficientnet_lite0", top_k: int = 5,
                     batch_size: int = 32) -> list[list[dict]]:
     """uint8 (N, S, S, 3) images -> per image the top_k [{"label", "synset", "score"}] in rank order."""
     from devise.backbones import Backbone, load_backbone
+    from devise.conse import softmax
+    from devise.features import backbone_forward
 
     model = backbone if isinstance(backbone, Backbone) else load_backbone(backbone)
+    forward = backbone_forward(model)
     if model.classifier is None:
         raise DeviseError(f"backbone '{model.name}' has no ImageNet classifier")
     if not 1 <= top_k <= 1000:
@@ -30,8 +26,7 @@ def classify_arrays(images: np.ndarray, backbone="efficientnet_lite0", top_k: in
         chunk = images[start:start + batch_size]
         # Pad the last chunk to the full batch size: one compiled shape instead of a recompile.
         padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-        logits = np.asarray(model.classifier.predict_on_batch(model.features_model.predict_on_batch(padded)))
-        probs = softmax(logits[:len(chunk)])
+        probs = softmax(np.asarray(forward(padded)[1])[:len(chunk)])
         for row in probs:
             top = np.argsort(-row, kind="stable")[:top_k]
             results.append([{"label": model.class_names[i], "synset": model.class_wnids[i], "score": float(row[i])}
@@ -60,9 +55,6 @@ def classify(paths: list[str | os.PathLike], backbone="efficientnet_lite0", top_
 
 def format_table(results: list[dict]) -> str:
     """Readable text: per image its path, then one line per prediction (rank, probability, label, synset)."""
-    lines = []
-    for result in results:
-        lines.append(result["image"])
-        for rank, pred in enumerate(result["predictions"], 1):
-            lines.append(f"  {rank}. {pred['score']:6.1%}  {pred['label']}  ({pred['synset']})")
-    return "\n".join(lines)
+    from devise.predict import format_table as table
+
+    return table(results, score_format="{:6.1%}")

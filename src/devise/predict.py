@@ -469,12 +469,12 @@ def predict(paths, model="conse", vocab="wordnet", top_k: int = 5, hubness: str 
     return [{"image": p, "predictions": preds} for p, preds in zip(kept, ranked)]
 
 
-def format_table(results: list[dict]) -> str:
+def format_table(results: list[dict], score_format: str = "{:+.3f}") -> str:
     """Readable text: the image path, then one line per prediction (rank, score, label, synset)."""
     lines = []
     for result in results:
         lines.append(result["image"])
         for rank, pred in enumerate(result["predictions"], 1):
             synset = f"  ({pred['synset']})" if pred["synset"] else ""
-            lines.append(f"  {rank}. {pred['score']:+.3f}  {pred['label']}{synset}")
+            lines.append(f"  {rank}. {score_format.format(pred['score'])}  {pred['label']}{synset}")
     return "\n".join(lines)
