@@ -183,16 +183,12 @@ def end_to_end_model(features_model, head, seed: int = 0):
 
 def _run_loss(run):
     """The loss the run was trained with, over its own training label vectors."""
-    import keras
-    from devise.losses import CosineLoss, HingeRankLoss
+    from devise.train import make_loss
 
     s = run.settings
-    if run.method in ("softmax", "conse"):
-        return keras.losses.SparseCategoricalCrossentropy()
-    if s.get("loss") == "cosine":
-        return CosineLoss(run.label_vectors)
-    return HingeRankLoss(run.label_vectors, margin=s.get("margin", 0.1), truncated=s.get("truncated", True),
-                         normalize_output=s.get("normalize_output", False), seed=int(s.get("seed", 0)))
+    return make_loss(run.method, s.get("loss") or "hinge", run.label_vectors, margin=s.get("margin", 0.1),
+                     truncated=s.get("truncated", True), normalize_output=s.get("normalize_output", False),
+                     seed=int(s.get("seed", 0)))
 
 
 def training_images(settings) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -213,30 +209,6 @@ def training_images(settings) -> tuple[list[str], np.ndarray, np.ndarray]:
     return list(dataset.paths), indices, labels[indices]
 
 
-def _image_batches(images, indices, labels, batch_size: int, seed: int):
-    """A keras PyDataset of uint8 image batches read from the memory-mapped store, reshuffled per epoch."""
-    import keras
-
-    class ImageBatches(keras.utils.PyDataset):
-        def __init__(self):
-            super().__init__()
-            self.set_epoch(0)
-
-        def set_epoch(self, epoch):
-            order = np.random.default_rng([int(seed), int(epoch)]).permutation(len(indices))
-            self._indices, self._labels = indices[order], labels[order]
-
-        def __len__(self):
-            return int(np.ceil(len(indices) / batch_size))
-
-        def __getitem__(self, index):
-            rows = slice(index * batch_size, (index + 1) * batch_size)
-            order = np.argsort(self._indices[rows])  # ascending reads from the memory map
-            return np.asarray(images[self._indices[rows][order]]), self._labels[rows][order]
-
-    return ImageBatches()
-
-
 # ---------------------------------------------------------------- fine-tuning
 
 def finetune_run(run_dir, out_dir, *, blocks: int = DEFAULT_BLOCKS, epochs: int = 1, learning_rate: float = 1e-4,
@@ -250,7 +222,7 @@ def finetune_run(run_dir, out_dir, *, blocks: int = DEFAULT_BLOCKS, epochs: int 
     """
     import keras
     from devise.features import build_image_store
-    from devise.train import _save_model, _write_json, load_run
+    from devise.train import _save_model, _write_json, load_run, shuffled_batches
 
     run = load_run(run_dir)
     out = Path(out_dir)
@@ -277,7 +249,7 @@ def finetune_run(run_dir, out_dir, *, blocks: int = DEFAULT_BLOCKS, epochs: int 
     if getattr(loss_fn, "seed_generator", None) is not None:
         model.hinge_loss_seed = loss_fn.seed_generator  # threaded through the jitted step (see train.py)
     model.compile(optimizer=keras.optimizers.Adam(float(learning_rate)), loss=loss_fn)
-    batches = _image_batches(images, indices, labels, int(batch_size), int(seed))
+    batches = shuffled_batches(images, labels, int(batch_size), int(seed), rows=indices, dtype="uint8")
 
     class Reshuffle(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):

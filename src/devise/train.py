@@ -200,9 +200,13 @@ def _make_optimizer(name: str, learning_rate: float):
     return keras.optimizers.Adagrad(learning_rate)
 
 
-def _shuffled_batches(features, labels, batch_size, seed):
-    """A keras PyDataset over (features, labels) with a permutation seeded by (seed, epoch)."""
+def shuffled_batches(data, labels, batch_size, seed, rows=None, dtype="float32"):
+    """A keras PyDataset of (data[rows], labels) batches, the order a permutation seeded by (seed, epoch)
+    (so a resumed run sees the same batches). Each batch is read in ascending row order, which keeps
+    reads from a memory-mapped array (features, or the uint8 image store) sequential."""
     import keras
+
+    rows = np.arange(len(labels)) if rows is None else np.asarray(rows)
 
     class ShuffledBatches(keras.utils.PyDataset):
         def __init__(self):
@@ -217,10 +221,25 @@ def _shuffled_batches(features, labels, batch_size, seed):
             return int(np.ceil(len(labels) / batch_size))
 
         def __getitem__(self, index):
-            rows = np.sort(self._order[index * batch_size:(index + 1) * batch_size])
-            return np.asarray(features[rows], dtype=np.float32), labels[rows]
+            pick = np.sort(self._order[index * batch_size:(index + 1) * batch_size])
+            return np.asarray(data[rows[pick]], dtype=dtype), labels[pick]
 
     return ShuffledBatches()
+
+
+def make_loss(method: str, loss: str, label_vectors, *, margin: float = 0.1, truncated: bool = True,
+              normalize_output: bool = False, seed: int = 0):
+    """The training loss of a method: cross-entropy for softmax/conse, else the hinge rank or cosine loss
+    over the training labels' vectors."""
+    import keras
+    from devise.losses import CosineLoss, HingeRankLoss
+
+    if method in ("softmax", "conse"):
+        return keras.losses.SparseCategoricalCrossentropy()
+    if loss == "hinge":
+        return HingeRankLoss(label_vectors, margin=margin, truncated=truncated,
+                             normalize_output=normalize_output, seed=int(seed))
+    return CosineLoss(label_vectors)
 
 
 def train(method: str, features, labels, class_names, label_vectors=None, *, val=None,
@@ -242,7 +261,6 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
     """
     import keras
     from devise.heads import linear_head, mlp_head, softmax_head
-    from devise.losses import CosineLoss, HingeRankLoss
 
     for value, allowed, what in ((method, METHODS, "method"), (loss, LOSSES, "loss"), (head, HEADS, "head"),
                                  (optimizer, OPTIMIZERS, "optimizer")):
@@ -287,15 +305,11 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
     keras.utils.set_random_seed(int(seed))
     if classifies:
         model = softmax_head(features.shape[1], len(class_names))
-        loss_fn = keras.losses.SparseCategoricalCrossentropy()
     else:
         builder = linear_head if head == "linear" else mlp_head
         model = builder(features.shape[1], label_vectors.shape[1])
-        if loss == "hinge":
-            loss_fn = HingeRankLoss(label_vectors, margin=margin, truncated=truncated,
-                                    normalize_output=normalize_output, seed=int(seed))
-        else:
-            loss_fn = CosineLoss(label_vectors)
+    loss_fn = make_loss(method, loss, label_vectors, margin=margin, truncated=truncated,
+                        normalize_output=normalize_output, seed=int(seed))
     if getattr(loss_fn, "seed_generator", None) is not None:
         # The loss's random state must be a model variable so the (jitted, stateless) JAX train step
         # threads it through and advances it each step; otherwise every batch would reuse one order.
@@ -322,7 +336,7 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
     # The random control scored zero-shot is chance by construction: it neither stops early nor picks
     # a "best" epoch on that score (it keeps the last weights); the score is still recorded.
     selects = validation is not None and not (method == "random" and validation[3])
-    batches = _shuffled_batches(features, labels, int(batch_size), int(seed))
+    batches = shuffled_batches(features, labels, int(batch_size), int(seed))
     monitor = f"val_hit@{int(top_k)}"
 
     class EpochEnd(keras.callbacks.Callback):
