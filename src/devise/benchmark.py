@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from devise.evaluate import HIT_KS, HP_KS, LabelSpace, evaluate_split, format_table, label_space
+from devise.evaluate import HIT_KS, HP_KS, LabelSpace, evaluate_split, format_table, label_space, relabel
 
 # name -> train() settings; conse_t10 reuses the softmax model, conse_imagenet1k needs no training.
 # devise_hinge_linear is the paper's exact setting (linear M, margin 0.1 on dot products, truncated sum).
@@ -90,10 +90,8 @@ def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, me
     val_images = pick(val.val)
 
     def data(images, classes):
-        position = np.full(len(dataset.classes), -1)
-        position[classes] = np.arange(len(classes))
         names, vectors, _ = space.subset(classes)
-        return features[images], position[labels[images]], names, vectors
+        return features[images], relabel(labels[images], classes), names, vectors
 
     x_fit, y_fit, names_tr, vec_tr = data(fit_images, train_classes)
     x_refit, y_refit, names_seen, vec_seen = data(refit_images, seen_classes)

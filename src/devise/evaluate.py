@@ -34,7 +34,7 @@ class LabelSpace:
         return [self.names[c] for c in classes], self.vectors[classes], [self.wnids[c] for c in classes]
 
 
-def _relabel(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
+def relabel(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Dataset class ids -> positions in `classes` (-1 where absent)."""
     position = np.full(int(max(labels.max(initial=0), classes.max(initial=0))) + 1, -1)
     position[classes] = np.arange(len(classes))
@@ -65,7 +65,7 @@ def evaluate_split(model, features: np.ndarray, labels: np.ndarray, space: Label
     train_classes = np.asarray(train_classes)
     unseen_classes = np.asarray(unseen_classes)
     result: dict = {}
-    seen_x, seen_y = features[seen_test], _relabel(labels[seen_test], train_classes)
+    seen_x, seen_y = features[seen_test], relabel(labels[seen_test], train_classes)
     keep = seen_y >= 0
     seen_x, seen_y = seen_x[keep], seen_y[keep]
     names_tr, vec_tr, wn_tr = space.subset(train_classes)
@@ -75,7 +75,7 @@ def evaluate_split(model, features: np.ndarray, labels: np.ndarray, space: Label
     result["seen"] = ranking_metrics(model.predict_scores(seen_x, vec_tr, names_tr), seen_y, wn_tr, wordnet)
 
     names_un, vec_un, wn_un = space.subset(unseen_classes)
-    un_x, un_y = features[unseen_images], _relabel(labels[unseen_images], unseen_classes)
+    un_x, un_y = features[unseen_images], relabel(labels[unseen_images], unseen_classes)
     result["zsl"] = ranking_metrics(model.predict_scores(un_x, vec_un, names_un), un_y, wn_un, wordnet, per_class=True)
 
     # GZSL: every test image (seen held-out style + unseen) against training + unseen classes.
@@ -100,8 +100,8 @@ def calibration_gamma(model, features: np.ndarray, labels: np.ndarray, space: La
     train_classes, val_classes = np.asarray(train_classes), np.asarray(val_classes)
     classes = np.concatenate([train_classes, val_classes])
     names, vectors, _ = space.subset(classes)
-    s_y = _relabel(labels[seen_images], train_classes)
-    v_y = _relabel(labels[val_images], val_classes)
+    s_y = relabel(labels[seen_images], train_classes)
+    v_y = relabel(labels[val_images], val_classes)
     ok_s, ok_v = s_y >= 0, v_y >= 0
     x = np.concatenate([features[seen_images][ok_s], features[val_images][ok_v]])
     y = np.concatenate([s_y[ok_s], v_y[ok_v] + len(train_classes)])
