@@ -7,10 +7,7 @@ On JAX the forward pass is a jitted `stateless_call`: no per-batch variable sync
 """
 from __future__ import annotations
 
-import os
-
 import keras
-import numpy as np
 
 
 def platform() -> str:
@@ -102,13 +99,3 @@ def compiled_forward(model: keras.Model):
         return forward(trainable, non_trainable, x)
 
     return call
-
-
-def to_numpy(x) -> np.ndarray:
-    return np.asarray(x)
-
-
-def force_host_devices(count: int) -> None:
-    """Pretend the CPU is `count` devices (tests of multi-device code); must run before JAX starts."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()

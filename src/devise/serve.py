@@ -60,7 +60,7 @@ def decode_upload(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.nd
 def create_app(model="conse", index: str | os.PathLike | None = None, vocab="wordnet", *, top_k: int = 5,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS):
     """The FastAPI app with the model, vocabulary and optional search index loaded once."""
-    from devise.predict import load_embedder, load_vocabulary, rank_labels, score_labels
+    from devise.predict import load_embedder, load_vocabulary, predict_arrays
     from devise.search import load_index, search
 
     embedder = load_embedder(model)
@@ -104,8 +104,8 @@ def create_app(model="conse", index: str | os.PathLike | None = None, vocab="wor
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"upload is over the limit of {max_upload_bytes:,} bytes")
         array = decode_upload(data, size, max_pixels)
-        scores = score_labels(embedder.embed_images(array[None]), vocabulary)
-        return {"image": image.filename or "upload", "predictions": rank_labels(scores, vocabulary, k)[0]}
+        return {"image": image.filename or "upload",
+                "predictions": predict_arrays(array[None], embedder, vocabulary, k)[0]}
 
     @app.get("/api/search")
     def search_text(q: str = Query(..., min_length=1, max_length=200, description="words or a phrase"),
