@@ -74,8 +74,4 @@ def _raise(message: str):
 def _devices() -> str:
     import keras
 
-    if keras.config.backend() == "jax":
-        import jax  # doctor reports the platform; model code never imports a backend
-
-        return ", ".join(f"{d.platform}:{d.id}" for d in jax.devices())
-    return "see your backend"
+    return ", ".join(keras.distribution.list_devices())
