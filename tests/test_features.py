@@ -38,6 +38,23 @@ def test_features_match_direct_forward_and_are_reused(home, foolbox_photos):
     assert extract_features([str(changed)] + paths[1:], chunk_size=4, batch_size=4, progress=False).folder != other.folder
 
 
+
+def test_features_from_a_prebuilt_store_match_the_pipelined_run(home, foolbox_photos, tmp_path):
+    paths = [str(p) for p in foolbox_photos[:7]] + [str(tmp_path / "missing.jpg")]
+    with pytest.warns(UserWarning, match="missing.jpg"):
+        piped = extract_features(paths, chunk_size=3, batch_size=2, progress=False)  # decode overlaps forward
+    assert piped.valid.tolist() == [True] * 7 + [False]
+    shutil.rmtree(home / "features")
+    build_image_store(paths, 224, chunk_size=5, progress=False)  # the store exists: read, not decoded
+    stored = extract_features(paths, chunk_size=3, batch_size=2, progress=False)
+    np.testing.assert_allclose(stored.features, piped.features, rtol=1e-6, atol=1e-6)
+    assert stored.valid.tolist() == piped.valid.tolist()
+    # The cache keeps its own valid mask: the (large) image store can be deleted once features exist.
+    shutil.rmtree(home / "images")
+    again = extract_features(paths, chunk_size=3, batch_size=2, progress=False)
+    assert again.folder == stored.folder and again.valid.tolist() == piped.valid.tolist()
+    assert not (home / "images").exists()
+
 def test_corrupt_image_is_skipped_with_one_warning(home, foolbox_photos, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

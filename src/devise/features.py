@@ -18,6 +18,7 @@ import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,8 @@ from devise.images import _load_or_none
 
 # Bump when the decode/resize policy in images.py changes: old stores then stop matching.
 IMAGE_POLICY_VERSION = "v1-short0.875-bicubic-white"
+# Bump when the feature cache's layout changes (v2: its own valid mask, so the store may be deleted).
+FEATURES_VERSION = "v2"
 
 
 @dataclass
@@ -93,6 +96,75 @@ class _ChunkedArrays:
         os.replace(self.partial, self.final)
 
 
+def image_store_folder(paths: list[str], size: int) -> Path:
+    """Where the uint8 store of these images at this size lives (known before it is built)."""
+    return data_home() / "images" / f"{size}px-{images_key(paths, size)}"
+
+
+def _finished_store(folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    if not (folder / "meta.json").exists():
+        return None
+    return np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "valid.npy")
+
+
+def _decode_chunks(paths: list[str], size: int, chunk_size: int, workers: int | None, progress: bool):
+    """Fill the image store chunk by chunk; yield (lo, hi, images, valid) once rows lo:hi are on disk.
+
+    The thread pool decodes the next chunk while the caller uses the one just yielded, so a forward pass
+    on a GPU overlaps decoding and both run at the speed of the slower one (on a CPU they share the cores:
+    no gain, no loss measured). Memory holds at most two chunks of decoded images. Chunks already done by
+    a killed run are yielded at once.
+    The store is finished (renamed into place) after the last chunk.
+    """
+    folder = image_store_folder(paths, size)
+    n = len(paths)
+    n_chunks = -(-n // chunk_size)
+    store = _ChunkedArrays(folder, {"images": (n, size, size, 3), "valid": (n,)},
+                           {"images": "uint8", "valid": "bool"}, n_chunks)
+    images, valid = store.arrays["images"], store.arrays["valid"]
+    if store.done:
+        tqdm.write(f"resuming image store: {len(store.done)} of {n_chunks} chunks already done")
+    bad: list[str] = []
+    bar = tqdm(total=n, initial=sum(min(chunk_size, n - c * chunk_size) for c in store.done),
+               desc="decoding images", unit="img", disable=not progress)
+    workers = workers or os.cpu_count() or 1
+    # Threads, not processes: Pillow releases the GIL while it decodes and resizes, and threads need
+    # no `if __name__ == "__main__"` guard in the user's script nor a fork beside JAX's threads.
+    pool = ThreadPoolExecutor(workers)
+
+    def submit(c):
+        return [pool.submit(_load_or_none, (p, size)) for p in paths[c * chunk_size:(c + 1) * chunk_size]]
+
+    pending: dict[int, list] = {}  # chunk -> futures of its images
+    try:
+        for c in range(n_chunks):
+            lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
+            if c not in store.done:
+                # this chunk, and the next one, which decodes while the caller works on this one
+                for t in islice((t for t in range(c, n_chunks) if t not in store.done), 2):
+                    if t not in pending:
+                        pending[t] = submit(t)
+                for i, future in enumerate(pending.pop(c), start=lo):
+                    result = future.result()
+                    if isinstance(result, str):  # the one-line reason this file is unreadable
+                        bad.append(result)
+                        valid[i], images[i] = False, 0
+                    else:
+                        valid[i], images[i] = True, result
+                    bar.update(1)
+                store.mark_done(c)
+            yield lo, hi, images, valid
+    finally:
+        bar.close()
+        pool.shutdown(cancel_futures=True)
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable image(s): " + "; ".join(bad), stacklevel=3)
+    elif not valid.all():  # resumed run: the warning was given before the crash; repeat the count
+        warnings.warn(f"{int((~np.asarray(valid)).sum())} image(s) in this list are unreadable and skipped",
+                      stacklevel=3)
+    store.finish({"size": size, "count": n, "policy": IMAGE_POLICY_VERSION, "paths": paths})
+
+
 def build_image_store(paths: list[str], size: int = 224, *, chunk_size: int = 512,
                       workers: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, Path]:
     """Decode every image once into a memory-mapped uint8 store: (images (N,S,S,3), valid (N,), folder).
@@ -102,49 +174,12 @@ def build_image_store(paths: list[str], size: int = 224, *, chunk_size: int = 51
     paths = [str(p) for p in paths]
     if not paths:
         raise DeviseError("no images to decode (empty image list)")
-    folder = data_home() / "images" / f"{size}px-{images_key(paths, size)}"
-    if (folder / "meta.json").exists():
-        return np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "valid.npy"), folder
-    n = len(paths)
-    n_chunks = -(-n // chunk_size)
-    store = _ChunkedArrays(folder, {"images": (n, size, size, 3), "valid": (n,)},
-                           {"images": "uint8", "valid": "bool"}, n_chunks)
-    workers = workers or os.cpu_count() or 1
-    todo = [c for c in range(n_chunks) if c not in store.done]
-    if store.done:
-        tqdm.write(f"resuming image store: {len(store.done)} of {n_chunks} chunks already done")
-    bad: list[str] = []
-    bar = tqdm(total=n, initial=n - sum(min(chunk_size, n - c * chunk_size) for c in todo),
-               desc="decoding images", unit="img", disable=not progress)
-    # Threads, not processes: Pillow releases the GIL while it decodes and resizes, and threads need
-    # no `if __name__ == "__main__"` guard in the user's script nor a fork beside JAX's threads.
-    pool = ThreadPoolExecutor(workers) if workers > 1 else None
-    try:
-        for c in todo:
-            lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
-            jobs = [(p, size) for p in paths[lo:hi]]
-            results = pool.map(_load_or_none, jobs) if pool else map(_load_or_none, jobs)
-            for i, result in enumerate(results, start=lo):
-                if isinstance(result, str):
-                    store.arrays["valid"][i] = False
-                    store.arrays["images"][i] = 0
-                    bad.append(result)
-                else:
-                    store.arrays["valid"][i] = True
-                    store.arrays["images"][i] = result
-                bar.update(1)
-            store.mark_done(c)
-    finally:
-        bar.close()
-        if pool:
-            pool.shutdown()
-    valid = np.array(store.arrays["valid"])
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image(s): " + "; ".join(bad), stacklevel=2)
-    elif not valid.all():  # resumed run: the warning was given before the crash; repeat the count
-        warnings.warn(f"{int((~valid).sum())} image(s) in this list are unreadable and skipped", stacklevel=2)
-    store.finish({"size": size, "count": n, "policy": IMAGE_POLICY_VERSION, "paths": paths})
-    return np.load(folder / "images.npy", mmap_mode="r"), valid, folder
+    folder = image_store_folder(paths, size)
+    if _finished_store(folder) is None:
+        for _ in _decode_chunks(paths, size, chunk_size, workers, progress):
+            pass
+    images, valid = _finished_store(folder)
+    return images, valid, folder
 
 
 _FORWARDS: dict = {}
@@ -204,46 +239,61 @@ def extract_features(dataset_or_paths, backbone="efficientnet_lite0", *, batch_s
                      chunk_size: int = 512, progress: bool = True) -> FeatureSet:
     """Pooled features (and ImageNet logits) for a dataset or a list of image paths, cached on disk.
 
-    `backbone` is a name or a Backbone from devise.backbones.load_backbone. A second call with the same
-    images and backbone reads the cache; a killed run resumes at the first unfinished chunk.
+    `backbone` is a name or a Backbone from devise.backbones.load_backbone. Images are decoded once into
+    the uint8 store while the forward runs on the chunk decoded before. A second call with the same
+    images and backbone reads the cache (the image store may be deleted by then: the cache keeps its own
+    valid mask); a killed run resumes at the first unfinished chunk of either.
     """
     from devise.backbones import load_backbone
 
     paths = [str(p) for p in getattr(dataset_or_paths, "paths", dataset_or_paths)]
+    if not paths:
+        raise DeviseError("no images to compute features for (empty image list)")
     bb = load_backbone(backbone) if isinstance(backbone, str) else backbone
-    images, valid, store_folder = build_image_store(paths, bb.image_size, chunk_size=chunk_size, progress=progress)
-    key = hashlib.sha256(f"{bb.cache_key}|{store_folder.name}".encode()).hexdigest()[:20]
+    store_folder = image_store_folder(paths, bb.image_size)
+    key = hashlib.sha256(f"{FEATURES_VERSION}|{bb.cache_key}|{store_folder.name}".encode()).hexdigest()[:20]
     folder = data_home() / "features" / bb.name / key
     if not (folder / "meta.json").exists():
-        n = len(paths)
-        n_chunks = -(-n // chunk_size)
-        shapes = {"features": (n, bb.feature_dim)}
-        if bb.classifier is not None:
-            shapes["logits"] = (n, 1000)
-        cache = _ChunkedArrays(folder, shapes, {k: "float32" for k in shapes}, n_chunks)
-        todo = [c for c in range(n_chunks) if c not in cache.done]
-        if cache.done:
-            tqdm.write(f"resuming features: {len(cache.done)} of {n_chunks} chunks already done")
-        done_images = n - sum(min(chunk_size, n - c * chunk_size) for c in todo)
-        from devise.runtime import default_batch_size, device_count
-
-        batch_size = batch_size or default_batch_size()
-        batch_size = -(-batch_size // device_count()) * device_count()  # split evenly across devices
-        forward = backbone_forward(bb)
-        with tqdm(total=n, initial=done_images, desc=f"features ({bb.name})", unit="img",
-                  disable=not progress) as bar:
-            for c in todo:
-                lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
-                for start, feats, logits in _forward_batches(forward, images, lo, hi, batch_size):
-                    cache.arrays["features"][start:start + len(feats)] = feats
-                    if logits is not None:
-                        cache.arrays["logits"][start:start + len(feats)] = logits
-                    bar.update(len(feats))
-                cache.mark_done(c)
-        cache.finish({"backbone": bb.name, "cache_key": bb.cache_key, "images": store_folder.name, "count": n})
+        _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, progress)
     logits_path = folder / "logits.npy"
     return FeatureSet(
         features=np.load(folder / "features.npy", mmap_mode="r"),
         logits=np.load(logits_path, mmap_mode="r") if logits_path.exists() else None,
-        paths=paths, valid=valid, backbone=bb.name, folder=folder,
+        paths=paths, valid=np.load(folder / "valid.npy"), backbone=bb.name, folder=folder,
     )
+
+
+def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, progress) -> None:
+    from devise.runtime import default_batch_size, device_count
+
+    n = len(paths)
+    stored = _finished_store(store_folder)
+    if stored is not None:  # decoded by an earlier call (maybe with other chunks): read it
+        chunks = ((lo, min(n, lo + chunk_size), *stored) for lo in range(0, n, chunk_size))
+    else:
+        chunks = _decode_chunks(paths, bb.image_size, chunk_size, None, progress=False)
+    n_chunks = -(-n // chunk_size)
+    shapes = {"features": (n, bb.feature_dim), "valid": (n,)}
+    if bb.classifier is not None:
+        shapes["logits"] = (n, 1000)
+    dtypes = {k: "bool" if k == "valid" else "float32" for k in shapes}
+    cache = _ChunkedArrays(folder, shapes, dtypes, n_chunks)
+    if cache.done:
+        tqdm.write(f"resuming features: {len(cache.done)} of {n_chunks} chunks already done")
+    done_images = sum(min(chunk_size, n - c * chunk_size) for c in cache.done)
+    batch_size = batch_size or default_batch_size()
+    batch_size = -(-batch_size // device_count()) * device_count()  # split evenly across devices
+    forward = backbone_forward(bb)
+    with tqdm(total=n, initial=done_images, desc=f"features ({bb.name})", unit="img",
+              disable=not progress) as bar:
+        for c, (lo, hi, images, valid) in enumerate(chunks):
+            if c in cache.done:
+                continue
+            for start, feats, logits in _forward_batches(forward, images, lo, hi, batch_size):
+                cache.arrays["features"][start:start + len(feats)] = feats
+                if logits is not None:
+                    cache.arrays["logits"][start:start + len(feats)] = logits
+                bar.update(len(feats))
+            cache.arrays["valid"][lo:hi] = valid[lo:hi]
+            cache.mark_done(c)
+    cache.finish({"backbone": bb.name, "cache_key": bb.cache_key, "images": store_folder.name, "count": n})
