@@ -1,13 +1,14 @@
 """How ranking time grows with the number of labels and of query images, and top-k vs a full sort.
 
 Scores are cosine similarities of random unit vectors (the timing does not depend on their values).
-Prints a table, saves benchmarks/results/ranking.png, and ends with
+Prints a table, saves benchmarks/results/ranking.png (or --out's), and ends with
 RESULT {"labels": 100000, "topk_vs_full_sort": ...}: top-k (keras.ops.top_k on the device) against
 numpy's full argsort of the SAME score matrix, medians of repeated runs. Peak memory is bounded by the
 query batch: batch x labels x 4 bytes of scores at a time, whatever the number of images.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import statistics
@@ -34,11 +35,15 @@ def median_time(fn, repeats=3) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the plot and table")
+    parser.add_argument("--quick", action="store_true", help="small grid (a dry run); the 100K top-k check stays")
+    args = parser.parse_args()
     rng = np.random.default_rng(0)
     rows = []
-    for n_labels in (1_000, 10_000, 100_000):
+    for n_labels in (1_000, 10_000) if args.quick else (1_000, 10_000, 100_000):
         labels = rng.standard_normal((n_labels, DIM), dtype=np.float32)
-        for n_images in (1_024, 4_096, 16_384):
+        for n_images in (1_024, 2_048) if args.quick else (1_024, 4_096, 16_384):
             queries = rng.standard_normal((n_images, DIM), dtype=np.float32)
             seconds = median_time(lambda: top_k_labels(queries, labels, K, batch_size=BATCH), repeats=2)
             rows.append({"labels": n_labels, "images": n_images, "seconds": seconds,
@@ -72,8 +77,8 @@ def main() -> None:
     ax.set(xscale="log", yscale="log", xlabel="labels", ylabel="seconds (top-10, batched)",
            title="Ranking time vs labels and images")
     ax.legend()
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out / "ranking.png", dpi=120)
     (out / "ranking.json").write_text(json.dumps(rows, indent=1))

@@ -1,5 +1,5 @@
 """Seconds per training epoch on cached features vs the Keras blog's way (the frozen backbone recomputed
-every epoch), on the same emoji images, in one process.
+every epoch), on the same emoji images (or, with --photos N, copies of real JPEG photos), in one process.
 
 - cached: the DeViSE linear head + hinge rank loss fit on the cached features of the emoji training
   images (every seen-class image outside the held-out style), timed over epochs after the first.
@@ -8,9 +8,10 @@ every epoch), on the same emoji images, in one process.
   a lower bound on the blog's cost. Its seconds per image are scaled to the full training set.
 - cache time: extract_features on the subset from an EMPTY data home (decode + forward + write), per
   image, scaled to the training set: the 10-epoch figure is cache_time + 10 * cached vs 10 * recompute.
-The full emoji feature cache is built first if missing (not timed).
+The training images' feature cache is built first if missing (not timed).
 
-Last line: RESULT {"epoch_s_cached": .., "epoch_s_recompute": .., "speedup_10_epochs": ..}
+Last line: RESULT {"epoch_s_cached": .., "epoch_s_recompute": .., "speedup_10_epochs": ..,
+"speedup_per_epoch": .., "steps_per_s_cached": ..}
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import devise  # noqa: F401
 import keras
@@ -40,18 +42,9 @@ def _epoch_seconds(model, x, y, batch_size, epochs):
     return float(np.median(times[1:]))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--subset", type=int, default=256, help="images for the recompute side and cache timing")
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per side (after a warm-up epoch)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args()
-
-    from devise.backbones import load_backbone
+def emoji_training_set():
+    """(paths, labels, label vectors) of the emoji benchmark's training images (seen classes, split seed 0)."""
     from devise.datasets import load_dataset, zero_shot_split
-    from devise.features import build_image_store, extract_features
-    from devise.heads import linear_head
-    from devise.losses import HingeRankLoss
     from devise.train import class_label_vectors
     from devise.vectors import load_vectors
 
@@ -61,14 +54,45 @@ def main() -> None:
     train_images = split.train[kept[dataset.labels[split.train]]]
     classes = np.unique(dataset.labels[train_images])
     labels = np.searchsorted(classes, dataset.labels[train_images])
-    label_vectors = vectors[classes]
+    return [dataset.paths[i] for i in train_images], labels, vectors[classes]
+
+
+def photo_training_set(n: int, photo_dir: str | None, classes: int = 100, dim: int = 50):
+    """n copies of real JPEG photos with round-robin labels and random unit label vectors: for timing only
+    (a GPU machine with no emoji benchmark or GloVe; the seconds do not depend on the values)."""
+    from features import benchmark_photos
+
+    paths = benchmark_photos(n, Path(tempfile.mkdtemp(prefix="devise-train-photos-")), photo_dir)
+    vectors = np.random.default_rng(0).standard_normal((classes, dim)).astype(np.float32)
+    return paths, np.arange(n) % classes, vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subset", type=int, default=256, help="images for the recompute side and cache timing")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per side (after a warm-up epoch)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--photos", type=int, default=0,
+                        help="N copies of foolbox's ImageNet photos instead of the emoji benchmark (no GloVe needed)")
+    parser.add_argument("--photo-dir", default=None, help="folder of JPEG photos for --photos (default: foolbox's)")
+    args = parser.parse_args()
+
+    from devise.backbones import load_backbone
+    from devise.features import build_image_store, extract_features
+    from devise.heads import linear_head
+    from devise.losses import HingeRankLoss
+
+    if args.photos:
+        paths, labels, label_vectors = photo_training_set(args.photos, args.photo_dir)
+        print(f"photo copies (timing only, random label vectors): {len(paths)} images of {len(label_vectors)} classes")
+    else:
+        paths, labels, label_vectors = emoji_training_set()
+        print(f"emoji training set: {len(paths)} images of {len(label_vectors)} classes")
     backbone = load_backbone()
-    n_train = len(train_images)
-    print(f"emoji training set: {n_train} images of {len(classes)} classes; backbone {backbone.name}")
+    n_train = len(paths)
 
     # --- cached features (building the full cache is not timed here; its cost is measured below)
-    all_features = extract_features(dataset, backbone, progress=True).features
-    x_cached = np.asarray(all_features[train_images], np.float32)
+    x_cached = np.asarray(extract_features(paths, backbone, progress=True).features, np.float32)
     keras.utils.set_random_seed(0)
     head = linear_head(backbone.feature_dim, label_vectors.shape[1])
     loss = HingeRankLoss(label_vectors, seed=0)
@@ -79,7 +103,7 @@ def main() -> None:
 
     # --- the same subset for the recompute side and the cache timing
     subset = np.random.default_rng(0).choice(n_train, min(args.subset, n_train), replace=False)
-    subset_paths = [dataset.paths[train_images[i]] for i in subset]
+    subset_paths = [paths[i] for i in subset]
     home = os.environ.get("DEVISE_HOME")
     with tempfile.TemporaryDirectory(prefix="devise-bench-home-") as empty_home:
         os.environ["DEVISE_HOME"] = empty_home
@@ -114,6 +138,8 @@ def main() -> None:
         "epoch_s_recompute": round(epoch_s_recompute, 2),
         "cache_s": round(cache_time, 2),
         "train_images": int(n_train),
+        "steps_per_s_cached": round(-(-n_train // args.batch_size) / epoch_s_cached, 1),
+        "speedup_per_epoch": round(epoch_s_recompute / epoch_s_cached, 1),
         "speedup_10_epochs": round(10 * epoch_s_recompute / (cache_time + 10 * epoch_s_cached), 2),
     }
     print("RESULT " + json.dumps(result))
