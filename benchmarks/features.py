@@ -3,7 +3,8 @@ same process, and against one `model.predict` per image as the Keras blog did. S
 - forward only: the compiled forward on uint8 batches already in memory;
 - decode only: decoding + resizing the files into the uint8 store (threads), no forward;
 - from the store: features with the uint8 store already built (store read + forward + cache write);
-- cold: features from the image files in an empty data home (decode + store + forward + cache write).
+- cold: features from the image files in an empty data home (decode + store + forward + cache write);
+- decoding in memory in threads (devise's way) vs in a process pool (spawned), same files.
 Images: N emoji benchmark images (PNG) if it is built, else (or with --photos) copies of foolbox's 20
 ImageNet JPEG photos. Repeats are interleaved so load on a noisy machine hits every variant alike.
 Last line: RESULT {"images_per_s": .., "ratio_vs_forward": .., "ratio_vs_per_image_predict": .., ...}
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import devise  # noqa: F401
@@ -25,7 +28,7 @@ import numpy as np
 
 from devise.backbones import load_backbone
 from devise.features import backbone_forward, build_image_store, extract_features
-from devise.images import load_images
+from devise.images import _load_or_none, load_images
 from devise.runtime import default_batch_size, platform
 
 
@@ -105,6 +108,22 @@ def main() -> None:
         model.predict(batch[i:i + 1], verbose=0)
     per_image_ips = args.per_image / (time.perf_counter() - t)
 
+    # Decoding in threads (what devise does) vs a process pool, in memory, same files: processes pay for
+    # pickling every decoded array back; threads share the cores only while Pillow holds the GIL.
+    jobs = [(p, backbone.image_size) for p in paths]
+    threads_s, processes_s = [], []
+    with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_load_or_none, jobs[:64], chunksize=16))  # start the workers
+        for r in range(args.repeats):
+            t = time.perf_counter()
+            load_images(paths, backbone.image_size)
+            threads_s.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            list(pool.map(_load_or_none, jobs, chunksize=16))
+            processes_s.append(time.perf_counter() - t)
+    threads_ips = len(paths) / statistics.median(threads_s)
+    processes_ips = len(paths) / statistics.median(processes_s)
+
     forward_ips = len(paths) / statistics.median(forward_s)
     features_ips = len(paths) / statistics.median(cached_s)
     store_ips = len(paths) / statistics.median(store_s)
@@ -115,6 +134,8 @@ def main() -> None:
     print(f"features from the store {store_ips:8.1f} images/s   store read + forward + cache write")
     print(f"devise features (cold)  {features_ips:8.1f} images/s   decode + store + forward + cache write")
     print(f"model.predict per image {per_image_ips:8.1f} images/s   ({args.per_image} images)")
+    print(f"decode in memory: {threads_ips:.1f} images/s in {os.cpu_count()} threads, "
+          f"{processes_ips:.1f} in {os.cpu_count()} processes")
     shutil.rmtree(scratch, ignore_errors=True)
     print("RESULT " + json.dumps({
         "images_per_s": round(features_ips, 1),
@@ -127,6 +148,7 @@ def main() -> None:
         "cold_ratio_vs_bottleneck": round(features_ips / min(decode_ips, forward_ips), 3),
         "decode_images_per_s": round(decode_ips, 1),
         "per_image_predict_images_per_s": round(per_image_ips, 1),
+        "decode_threads_vs_processes": round(threads_ips / processes_ips, 3),
     }))
 
 
