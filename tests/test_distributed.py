@@ -1,6 +1,8 @@
-"""Several devices through Keras' distribution API: with the CPU split into 2 XLA devices, sharded feature
-extraction and training give the single-device results (within float tolerance)."""
+"""Several devices and hosts through Keras' distribution API. With the CPU split into 2 XLA devices,
+sharded feature extraction and training give the single-device results (within float tolerance); two
+processes joined as two hosts (one CPU device each, gloo collectives) give the 2-device results."""
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,37 +23,70 @@ SCRIPT = textwrap.dedent("""
     paths = sys.argv[1:9]
     images = np.stack([load_image(p, 224) for p in paths])
     shards = int(os.environ["SHARDS"])
-    if shards > 1:
+    if os.environ.get("MULTI_HOST"):
+        assert runtime.use_devices(multi_host=True) is not None
+        assert runtime.process_index_and_count()[1] == 2 and runtime.device_count() == 2
+    elif shards > 1:
         assert runtime.use_devices(shards) is not None
     backbone = load_backbone("efficientnet_lite0")
     features, logits = backbone_forward(backbone)(images)
     sharding = str(getattr(features, "sharding", ""))
     features = np.asarray(features)
 
+    # 64 rows in batches of 16, plus EXTRA rows in a short last batch (cut to a multiple of the devices)
+    rows = 64 + int(os.environ.get("EXTRA", "0"))
     rng = np.random.default_rng(0)
-    x = np.concatenate([features] * 8) + rng.normal(0, 0.1, (64, features.shape[1])).astype("float32")
-    y = np.arange(64) % 4
+    x = np.concatenate([features] * 9)[:rows] + rng.normal(0, 0.1, (rows, features.shape[1])).astype("float32")
+    y = np.arange(rows) % 4
     vectors = rng.normal(size=(4, 16)).astype("float32")
     run = train("devise", x, y, ["a", "b", "c", "d"], vectors, loss="hinge", head="linear", truncated=False,
-                epochs=3, batch_size=16, seed=0, verbose=0, patience=100)
-    np.savez(os.environ["OUT"], features=features, logits=np.asarray(logits),
-             weights=run.model.get_weights()[0], sharding=sharding)
+                epochs=3, batch_size=16, seed=0, verbose=0, patience=100, val=(x[:9], y[:9]))
+    np.savez(os.environ["OUT"], features=features, logits=np.asarray(logits), weights=run.model.get_weights()[0],
+             embedded=run.embed(x[:9]), val_hit1=run.history["val_hit@1"], sharding=sharding)
 """)
+
+
+def _run(tmp_path, photos, name, extra_env, *, wait=True):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "OUT": str(tmp_path / f"{name}.npz"), "DEVISE_HOME": str(tmp_path / f"home-{name}"), **extra_env}
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py")] + [str(p) for p in photos[:8]],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return _finish(proc, tmp_path, name) if wait else (proc, name)
+
+
+def _finish(proc, tmp_path, name):
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return dict(np.load(tmp_path / f"{name}.npz"))
+
+
+def _assert_close(a, b, keys=("features", "logits", "weights", "embedded", "val_hit1")):
+    for key in keys:
+        assert np.abs(a[key] - b[key]).max() <= 1e-4 * max(1.0, np.abs(a[key]).max()), key
 
 
 @pytest.mark.slow
 def test_two_devices_match_one(tmp_path, foolbox_photos):
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
-    results = {}
-    for shards in (1, 2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", SHARDS=str(shards),
-                   OUT=str(tmp_path / f"out{shards}.npz"), DEVISE_HOME=str(tmp_path / "home"))
-        proc = subprocess.run([sys.executable, str(script)] + [str(p) for p in foolbox_photos[:8]],
-                              env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[shards] = dict(np.load(tmp_path / f"out{shards}.npz"))
-    assert "batch" in str(results[2]["sharding"])  # the batch really was split across the 2 devices
-    for key in ("features", "logits", "weights"):
-        a, b = results[1][key], results[2][key]
-        assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max()), key
+    (tmp_path / "run.py").write_text(SCRIPT)
+    one = _run(tmp_path, foolbox_photos, "one", {"SHARDS": "1"})
+    two = _run(tmp_path, foolbox_photos, "two", {"SHARDS": "2"})
+    assert "batch" in str(two["sharding"])  # the batch really was split across the 2 devices
+    _assert_close(one, two)
+
+
+@pytest.mark.slow
+def test_two_hosts_match_two_devices(tmp_path, foolbox_photos):
+    (tmp_path / "run.py").write_text(SCRIPT)
+    # 65 rows: the last batch of 1 is cut to 0 rows on 2 devices, whether on one host or two.
+    two = _run(tmp_path, foolbox_photos, "two", {"SHARDS": "2", "EXTRA": "1"})
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    hosts = [_run(tmp_path, foolbox_photos, f"host{i}", {
+        "SHARDS": "2", "EXTRA": "1", "MULTI_HOST": "1", "XLA_FLAGS": "",  # one CPU device per process
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"localhost:{port}", "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+        "KERAS_DISTRIBUTION_PROCESS_ID": str(i), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}, wait=False)
+        for i in range(2)]
+    for proc, name in hosts:
+        result = _finish(proc, tmp_path, name)
+        _assert_close(two, result)

@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--devices", type=int, metavar="N",
                         help="shard batches over N devices (keras.distribution.DataParallel; default: one)")
     parser.add_argument("--multi-host", action="store_true",
-                        help="join the other hosts first (jax.distributed via keras.distribution.initialize)")
+                        help="join the other hosts first (keras.distribution.initialize; set "
+                             "KERAS_DISTRIBUTION_JOB_ADDRESSES, _NUM_PROCESSES and _PROCESS_ID)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("doctor", help="show which assets, backend and devices were found")

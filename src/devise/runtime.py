@@ -7,6 +7,8 @@ On JAX the forward pass is a jitted `stateless_call`: no per-batch variable sync
 """
 from __future__ import annotations
 
+import weakref
+
 import keras
 
 
@@ -28,11 +30,18 @@ def platform() -> str:
 
 
 def device_count() -> int:
+    """Devices every batch is split across: those of the Keras distribution set by use_devices, else 1."""
+    distribution = keras.distribution.distribution()
+    return 1 if distribution is None else int(distribution.device_mesh.devices.size)
+
+
+def process_index_and_count() -> tuple[int, int]:
+    """(this process's index, number of processes): (0, 1) unless several hosts joined (use_devices)."""
     if keras.config.backend() == "jax":
         import jax
 
-        return jax.device_count()
-    return 1
+        return jax.process_index(), jax.process_count()
+    return 0, 1
 
 
 def default_batch_size() -> int:
@@ -45,9 +54,10 @@ def default_batch_size() -> int:
 def use_devices(count: int | None = None, *, multi_host: bool = False):
     """Shard batches across `count` devices (all by default) with keras.distribution.DataParallel.
 
-    multi_host=True first joins the other hosts (keras.distribution.initialize wraps
-    jax.distributed.initialize; set the coordinator address, process count and id in the environment
-    as JAX documents). Returns the distribution, or None with a single device.
+    multi_host=True first joins the other hosts: keras.distribution.initialize (which calls
+    jax.distributed.initialize) reads KERAS_DISTRIBUTION_JOB_ADDRESSES (the coordinator's host:port),
+    KERAS_DISTRIBUTION_NUM_PROCESSES and KERAS_DISTRIBUTION_PROCESS_ID. Returns the distribution, or
+    None with a single device.
     """
     if multi_host:
         keras.distribution.initialize()
@@ -58,8 +68,45 @@ def use_devices(count: int | None = None, *, multi_host: bool = False):
         keras.distribution.set_distribution(None)
         return None
     distribution = keras.distribution.DataParallel(devices=devices)
+    # Our batch iterators (devise.train.shuffled_batches) already give each host its slice of every batch.
+    distribution.auto_shard_dataset = process_index_and_count()[1] == 1
     keras.distribution.set_distribution(distribution)
     return distribution
+
+
+def predict_in_batches(model: keras.Model, x, batch_size: int = 1024):
+    """model(x) in fixed-size batches through compiled_forward, as numpy (a single output model).
+
+    Unlike model.predict, it also runs when a distribution spans devices or hosts: every batch, the
+    last one padded, splits evenly across the devices and the outputs are readable on every host.
+    """
+    import numpy as np
+
+    forward = cached_forward(model)
+    batch_size = -(-batch_size // device_count()) * device_count()
+    batch_size = min(batch_size, -(-len(x) // device_count()) * device_count())
+    outputs = []
+    for start in range(0, len(x), batch_size):
+        batch = np.asarray(x[start:start + batch_size])
+        count = len(batch)
+        if count < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - count,) + batch.shape[1:], batch.dtype)])
+        outputs.append((forward(batch), count))  # dispatched; read back below, so the device never waits
+    if not outputs:
+        return np.zeros((0,) + tuple(model.output_shape[1:]), np.float32)
+    return np.concatenate([np.asarray(out)[:count] for out, count in outputs])
+
+
+_COMPILED: dict = {}
+
+
+def cached_forward(model: keras.Model):
+    """compiled_forward(model), kept per model and distribution: later calls reuse the compiled program."""
+    key = (id(model), id(keras.distribution.distribution()))
+    hit = _COMPILED.get(key)
+    if hit is None or hit[0]() is not model:  # a new model may reuse a freed one's id
+        hit = _COMPILED[key] = (weakref.ref(model), compiled_forward(model))
+    return hit[1]
 
 
 def compiled_forward(model: keras.Model):
@@ -87,10 +134,14 @@ def compiled_forward(model: keras.Model):
             cache["state"] = jax.device_put(source, replicated) if replicated is not None else source
         return cache["state"]
 
-    @jax.jit
     def forward(trainable, non_trainable, x):
         outputs, _ = model.stateless_call(trainable, non_trainable, x, training=False)
         return outputs
+
+    # On several hosts the outputs are gathered onto every device (on the device, asynchronously): a
+    # sharded output could not be read back by any one process. On one host each shard is read directly.
+    several_hosts = replicated is not None and process_index_and_count()[1] > 1
+    forward = jax.jit(forward, out_shardings=replicated) if several_hosts else jax.jit(forward)
 
     def call(x):
         if distribution is not None:

@@ -99,7 +99,9 @@ class Run:
         if features.ndim != 2 or features.shape[1] != self.settings["feature_dim"]:
             raise DeviseError(f"features of shape {features.shape} do not match this run's "
                               f"feature dimension {self.settings['feature_dim']}")
-        return np.asarray(self.model.predict(features, batch_size=1024, verbose=0), dtype=np.float32)
+        from devise.runtime import predict_in_batches
+
+        return np.asarray(predict_in_batches(self.model, features), dtype=np.float32)
 
     def predict_proba(self, features) -> np.ndarray:
         """(N, C) probabilities over the training classes (softmax and conse runs)."""
@@ -203,10 +205,26 @@ def _make_optimizer(name: str, learning_rate: float):
 def shuffled_batches(data, labels, batch_size, seed, rows=None, dtype="float32"):
     """A keras PyDataset of (data[rows], labels) batches, the order a permutation seeded by (seed, epoch)
     (so a resumed run sees the same batches). Each batch is read in ascending row order, which keeps
-    reads from a memory-mapped array (features, or the uint8 image store) sequential."""
+    reads from a memory-mapped array (features, or the uint8 image store) sequential.
+
+    Across several devices every batch must split evenly: the last, short batch drops its few rows past
+    a multiple of the device count (other rows each epoch). Across several hosts each host yields its
+    own slice of every batch, and Keras assembles the global batch.
+    """
     import keras
 
+    from devise.runtime import device_count, process_index_and_count
+
     rows = np.arange(len(labels)) if rows is None else np.asarray(rows)
+    devices = device_count()
+    process, processes = process_index_and_count()
+    if batch_size % devices:
+        raise DeviseError(f"batch size {batch_size} does not split evenly across {devices} devices")
+    # rows each batch uses: full batches, then the remainder cut to a multiple of the device count
+    last = len(labels) % batch_size // devices * devices
+    n_batches = len(labels) // batch_size + (last > 0)
+    if n_batches == 0:
+        raise DeviseError(f"{len(labels)} training examples are too few for {devices} devices")
 
     class ShuffledBatches(keras.utils.PyDataset):
         def __init__(self):
@@ -218,10 +236,13 @@ def shuffled_batches(data, labels, batch_size, seed, rows=None, dtype="float32")
             self._order = np.random.default_rng([int(seed), int(epoch)]).permutation(len(labels))
 
         def __len__(self):
-            return int(np.ceil(len(labels) / batch_size))
+            return n_batches
 
         def __getitem__(self, index):
-            pick = np.sort(self._order[index * batch_size:(index + 1) * batch_size])
+            size = batch_size if index < len(labels) // batch_size else last
+            pick = np.sort(self._order[index * batch_size:index * batch_size + size])
+            per_host = size // processes
+            pick = pick[process * per_host:(process + 1) * per_host]
             return np.asarray(data[rows[pick]], dtype=dtype), labels[pick]
 
     return ShuffledBatches()
