@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from devise.backbones import load_backbone
+from devise.errors import DeviseError
 from devise.features import build_image_store, extract_features
 from devise.images import load_image
 
@@ -63,6 +64,25 @@ def test_corrupt_image_is_skipped_with_one_warning(home, foolbox_photos, tmp_pat
         images, valid, _ = build_image_store(paths, 224, workers=1, progress=False)
     assert valid.tolist() == [True, False, True]
     assert images[1].max() == 0 and images[0].max() > 0
+
+
+
+def test_processes_decode_the_same_store_as_threads(home, foolbox_photos, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    paths = [str(p) for p in foolbox_photos[:20]] + [str(bad)] + [str(p) for p in foolbox_photos[:19]]
+    with pytest.warns(UserWarning, match="broken.png"):
+        threads, valid_t, _ = build_image_store(paths, 64, chunk_size=24, workers=2, progress=False)
+    threads = np.array(threads)
+    shutil.rmtree(home / "images")
+    with pytest.warns(UserWarning, match="broken.png"):
+        processes, valid_p, _ = build_image_store(paths, 64, chunk_size=24, workers=2, decode="processes",
+                                                  progress=False)
+    assert valid_p.tolist() == valid_t.tolist() and valid_p.sum() == 39 and not valid_p[20]
+    np.testing.assert_array_equal(processes, threads)
+    assert processes[:20].reshape(20, -1).max(axis=1).min() > 0  # every decoded row was written
+    with pytest.raises(DeviseError, match="decode must be one of threads, processes"):
+        build_image_store(paths[:3], 64, decode="fibers")
 
 
 @pytest.mark.slow

@@ -33,7 +33,8 @@ def cmd_features(args) -> int:
     from devise.features import extract_features
 
     dataset = load_dataset(args.dataset)
-    fs = extract_features(dataset, args.backbone, batch_size=args.batch_size, chunk_size=args.chunk_size)
+    fs = extract_features(dataset, args.backbone, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                          decode=args.decode)
     print(f"{int(fs.valid.sum())} of {len(fs.paths)} images -> features {fs.features.shape} "
           f"{'+ ImageNet logits ' if fs.logits is not None else ''}in {fs.folder}")
     return 0
@@ -223,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--batch-size", type=int, default=None, help="default: 2 per device on CPU, 256 on GPU")
     p.add_argument("--chunk-size", type=int, default=512, help="images per resumable chunk")
+    p.add_argument("--decode", choices=("threads", "processes"), default="threads",
+                   help="decode images in threads (default) or spawned processes, one per core")
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("evaluate", help="the paper's metrics for one trained run folder")

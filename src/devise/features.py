@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -107,35 +109,73 @@ def _finished_store(folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
     return np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "valid.npy")
 
 
-def _decode_chunks(paths: list[str], size: int, chunk_size: int, workers: int | None, progress: bool):
+def _decode_rows(store_file: str, lo: int, paths: list[str], size: int, images=None) -> list[str | None]:
+    """Decode `paths` into rows lo.. of the store's images.npy (opened here in a worker process, or the
+    caller's memory map in a thread): for each row None, or the one-line reason its file is unreadable."""
+    if images is None:
+        images = np.load(store_file, mmap_mode="r+")  # the same file, shared through the page cache
+    errors = []
+    for i, path in enumerate(paths, start=lo):
+        result = _load_or_none((path, size))
+        images[i] = 0 if isinstance(result, str) else result
+        errors.append(result if isinstance(result, str) else None)
+    return errors
+
+
+DECODE_MODES = ("threads", "processes")
+_TASK_ROWS = 16  # images per decoding task
+
+
+_PROCESS_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def _decode_pool(decode: str, workers: int):
+    """(pool, whether the caller shuts it down)."""
+    # Threads by default: Pillow releases the GIL while it decodes and resizes (on 2 cores they match
+    # processes: benchmarks/features.py), and they need no `if __name__ == "__main__"` guard in a user's
+    # script. Processes are spawned, never forked beside JAX's threads; a spawned worker re-imports the
+    # caller's main module (seconds if that imports JAX), so the pool is kept for later calls.
+    if decode == "threads":
+        return ThreadPoolExecutor(workers), True
+    if decode == "processes":
+        if workers not in _PROCESS_POOLS:
+            spawn = multiprocessing.get_context("spawn")
+            _PROCESS_POOLS[workers] = ProcessPoolExecutor(workers, mp_context=spawn)
+        return _PROCESS_POOLS[workers], False
+    raise DeviseError(f"decode must be one of {', '.join(DECODE_MODES)}, not {decode!r}")
+
+
+def _decode_chunks(paths: list[str], size: int, chunk_size: int, workers: int | None, progress: bool,
+                   decode: str = "threads"):
     """Fill the image store chunk by chunk; yield (lo, hi, images, valid) once rows lo:hi are on disk.
 
-    The thread pool decodes the next chunk while the caller uses the one just yielded, so a forward pass
-    on a GPU overlaps decoding and both run at the speed of the slower one (on a CPU they share the cores:
-    no gain, no loss measured). Memory holds at most two chunks of decoded images. Chunks already done by
-    a killed run are yielded at once.
-    The store is finished (renamed into place) after the last chunk.
+    The pool (threads or processes, writing straight into the memory-mapped store) decodes the next chunk
+    while the caller uses the one just yielded, so a forward pass on a GPU overlaps decoding and both run
+    at the speed of the slower one (on a CPU they share the cores: no gain, no loss measured). Chunks
+    already done by a killed run are yielded at once. The store is finished (renamed into place) after
+    the last chunk.
     """
+    pool, owned = _decode_pool(decode, workers or os.cpu_count() or 1)
     folder = image_store_folder(paths, size)
     n = len(paths)
     n_chunks = -(-n // chunk_size)
     store = _ChunkedArrays(folder, {"images": (n, size, size, 3), "valid": (n,)},
                            {"images": "uint8", "valid": "bool"}, n_chunks)
     images, valid = store.arrays["images"], store.arrays["valid"]
+    store_file = str(store.partial / "images.npy")
     if store.done:
         tqdm.write(f"resuming image store: {len(store.done)} of {n_chunks} chunks already done")
     bad: list[str] = []
     bar = tqdm(total=n, initial=sum(min(chunk_size, n - c * chunk_size) for c in store.done),
                desc="decoding images", unit="img", disable=not progress)
-    workers = workers or os.cpu_count() or 1
-    # Threads, not processes: Pillow releases the GIL while it decodes and resizes, and threads need
-    # no `if __name__ == "__main__"` guard in the user's script nor a fork beside JAX's threads.
-    pool = ThreadPoolExecutor(workers)
 
     def submit(c):
-        return [pool.submit(_load_or_none, (p, size)) for p in paths[c * chunk_size:(c + 1) * chunk_size]]
+        end = min(n, (c + 1) * chunk_size)
+        shared = images if decode == "threads" else None
+        return [(lo, pool.submit(_decode_rows, store_file, lo, paths[lo:min(lo + _TASK_ROWS, end)], size, shared))
+                for lo in range(c * chunk_size, end, _TASK_ROWS)]
 
-    pending: dict[int, list] = {}  # chunk -> futures of its images
+    pending: dict[int, list] = {}  # chunk -> (first row, future) of its tasks
     try:
         for c in range(n_chunks):
             lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
@@ -144,19 +184,24 @@ def _decode_chunks(paths: list[str], size: int, chunk_size: int, workers: int | 
                 for t in islice((t for t in range(c, n_chunks) if t not in store.done), 2):
                     if t not in pending:
                         pending[t] = submit(t)
-                for i, future in enumerate(pending.pop(c), start=lo):
-                    result = future.result()
-                    if isinstance(result, str):  # the one-line reason this file is unreadable
-                        bad.append(result)
-                        valid[i], images[i] = False, 0
-                    else:
-                        valid[i], images[i] = True, result
-                    bar.update(1)
+                for first, future in pending.pop(c):
+                    try:
+                        errors = future.result()
+                    except BrokenProcessPool:
+                        _PROCESS_POOLS.clear()  # the next call starts new workers
+                        raise DeviseError("a decoding process died (out of memory?): run again to resume") from None
+                    valid[first:first + len(errors)] = [e is None for e in errors]
+                    bad += [e for e in errors if e is not None]
+                    bar.update(len(errors))
                 store.mark_done(c)
             yield lo, hi, images, valid
     finally:
         bar.close()
-        pool.shutdown(cancel_futures=True)
+        for tasks in pending.values():  # left by an error or an abandoned generator
+            for _, future in tasks:
+                future.cancel()
+        if owned:
+            pool.shutdown()
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable image(s): " + "; ".join(bad), stacklevel=3)
     elif not valid.all():  # resumed run: the warning was given before the crash; repeat the count
@@ -165,10 +210,12 @@ def _decode_chunks(paths: list[str], size: int, chunk_size: int, workers: int | 
     store.finish({"size": size, "count": n, "policy": IMAGE_POLICY_VERSION, "paths": paths})
 
 
-def build_image_store(paths: list[str], size: int = 224, *, chunk_size: int = 512,
-                      workers: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, Path]:
+def build_image_store(paths: list[str], size: int = 224, *, chunk_size: int = 512, workers: int | None = None,
+                      decode: str = "threads", progress: bool = True) -> tuple[np.ndarray, np.ndarray, Path]:
     """Decode every image once into a memory-mapped uint8 store: (images (N,S,S,3), valid (N,), folder).
 
+    decode: "threads" (default) or "processes" (spawned; a script that calls this then needs the
+    `if __name__ == "__main__":` guard), `workers` of them (default: one per core).
     Unreadable images are reported in ONE warning that lists them, and marked invalid; the run goes on.
     """
     paths = [str(p) for p in paths]
@@ -176,7 +223,7 @@ def build_image_store(paths: list[str], size: int = 224, *, chunk_size: int = 51
         raise DeviseError("no images to decode (empty image list)")
     folder = image_store_folder(paths, size)
     if _finished_store(folder) is None:
-        for _ in _decode_chunks(paths, size, chunk_size, workers, progress):
+        for _ in _decode_chunks(paths, size, chunk_size, workers, progress, decode):
             pass
     images, valid = _finished_store(folder)
     return images, valid, folder
@@ -236,13 +283,14 @@ def _read_back(start, count, outputs):
 
 
 def extract_features(dataset_or_paths, backbone="efficientnet_lite0", *, batch_size: int | None = None,
-                     chunk_size: int = 512, progress: bool = True) -> FeatureSet:
+                     chunk_size: int = 512, decode: str = "threads", progress: bool = True) -> FeatureSet:
     """Pooled features (and ImageNet logits) for a dataset or a list of image paths, cached on disk.
 
     `backbone` is a name or a Backbone from devise.backbones.load_backbone. Images are decoded once into
     the uint8 store while the forward runs on the chunk decoded before. A second call with the same
     images and backbone reads the cache (the image store may be deleted by then: the cache keeps its own
-    valid mask); a killed run resumes at the first unfinished chunk of either.
+    valid mask); a killed run resumes at the first unfinished chunk of either. decode: as in
+    build_image_store.
     """
     from devise.backbones import load_backbone
 
@@ -254,7 +302,7 @@ def extract_features(dataset_or_paths, backbone="efficientnet_lite0", *, batch_s
     key = hashlib.sha256(f"{FEATURES_VERSION}|{bb.cache_key}|{store_folder.name}".encode()).hexdigest()[:20]
     folder = data_home() / "features" / bb.name / key
     if not (folder / "meta.json").exists():
-        _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, progress)
+        _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decode, progress)
     logits_path = folder / "logits.npy"
     return FeatureSet(
         features=np.load(folder / "features.npy", mmap_mode="r"),
@@ -263,7 +311,7 @@ def extract_features(dataset_or_paths, backbone="efficientnet_lite0", *, batch_s
     )
 
 
-def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, progress) -> None:
+def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decode, progress) -> None:
     from devise.runtime import default_batch_size, device_count
 
     n = len(paths)
@@ -271,7 +319,7 @@ def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, p
     if stored is not None:  # decoded by an earlier call (maybe with other chunks): read it
         chunks = ((lo, min(n, lo + chunk_size), *stored) for lo in range(0, n, chunk_size))
     else:
-        chunks = _decode_chunks(paths, bb.image_size, chunk_size, None, progress=False)
+        chunks = _decode_chunks(paths, bb.image_size, chunk_size, None, False, decode)
     n_chunks = -(-n // chunk_size)
     shapes = {"features": (n, bb.feature_dim), "valid": (n,)}
     if bb.classifier is not None:
