@@ -137,3 +137,35 @@ def test_bad_inputs(runs, tmp_path):
         finetune_run(tmp_path, tmp_path / "y")
     assert main(["finetune", str(runs["run"]), "--out", str(runs["ft"])]) != 0
     assert not (tmp_path / "x").exists()
+
+
+def test_resumes_after_sigkill(runs, tmp_path):
+    """Killed after its first epoch's checkpoint, the same call resumes there and ends where an
+    uninterrupted fine-tuning ends (weights, augmentation and loss random state, optimizer restored)."""
+    kwargs = dict(epochs=3, batch_size=8, max_images=24, verbose=0)
+    whole = finetune_run(runs["run"], tmp_path / "whole", **kwargs)
+    call = (f"from devise.finetune import finetune_run; "
+            f"finetune_run({str(runs['run'])!r}, {str(tmp_path / 'resumed')!r}, **{kwargs!r})")
+    proc = subprocess.Popen([sys.executable, "-c", call], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint = tmp_path / "resumed.partial" / "checkpoint.npz"
+    deadline = time.time() + 600
+    while not checkpoint.exists() and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert checkpoint.exists() and not (tmp_path / "resumed").exists()
+    with pytest.raises(DeviseError, match=r"other options \(epochs\)"):
+        finetune_run(runs["run"], tmp_path / "resumed", **{**kwargs, "epochs": 4})
+    again = subprocess.run([sys.executable, "-c", call], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming the fine-tuning" in again.stdout and "after epoch 1" in again.stdout
+    assert not checkpoint.parent.exists()
+    resumed = load_run(tmp_path / "resumed")
+    assert len(resumed.history["finetune_loss"]) == 3
+    np.testing.assert_allclose(resumed.history["finetune_loss"], whole.history["finetune_loss"], rtol=1e-4)
+    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    with np.load(tmp_path / "resumed" / "backbone.weights.npz") as r, np.load(tmp_path / "whole" / "backbone.weights.npz") as w:
+        for key in ("head/0", "blocks_15_project/0"):
+            np.testing.assert_allclose(r[key], w[key], rtol=1e-4, atol=1e-5)

@@ -217,7 +217,8 @@ def finetune_run(run_dir, out_dir, *, blocks: int = DEFAULT_BLOCKS, epochs: int 
     """Fine-tune a run's backbone top `blocks` blocks and head end to end; write and return the new Run.
 
     run_dir: a run folder from devise train (its dataset, split and training classes are reused).
-    out_dir: the new run folder (must not exist yet; written atomically).
+    out_dir: the new run folder (must not exist yet; written atomically). Each epoch ends with a
+        checkpoint in out_dir + ".partial": rerun the same call after a crash and it resumes there.
     max_images: a seeded random subset of the training images (quick trials); None = all of them.
     """
     import keras
@@ -228,6 +229,10 @@ def finetune_run(run_dir, out_dir, *, blocks: int = DEFAULT_BLOCKS, epochs: int 
     out = Path(out_dir)
     if out.exists():
         raise DeviseError(f"{out} already exists: choose another folder for the fine-tuned run")
+    partial = out.with_name(out.name + ".partial")  # per-epoch checkpoints; a rerun resumes from them
+    options = {"from": str(Path(run_dir).resolve()), "blocks": int(blocks), "epochs": int(epochs),
+               "learning_rate": float(learning_rate), "batch_size": int(batch_size),
+               "max_images": None if max_images is None else int(max_images), "seed": int(seed)}
     if epochs < 1 or batch_size < 1 or learning_rate <= 0:
         raise DeviseError(f"epochs ({epochs}) and batch size ({batch_size}) must be >= 1, the learning rate > 0")
     paths, indices, labels = training_images(run.settings)
@@ -250,21 +255,29 @@ def finetune_run(run_dir, out_dir, *, blocks: int = DEFAULT_BLOCKS, epochs: int 
         model.hinge_loss_seed = loss_fn.seed_generator  # threaded through the jitted step (see train.py)
     model.compile(optimizer=keras.optimizers.Adam(float(learning_rate)), loss=loss_fn)
     batches = shuffled_batches(images, labels, int(batch_size), int(seed), rows=indices, dtype="uint8")
+    state = _load_finetune_checkpoint(partial, options, model, loss_fn)
 
-    class Reshuffle(keras.callbacks.Callback):
+    class EpochEnd(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             batches.set_epoch(epoch)
+
+        def on_epoch_end(self, epoch, logs=None):
+            state["epoch"] = epoch + 1
+            state["loss"].append(float((logs or {}).get("loss", np.nan)))
+            _write_finetune_checkpoint(partial, options, model, loss_fn, state)
 
     if verbose:
         print(f"fine-tuning backbone blocks {', '.join(trainable_blocks)} and the run's head "
               f"on {len(indices)} images", flush=True)
-    fit = model.fit(batches, epochs=int(epochs), shuffle=False, callbacks=[Reshuffle(), *callbacks], verbose=verbose)
+    if state["epoch"] < epochs:
+        model.fit(batches, epochs=int(epochs), initial_epoch=state["epoch"], shuffle=False,
+                  callbacks=[EpochEnd(), *callbacks], verbose=verbose)
 
     settings = {**run.settings, "backbone_weights": WEIGHTS_FILE,
                 "finetune": {"from": str(Path(run_dir).resolve()), "blocks": trainable_blocks,
                              "epochs": int(epochs), "learning_rate": float(learning_rate),
                              "batch_size": int(batch_size), "images": int(len(indices)), "seed": int(seed)}}
-    history = {"finetune_loss": [float(v) for v in fit.history.get("loss", [])], "source_history": run.history}
+    history = {"finetune_loss": state["loss"], "source_history": run.history}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a run folder is an ordinary folder
@@ -278,5 +291,44 @@ def finetune_run(run_dir, out_dir, *, blocks: int = DEFAULT_BLOCKS, epochs: int 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(partial, ignore_errors=True)
     return load_run(out)
+
+
+def _write_finetune_checkpoint(partial: Path, options, model, loss_fn, state) -> None:
+    """One atomic file: every weight of the end-to-end model (augmentation seeds included), the optimizer,
+    the loss's random state and the epoch count, beside the options it belongs to."""
+    from devise.assets import atomic_save_npz
+    from devise.train import optimizer_arrays
+
+    # model.variables, not get_weights(): the augmentation layers' seed states are variables, not weights
+    arrays = {f"variable_{i}": np.asarray(v.value) for i, v in enumerate(model.variables)}
+    arrays.update(optimizer_arrays(model))
+    if getattr(loss_fn, "seed_generator", None) is not None:
+        arrays["loss_seed_state"] = np.asarray(loss_fn.seed_generator.state.value)
+    atomic_save_npz(partial / "checkpoint.npz", options=json.dumps(options), state=json.dumps(state), **arrays)
+
+
+def _load_finetune_checkpoint(partial: Path, options, model, loss_fn) -> dict:
+    """The state after the last finished epoch of an interrupted fine-tuning with the same options
+    (its weights, optimizer and loss state restored into model and loss_fn), else a fresh state."""
+    from devise.train import restore_optimizer
+
+    path = partial / "checkpoint.npz"
+    if not path.is_file():
+        return {"epoch": 0, "loss": []}
+    with np.load(path) as data:
+        saved = json.loads(str(data["options"]))
+        if saved != options:
+            changed = ", ".join(sorted(k for k in options if saved.get(k) != options[k]))
+            raise DeviseError(f"{partial} holds an interrupted fine-tuning with other options ({changed}): "
+                              f"delete it, or rerun with the same options to resume")
+        for i, variable in enumerate(model.variables):
+            variable.assign(data[f"variable_{i}"])
+        restore_optimizer(model, data)
+        if "loss_seed_state" in data and getattr(loss_fn, "seed_generator", None) is not None:
+            loss_fn.seed_generator.state.assign(data["loss_seed_state"])
+        state = json.loads(str(data["state"]))
+    print(f"resuming the fine-tuning in {partial} after epoch {state['epoch']}", flush=True)
+    return state
 

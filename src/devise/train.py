@@ -423,12 +423,24 @@ def _prepare_run_folder(out: Path, settings, class_names, label_vectors, model, 
     return _load_checkpoint(out, model, loss_fn)
 
 
+def optimizer_arrays(model) -> dict[str, np.ndarray]:
+    """The compiled model's optimizer variables (moments, step count) as opt_0, opt_1, ... arrays."""
+    import keras
+    return {f"opt_{i}": np.asarray(keras.ops.convert_to_numpy(v.value)) for i, v in enumerate(model.optimizer.variables)}
+
+
+def restore_optimizer(model, arrays) -> None:
+    """Put back what optimizer_arrays saved (the optimizer is built first, as it is on the first step)."""
+    model.optimizer.build(model.trainable_variables)
+    for i, variable in enumerate(model.optimizer.variables):
+        variable.assign(arrays[f"opt_{i}"])
+
+
 def _write_checkpoint(out: Path, model, loss_fn, state, best_weights) -> None:
     """Write checkpoint/ (model.keras, optimizer + best weights, state.json) as one atomic folder swap."""
-    import keras
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-checkpoint-"))
     model.save(tmp / "model.keras")
-    arrays = {f"opt_{i}": np.asarray(keras.ops.convert_to_numpy(v.value)) for i, v in enumerate(model.optimizer.variables)}
+    arrays = optimizer_arrays(model)
     if best_weights is not None:
         arrays.update({f"best_{i}": w for i, w in enumerate(best_weights)})
     if getattr(loss_fn, "seed_generator", None) is not None:
@@ -457,10 +469,7 @@ def _load_checkpoint(out: Path, model, loss_fn):
     saved = keras.saving.load_model(folder / "model.keras", compile=False)
     model.set_weights(saved.get_weights())
     with np.load(folder / "arrays.npz") as arrays:
-        optimizer = model.optimizer
-        optimizer.build(model.trainable_variables)
-        for i, variable in enumerate(optimizer.variables):
-            variable.assign(arrays[f"opt_{i}"])
+        restore_optimizer(model, arrays)
         best = [arrays[f"best_{i}"] for i in range(len(model.get_weights()))] if "best_0" in arrays else None
         if "loss_seed_state" in arrays and getattr(loss_fn, "seed_generator", None) is not None:
             loss_fn.seed_generator.state.assign(arrays["loss_seed_state"])
