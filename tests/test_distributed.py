@@ -1,6 +1,7 @@
 """Several devices and hosts through Keras' distribution API. With the CPU split into 2 XLA devices,
 sharded feature extraction and training give the single-device results (within float tolerance); two
-processes joined as two hosts (one CPU device each, gloo collectives) give the 2-device results."""
+processes joined as two hosts (one CPU device each, gloo collectives, each decoding its share of every
+batch) give the 2-device results."""
 import os
 import socket
 import subprocess
@@ -16,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     import devise, keras
     from devise import runtime
     from devise.backbones import load_backbone
-    from devise.features import backbone_forward
+    from devise.features import backbone_forward, extract_features
     from devise.images import load_image
     from devise.train import train
 
@@ -32,6 +33,8 @@ SCRIPT = textwrap.dedent("""
     features, logits = backbone_forward(backbone)(images)
     sharding = str(getattr(features, "sharding", ""))
     features = np.asarray(features)
+    # the feature cache, a corrupt file among the images; across hosts each decodes its share of each batch
+    cached = extract_features(paths + [sys.argv[9]], backbone, batch_size=4, chunk_size=5, progress=False)
 
     # 64 rows in batches of 16, plus EXTRA rows in a short last batch (cut to a multiple of the devices)
     rows = 64 + int(os.environ.get("EXTRA", "0"))
@@ -42,14 +45,18 @@ SCRIPT = textwrap.dedent("""
     run = train("devise", x, y, ["a", "b", "c", "d"], vectors, loss="hinge", head="linear", truncated=False,
                 epochs=3, batch_size=16, seed=0, verbose=0, patience=100, val=(x[:9], y[:9]))
     np.savez(os.environ["OUT"], features=features, logits=np.asarray(logits), weights=run.model.get_weights()[0],
-             embedded=run.embed(x[:9]), val_hit1=run.history["val_hit@1"], sharding=sharding)
+             embedded=run.embed(x[:9]), val_hit1=run.history["val_hit@1"], sharding=sharding,
+             cached=cached.features, cached_valid=cached.valid,
+             image_store=(devise.data_home() / "images").exists())
 """)
 
 
 def _run(tmp_path, photos, name, extra_env, *, wait=True):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "OUT": str(tmp_path / f"{name}.npz"), "DEVISE_HOME": str(tmp_path / f"home-{name}"), **extra_env}
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py")] + [str(p) for p in photos[:8]],
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py")] + [str(p) for p in photos[:8]] + [str(broken)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return _finish(proc, tmp_path, name) if wait else (proc, name)
 
@@ -60,7 +67,8 @@ def _finish(proc, tmp_path, name):
     return dict(np.load(tmp_path / f"{name}.npz"))
 
 
-def _assert_close(a, b, keys=("features", "logits", "weights", "embedded", "val_hit1")):
+def _assert_close(a, b, keys=("features", "logits", "weights", "embedded", "val_hit1", "cached")):
+    assert a["cached_valid"].tolist() == b["cached_valid"].tolist() == [True] * 8 + [False]
     for key in keys:
         assert np.abs(a[key] - b[key]).max() <= 1e-4 * max(1.0, np.abs(a[key]).max()), key
 
@@ -87,6 +95,8 @@ def test_two_hosts_match_two_devices(tmp_path, foolbox_photos):
         "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"localhost:{port}", "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
         "KERAS_DISTRIBUTION_PROCESS_ID": str(i), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}, wait=False)
         for i in range(2)]
+    assert two["image_store"]
     for proc, name in hosts:
         result = _finish(proc, tmp_path, name)
         _assert_close(two, result)
+        assert not result["image_store"]  # each host decoded only its share: no full store

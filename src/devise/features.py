@@ -147,7 +147,7 @@ def _decode_pool(decode: str, workers: int):
 
 def _decode_chunks(paths: list[str], size: int, chunk_size: int, workers: int | None, progress: bool,
                    decode: str = "threads"):
-    """Fill the image store chunk by chunk; yield (lo, hi, images, valid) once rows lo:hi are on disk.
+    """Fill the image store chunk by chunk; yield (lo, hi, images, valid[lo:hi]) once rows lo:hi are on disk.
 
     The pool (threads or processes, writing straight into the memory-mapped store) decodes the next chunk
     while the caller uses the one just yielded, so a forward pass on a GPU overlaps decoding and both run
@@ -194,7 +194,7 @@ def _decode_chunks(paths: list[str], size: int, chunk_size: int, workers: int | 
                     bad += [e for e in errors if e is not None]
                     bar.update(len(errors))
                 store.mark_done(c)
-            yield lo, hi, images, valid
+            yield lo, hi, images, valid[lo:hi]
     finally:
         bar.close()
         for tasks in pending.values():  # left by an error or an abandoned generator
@@ -252,11 +252,11 @@ def _build_forward(backbone):
 
     if backbone.classifier is None:
         forward = compiled_forward(backbone.features_model)
-        return lambda x: (forward(x), None)
+        return lambda x, **kwargs: (forward(x, **kwargs), None)
     inputs = keras.Input(backbone.features_model.input_shape[1:], dtype="uint8")
     features = backbone.features_model(inputs)
     forward = compiled_forward(keras.Model(inputs, [features, backbone.classifier(features)]))
-    return lambda x: tuple(forward(x))
+    return lambda x, **kwargs: tuple(forward(x, **kwargs))
 
 
 def _forward_batches(forward, images: np.ndarray, lo: int, hi: int, batch_size: int):
@@ -312,14 +312,9 @@ def extract_features(dataset_or_paths, backbone="efficientnet_lite0", *, batch_s
 
 
 def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decode, progress) -> None:
-    from devise.runtime import default_batch_size, device_count
+    from devise.runtime import default_batch_size, device_count, process_index_and_count
 
     n = len(paths)
-    stored = _finished_store(store_folder)
-    if stored is not None:  # decoded by an earlier call (maybe with other chunks): read it
-        chunks = ((lo, min(n, lo + chunk_size), *stored) for lo in range(0, n, chunk_size))
-    else:
-        chunks = _decode_chunks(paths, bb.image_size, chunk_size, None, False, decode)
     n_chunks = -(-n // chunk_size)
     shapes = {"features": (n, bb.feature_dim), "valid": (n,)}
     if bb.classifier is not None:
@@ -332,16 +327,90 @@ def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, d
     batch_size = batch_size or default_batch_size()
     batch_size = -(-batch_size // device_count()) * device_count()  # split evenly across devices
     forward = backbone_forward(bb)
+    process, processes = process_index_and_count()
+    skip = cache.done
+    if processes > 1:  # several hosts: each decodes only its slice of every batch (no image store)
+        skip = _done_on_every_host(cache.done, n_chunks)  # every host must run the same chunks
+        chunks = _host_chunks(paths, bb.image_size, chunk_size, batch_size, process, processes, skip)
+    elif (stored := _finished_store(store_folder)) is not None:  # decoded by an earlier call: read it
+        chunks = ((lo, min(n, lo + chunk_size), stored[0], stored[1][lo:lo + chunk_size])
+                  for lo in range(0, n, chunk_size))
+    else:
+        chunks = _decode_chunks(paths, bb.image_size, chunk_size, None, False, decode)
     with tqdm(total=n, initial=done_images, desc=f"features ({bb.name})", unit="img",
               disable=not progress) as bar:
-        for c, (lo, hi, images, valid) in enumerate(chunks):
-            if c in cache.done:
+        for c, (lo, hi, images, chunk_valid) in enumerate(chunks):
+            if c in skip:
                 continue
-            for start, feats, logits in _forward_batches(forward, images, lo, hi, batch_size):
+            batches = (_host_batches(forward, images, lo, hi, batch_size) if processes > 1
+                       else _forward_batches(forward, images, lo, hi, batch_size))
+            for start, feats, logits in batches:
                 cache.arrays["features"][start:start + len(feats)] = feats
                 if logits is not None:
                     cache.arrays["logits"][start:start + len(feats)] = logits
                 bar.update(len(feats))
-            cache.arrays["valid"][lo:hi] = valid[lo:hi]
+            cache.arrays["valid"][lo:hi] = chunk_valid
             cache.mark_done(c)
     cache.finish({"backbone": bb.name, "cache_key": bb.cache_key, "images": store_folder.name, "count": n})
+
+
+def _host_share(paths, size, lo, hi, batch_size, process, processes):
+    """This host's slice of every batch of rows lo:hi: uint8 (batches, batch_size/processes, S, S, 3) and
+    the valid mask of rows lo:hi, gathered from all hosts. Rows past hi (the last batch's padding) are 0."""
+    from devise.images import load_images
+    from devise.runtime import gather_from_hosts
+
+    per_host = batch_size // processes
+    rows = np.concatenate([np.arange(start + process * per_host, start + (process + 1) * per_host)
+                           for start in range(lo, hi, batch_size)])
+    images = np.zeros((len(rows), size, size, 3), np.uint8)
+    valid = np.zeros(len(rows), bool)
+    real = rows < hi
+    if real.any():
+        images[real], valid[real] = load_images([paths[r] for r in rows[real]], size)
+    # (hosts, batches, per_host) -> batches, then hosts in order, then rows: the global row order
+    everyone = gather_from_hosts(valid.reshape(-1, per_host)).transpose(1, 0, 2).reshape(-1)
+    return images.reshape(-1, per_host, size, size, 3), everyone[:hi - lo]
+
+
+def _done_on_every_host(done: set[int], n_chunks: int) -> set[int]:
+    from devise.runtime import gather_from_hosts
+
+    mine = np.zeros(n_chunks, bool)
+    mine[sorted(done)] = True
+    return set(np.flatnonzero(gather_from_hosts(mine).all(axis=0)).tolist())
+
+
+def _host_chunks(paths, size, chunk_size, batch_size, process, processes, done):
+    """(lo, hi, this host's batch slices, valid[lo:hi]) per chunk, the next chunk decoding while this one
+    runs; chunks in `done` (done on every host) yield None."""
+    n = len(paths)
+    starts = list(range(0, n, chunk_size))
+    with ThreadPoolExecutor(1) as ahead:
+        def share(lo):
+            return ahead.submit(_host_share, paths, size, lo, min(n, lo + chunk_size), batch_size, process, processes)
+
+        todo = [lo for c, lo in enumerate(starts) if c not in done]
+        futures = {todo[0]: share(todo[0])} if todo else {}
+        for lo in starts:
+            if lo not in futures:
+                yield lo, min(n, lo + chunk_size), None, None
+                continue
+            following = [t for t in todo if t > lo][:1]
+            if following:
+                futures[following[0]] = share(following[0])
+            images, valid = futures.pop(lo).result()
+            yield lo, min(n, lo + chunk_size), images, valid
+
+
+def _host_batches(forward, host_images, lo, hi, batch_size):
+    """Like _forward_batches, from this host's slice of each batch: (start, features, logits) of the whole
+    batch, read on every host (the outputs are gathered on the devices)."""
+    pending = None
+    for batch, start in enumerate(range(lo, hi, batch_size)):
+        outputs = forward(host_images[batch], process_local=True)
+        if pending is not None:
+            yield _read_back(*pending)
+        pending = (start, min(batch_size, hi - start), outputs)
+    if pending is not None:
+        yield _read_back(*pending)

@@ -138,15 +138,33 @@ def compiled_forward(model: keras.Model):
         outputs, _ = model.stateless_call(trainable, non_trainable, x, training=False)
         return outputs
 
+    processes = process_index_and_count()[1]
     # On several hosts the outputs are gathered onto every device (on the device, asynchronously): a
     # sharded output could not be read back by any one process. On one host each shard is read directly.
-    several_hosts = replicated is not None and process_index_and_count()[1] > 1
+    several_hosts = replicated is not None and processes > 1
     forward = jax.jit(forward, out_shardings=replicated) if several_hosts else jax.jit(forward)
 
-    def call(x):
+    def call(x, process_local: bool = False):
+        # process_local: x is this host's slice of the batch (each host feeds its own, in host order)
         if distribution is not None:
-            x = jax.device_put(x, distribution.get_data_layout(x.shape).backend_layout)
+            shape = (len(x) * (processes if process_local else 1),) + tuple(x.shape[1:])
+            layout = distribution.get_data_layout(shape).backend_layout
+            if process_local:
+                x = jax.make_array_from_process_local_data(layout, x, shape)
+            else:
+                x = jax.device_put(x, layout)
         trainable, non_trainable = current_state()
         return forward(trainable, non_trainable, x)
 
     return call
+
+
+def gather_from_hosts(x):
+    """np.stack of x from every host, in host order: (processes, *x.shape); (1, *x.shape) on one host."""
+    import numpy as np
+
+    if process_index_and_count()[1] == 1:
+        return np.asarray(x)[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=False))
