@@ -355,10 +355,9 @@ def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, d
 
 
 def _host_share(paths, size, lo, hi, batch_size, process, processes):
-    """This host's slice of every batch of rows lo:hi: uint8 (batches, batch_size/processes, S, S, 3) and
-    the valid mask of rows lo:hi, gathered from all hosts. Rows past hi (the last batch's padding) are 0."""
+    """This host's slice of every batch of rows lo:hi, decoded: uint8 (batches, per_host, S, S, 3) and
+    its valid mask (batches, per_host). Rows past hi (the last batch's padding) are 0 and invalid."""
     from devise.images import load_images
-    from devise.runtime import gather_from_hosts
 
     per_host = batch_size // processes
     rows = np.concatenate([np.arange(start + process * per_host, start + (process + 1) * per_host)
@@ -368,9 +367,7 @@ def _host_share(paths, size, lo, hi, batch_size, process, processes):
     real = rows < hi
     if real.any():
         images[real], valid[real] = load_images([paths[r] for r in rows[real]], size)
-    # (hosts, batches, per_host) -> batches, then hosts in order, then rows: the global row order
-    everyone = gather_from_hosts(valid.reshape(-1, per_host)).transpose(1, 0, 2).reshape(-1)
-    return images.reshape(-1, per_host, size, size, 3), everyone[:hi - lo]
+    return images.reshape(-1, per_host, size, size, 3), valid.reshape(-1, per_host)
 
 
 def _done_on_every_host(done: set[int], n_chunks: int) -> set[int]:
@@ -384,6 +381,8 @@ def _done_on_every_host(done: set[int], n_chunks: int) -> set[int]:
 def _host_chunks(paths, size, chunk_size, batch_size, process, processes, done):
     """(lo, hi, this host's batch slices, valid[lo:hi]) per chunk, the next chunk decoding while this one
     runs; chunks in `done` (done on every host) yield None."""
+    from devise.runtime import gather_from_hosts
+
     n = len(paths)
     starts = list(range(0, n, chunk_size))
     with ThreadPoolExecutor(1) as ahead:
@@ -400,7 +399,10 @@ def _host_chunks(paths, size, chunk_size, batch_size, process, processes, done):
             if following:
                 futures[following[0]] = share(following[0])
             images, valid = futures.pop(lo).result()
-            yield lo, min(n, lo + chunk_size), images, valid
+            # Gathered here, in the calling thread, never in the decoding one: every host must issue its
+            # collectives (this gather, the forward passes) in the same order.
+            everyone = gather_from_hosts(valid).transpose(1, 0, 2).reshape(-1)  # batch, host, row: row order
+            yield lo, min(n, lo + chunk_size), images, everyone[:min(n, lo + chunk_size) - lo]
 
 
 def _host_batches(forward, host_images, lo, hi, batch_size):
