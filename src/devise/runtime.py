@@ -7,8 +7,6 @@ On JAX the forward pass is a jitted `stateless_call`: no per-batch variable sync
 """
 from __future__ import annotations
 
-import weakref
-
 import keras
 
 
@@ -97,16 +95,15 @@ def predict_in_batches(model: keras.Model, x, batch_size: int = 1024):
     return np.concatenate([np.asarray(out)[:count] for out, count in outputs])
 
 
-_COMPILED: dict = {}
-
-
 def cached_forward(model: keras.Model):
-    """compiled_forward(model), kept per model and distribution: later calls reuse the compiled program."""
-    key = (id(model), id(keras.distribution.distribution()))
-    hit = _COMPILED.get(key)
-    if hit is None or hit[0]() is not model:  # a new model may reuse a freed one's id
-        hit = _COMPILED[key] = (weakref.ref(model), compiled_forward(model))
-    return hit[1]
+    """compiled_forward(model), kept on the model for the current distribution: later calls reuse the
+    compiled program, which goes away with the model (a module-level cache would keep every model alive)."""
+    distribution = keras.distribution.distribution()
+    cached = model.__dict__.get("_devise_forward")
+    if cached is None or cached[0] is not distribution:
+        cached = (distribution, compiled_forward(model))
+        object.__setattr__(model, "_devise_forward", cached)  # plain attribute: not tracked by Keras
+    return cached[1]
 
 
 def compiled_forward(model: keras.Model):
