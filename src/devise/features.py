@@ -229,20 +229,19 @@ def build_image_store(paths: list[str], size: int = 224, *, chunk_size: int = 51
     return images, valid, folder
 
 
-_FORWARDS: dict = {}
-
-
 def backbone_forward(backbone):
     """One compiled function: uint8 batch -> (features, logits or None), sharded when several devices are in use.
 
-    Kept per backbone and distribution, so later calls in the process reuse the compiled program.
+    Kept on the backbone for the current distribution, so later calls in the process reuse the compiled
+    program (not in a module dict keyed by id: a freed fine-tuned backbone's id can be reused).
     """
     import keras
 
-    key = (id(backbone), id(keras.distribution.distribution()))
-    if key not in _FORWARDS:
-        _FORWARDS[key] = _build_forward(backbone)
-    return _FORWARDS[key]
+    distribution = keras.distribution.distribution()
+    cached = backbone.__dict__.get("_forward")
+    if cached is None or cached[0] is not distribution:
+        cached = backbone.__dict__["_forward"] = (distribution, _build_forward(backbone))
+    return cached[1]
 
 
 def _build_forward(backbone):
