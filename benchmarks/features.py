@@ -27,7 +27,7 @@ import numpy as np
 from devise.backbones import load_backbone
 from devise.features import backbone_forward, build_image_store, extract_features
 from devise.images import load_images
-from devise.runtime import default_batch_size, platform
+from devise.runtime import default_batch_size, pad_batch, platform
 
 
 def benchmark_images(n: int, scratch: Path, photos: bool = False, photo_dir: str | None = None) -> list[str]:
@@ -72,10 +72,7 @@ def main() -> None:
 
     def raw_forward():
         for start in range(0, len(batch), args.batch_size):
-            x = batch[start:start + args.batch_size]
-            if len(x) < args.batch_size:
-                x = np.concatenate([x, np.zeros((args.batch_size - len(x),) + x.shape[1:], x.dtype)])
-            feats, logits = forward(x)
+            feats, logits = forward(pad_batch(batch[start:start + args.batch_size], args.batch_size))
         np.asarray(feats)
 
     raw_forward()  # compile

@@ -14,6 +14,7 @@ def classify_arrays(images: np.ndarray, backbone="efficientnet_lite0", top_k: in
     from devise.backbones import Backbone, load_backbone
     from devise.conse import softmax
     from devise.features import backbone_forward
+    from devise.runtime import pad_batch
 
     model = backbone if isinstance(backbone, Backbone) else load_backbone(backbone)
     forward = backbone_forward(model)
@@ -24,9 +25,7 @@ def classify_arrays(images: np.ndarray, backbone="efficientnet_lite0", top_k: in
     results = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        # Pad the last chunk to the full batch size: one compiled shape instead of a recompile.
-        padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-        probs = softmax(np.asarray(forward(padded)[1])[:len(chunk)])
+        probs = softmax(np.asarray(forward(pad_batch(chunk, batch_size))[1])[:len(chunk)])
         for row in probs:
             top = np.argsort(-row, kind="stable")[:top_k]
             results.append([{"label": model.class_names[i], "synset": model.class_wnids[i], "score": float(row[i])}

@@ -258,20 +258,15 @@ def _build_forward(backbone):
     return lambda x, **kwargs: tuple(forward(x, **kwargs))
 
 
-def _forward_batches(forward, images: np.ndarray, lo: int, hi: int, batch_size: int):
-    """Yield (start, features, logits) for images[lo:hi] in fixed-size batches (the last one padded, so the
-    forward compiles once). The next batch is dispatched before the previous one is read back, so the
-    device never waits on the host."""
+def _forward_batches(forward, batches, **kwargs):
+    """Yield (start, features, logits) for each (start, count, fixed-size batch) of `batches`. The next
+    batch is dispatched before the previous one is read back, so the device never waits on the host."""
     pending = None
-    for start in range(lo, hi, batch_size):
-        stop = min(hi, start + batch_size)
-        batch = np.asarray(images[start:stop])
-        if len(batch) < batch_size:
-            batch = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:], batch.dtype)])
-        outputs = forward(batch)
+    for start, count, batch in batches:
+        outputs = forward(batch, **kwargs)
         if pending is not None:
             yield _read_back(*pending)
-        pending = (start, stop - start, outputs)
+        pending = (start, count, outputs)
     if pending is not None:
         yield _read_back(*pending)
 
@@ -311,7 +306,7 @@ def extract_features(dataset_or_paths, backbone="efficientnet_lite0", *, batch_s
 
 
 def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decode, progress) -> None:
-    from devise.runtime import default_batch_size, device_count, process_index_and_count
+    from devise.runtime import default_batch_size, device_count, pad_batch, process_index_and_count
 
     n = len(paths)
     n_chunks = -(-n // chunk_size)
@@ -341,9 +336,13 @@ def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, d
         for c, (lo, hi, images, chunk_valid) in enumerate(chunks):
             if c in skip:
                 continue
-            batches = (_host_batches(forward, images, lo, hi, batch_size) if processes > 1
-                       else _forward_batches(forward, images, lo, hi, batch_size))
-            for start, feats, logits in batches:
+            if processes > 1:  # this host's slice of each batch; the outputs hold the whole batch
+                batches = ((start, min(batch_size, hi - start), images[i])
+                           for i, start in enumerate(range(lo, hi, batch_size)))
+            else:
+                batches = ((start, min(batch_size, hi - start), pad_batch(images[start:start + batch_size], batch_size))
+                           for start in range(lo, hi, batch_size))
+            for start, feats, logits in _forward_batches(forward, batches, process_local=processes > 1):
                 cache.arrays["features"][start:start + len(feats)] = feats
                 if logits is not None:
                     cache.arrays["logits"][start:start + len(feats)] = logits
@@ -403,15 +402,3 @@ def _host_chunks(paths, size, chunk_size, batch_size, process, processes, done):
             everyone = gather_from_hosts(valid).transpose(1, 0, 2).reshape(-1)  # batch, host, row: row order
             yield lo, min(n, lo + chunk_size), images, everyone[:min(n, lo + chunk_size) - lo]
 
-
-def _host_batches(forward, host_images, lo, hi, batch_size):
-    """Like _forward_batches, from this host's slice of each batch: (start, features, logits) of the whole
-    batch, read on every host (the outputs are gathered on the devices)."""
-    pending = None
-    for batch, start in enumerate(range(lo, hi, batch_size)):
-        outputs = forward(host_images[batch], process_local=True)
-        if pending is not None:
-            yield _read_back(*pending)
-        pending = (start, min(batch_size, hi - start), outputs)
-    if pending is not None:
-        yield _read_back(*pending)

@@ -93,17 +93,15 @@ class Embedder:
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) -> unit (N, D), in fixed-size padded batches (never one image at a time)."""
         from devise.features import backbone_forward
+        from devise.runtime import pad_batch
 
         with self._lock:
             if self._forward is None:
                 self._forward = backbone_forward(self.backbone)
         out = []
         for start in range(0, len(images), self.batch_size):
-            chunk = np.asarray(images[start:start + self.batch_size])
-            size = _bucket(len(chunk), self.batch_size)
-            if len(chunk) < size:
-                chunk = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
             m = min(self.batch_size, len(images) - start)
+            chunk = pad_batch(images[start:start + self.batch_size], _bucket(m, self.batch_size))
             # One forward at a time: concurrent requests (the web server) share one model, and only the
             # JAX path is re-entrant; on a CPU a batch already uses every core.
             with self._lock:

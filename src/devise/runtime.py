@@ -72,6 +72,16 @@ def use_devices(count: int | None = None, *, multi_host: bool = False):
     return distribution
 
 
+def pad_batch(batch, size: int):
+    """batch (as numpy) with zero rows appended up to `size`: one compiled shape, not a recompile per length."""
+    import numpy as np
+
+    batch = np.asarray(batch)
+    if len(batch) >= size:
+        return batch
+    return np.concatenate([batch, np.zeros((size - len(batch),) + batch.shape[1:], batch.dtype)])
+
+
 def predict_in_batches(model: keras.Model, x, batch_size: int = 1024):
     """model(x) in fixed-size batches through compiled_forward, as numpy (a single output model).
 
@@ -85,11 +95,8 @@ def predict_in_batches(model: keras.Model, x, batch_size: int = 1024):
     batch_size = min(batch_size, -(-len(x) // device_count()) * device_count())
     outputs = []
     for start in range(0, len(x), batch_size):
-        batch = np.asarray(x[start:start + batch_size])
-        count = len(batch)
-        if count < batch_size:
-            batch = np.concatenate([batch, np.zeros((batch_size - count,) + batch.shape[1:], batch.dtype)])
-        outputs.append((forward(batch), count))  # dispatched; read back below, so the device never waits
+        count = min(batch_size, len(x) - start)
+        outputs.append((forward(pad_batch(x[start:start + batch_size], batch_size)), count))  # dispatched; read back below, so the device never waits
     if not outputs:
         return np.zeros((0,) + tuple(model.output_shape[1:]), np.float32)
     return np.concatenate([np.asarray(out)[:count] for out, count in outputs])
