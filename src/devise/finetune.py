@@ -255,7 +255,7 @@ def finetune_run(run_dir, out_dir, *, blocks: int = DEFAULT_BLOCKS, epochs: int 
         model.hinge_loss_seed = loss_fn.seed_generator  # threaded through the jitted step (see train.py)
     model.compile(optimizer=keras.optimizers.Adam(float(learning_rate)), loss=loss_fn)
     batches = shuffled_batches(images, labels, int(batch_size), int(seed), rows=indices, dtype="uint8")
-    state = _load_finetune_checkpoint(partial, options, model, loss_fn)
+    state = _load_finetune_checkpoint(partial, options, model)
 
     class EpochEnd(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -264,7 +264,7 @@ def finetune_run(run_dir, out_dir, *, blocks: int = DEFAULT_BLOCKS, epochs: int 
         def on_epoch_end(self, epoch, logs=None):
             state["epoch"] = epoch + 1
             state["loss"].append(float((logs or {}).get("loss", np.nan)))
-            _write_finetune_checkpoint(partial, options, model, loss_fn, state)
+            _write_finetune_checkpoint(partial, options, model, state)
 
     if verbose:
         print(f"fine-tuning backbone blocks {', '.join(trainable_blocks)} and the run's head "
@@ -295,23 +295,22 @@ def finetune_run(run_dir, out_dir, *, blocks: int = DEFAULT_BLOCKS, epochs: int 
     return load_run(out)
 
 
-def _write_finetune_checkpoint(partial: Path, options, model, loss_fn, state) -> None:
-    """One atomic file: every weight of the end-to-end model (augmentation seeds included), the optimizer,
-    the loss's random state and the epoch count, beside the options it belongs to."""
+def _write_finetune_checkpoint(partial: Path, options, model, state) -> None:
+    """One atomic file: every variable of the end-to-end model (the augmentation seeds and the loss's random
+    state, attached as model.hinge_loss_seed, included), the optimizer and the epoch count, beside the
+    options it belongs to."""
     from devise.assets import atomic_save_npz
     from devise.train import optimizer_arrays
 
     # model.variables, not get_weights(): the augmentation layers' seed states are variables, not weights
     arrays = {f"variable_{i}": np.asarray(v.value) for i, v in enumerate(model.variables)}
     arrays.update(optimizer_arrays(model))
-    if getattr(loss_fn, "seed_generator", None) is not None:
-        arrays["loss_seed_state"] = np.asarray(loss_fn.seed_generator.state.value)
     atomic_save_npz(partial / "checkpoint.npz", options=json.dumps(options), state=json.dumps(state), **arrays)
 
 
-def _load_finetune_checkpoint(partial: Path, options, model, loss_fn) -> dict:
+def _load_finetune_checkpoint(partial: Path, options, model) -> dict:
     """The state after the last finished epoch of an interrupted fine-tuning with the same options
-    (its weights, optimizer and loss state restored into model and loss_fn), else a fresh state."""
+    (its variables and optimizer restored into model), else a fresh state."""
     from devise.train import restore_optimizer
 
     path = partial / "checkpoint.npz"
@@ -326,8 +325,6 @@ def _load_finetune_checkpoint(partial: Path, options, model, loss_fn) -> dict:
         for i, variable in enumerate(model.variables):
             variable.assign(data[f"variable_{i}"])
         restore_optimizer(model, data)
-        if "loss_seed_state" in data and getattr(loss_fn, "seed_generator", None) is not None:
-            loss_fn.seed_generator.state.assign(data["loss_seed_state"])
         state = json.loads(str(data["state"]))
     print(f"resuming the fine-tuning in {partial} after epoch {state['epoch']}", flush=True)
     return state
