@@ -25,6 +25,7 @@ import numpy as np
 import keras
 from keras import ops
 
+from devise import defaults
 from devise.errors import DeviseError
 
 # Bump when the preprocessing or the graph changes in a way that changes features (invalidates caches).
@@ -313,7 +314,7 @@ def _build(name: str, weights: str, weights_id: str, formulation: str, precision
                     class_wnids=[c["wnid"] for c in classes], cache_key=f"{name}-{key}")
 
 
-def load_backbone(name: str = "efficientnet_lite0", weights: str | os.PathLike | None = None,
+def load_backbone(name: str = defaults.BACKBONE, weights: str | os.PathLike | None = None,
                   depthwise: str | None = None, precision: str | None = None) -> Backbone:
     """Build (once per process; later calls are cached) a pretrained backbone.
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from devise import defaults
 from devise.evaluate import HIT_KS, HP_KS, LabelSpace, evaluate_split, format_table, label_space, relabel
 
 # name -> train() settings; conse_t10 reuses the softmax model, conse_imagenet1k needs no training.
@@ -164,8 +165,8 @@ def aggregate(per_seed: list[dict]) -> tuple[dict, dict]:
     return means, stds
 
 
-def run_benchmark(dataset_spec: str = "emoji", seeds: int | list[int] = 3, vectors: str = "glove-6b-50d",
-                  backbone: str = "efficientnet_lite0", out_dir="runs/benchmark-emoji", methods=None,
+def run_benchmark(dataset_spec: str = "emoji", seeds: int | list[int] = 3, vectors: str = defaults.VECTORS,
+                  backbone: str = defaults.BACKBONE, out_dir="runs/benchmark-emoji", methods=None,
                   train_kwargs: dict | None = None, log=print) -> dict:
     """The whole benchmark -> the metrics.json object (also written to out_dir with report.md and plots).
 

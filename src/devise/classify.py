@@ -5,10 +5,11 @@ import os
 
 import numpy as np
 
+from devise import defaults
 from devise.errors import DeviseError
 
 
-def classify_arrays(images: np.ndarray, backbone="efficientnet_lite0", top_k: int = 5,
+def classify_arrays(images: np.ndarray, backbone=defaults.BACKBONE, top_k: int = 5,
                     batch_size: int = 32) -> list[list[dict]]:
     """uint8 (N, S, S, 3) images -> per image the top_k [{"label", "synset", "score"}] in rank order."""
     from devise.backbones import Backbone, load_backbone
@@ -33,7 +34,7 @@ def classify_arrays(images: np.ndarray, backbone="efficientnet_lite0", top_k: in
     return results
 
 
-def classify(paths: list[str | os.PathLike], backbone="efficientnet_lite0", top_k: int = 5,
+def classify(paths: list[str | os.PathLike], backbone=defaults.BACKBONE, top_k: int = 5,
              batch_size: int = 32, weights: str | os.PathLike | None = None) -> list[dict]:
     """Classify image files: [{"image": path, "predictions": [{"label", "synset", "score"}, ...]}].
 

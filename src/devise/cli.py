@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 
+from devise import defaults
 from devise.errors import DeviseError
 
 
@@ -221,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("features", help="cache backbone features for a dataset (emoji or a class-per-folder tree)")
     p.add_argument("dataset", help="'emoji' or a folder with one sub-folder per class")
-    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--backbone", default=defaults.BACKBONE)
     p.add_argument("--batch-size", type=int, default=None, help="default: 2 per device on CPU, 256 on GPU")
     p.add_argument("--chunk-size", type=int, default=512, help="images per resumable chunk")
     p.add_argument("--decode", choices=("threads", "processes"), default="threads",
@@ -249,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="every method on the zero-shot benchmark, tables + report + plots")
     p.add_argument("dataset", nargs="?", default="emoji", help="'emoji' (default) or a class-per-folder tree")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--vectors", default="glove-6b-50d", help="glove-6b-50d, minilm, or a vectors file")
-    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--vectors", default=defaults.VECTORS, help="glove-6b-50d, minilm, or a vectors file")
+    p.add_argument("--backbone", default=defaults.BACKBONE)
     p.add_argument("--methods", help="comma-separated subset of the methods")
     p.add_argument("--json", metavar="FILE", help="also write metrics.json here")
     p.add_argument("--out", default="runs/benchmark-emoji", help="folder for report.md, metrics.json and plots")
@@ -258,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("classify", help="ImageNet-1K top-k classes of image files")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0 (default) or resnet50")
+    p.add_argument("--backbone", default=defaults.BACKBONE, help="efficientnet_lite0 (default) or resnet50")
     p.add_argument("--weights", default=None, help="weights file (resnet50: .h5/.keras or 'imagenet')")
     p.add_argument("--top", type=int, default=5, metavar="K", help="how many classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image per line")
@@ -267,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("vectors", help="word vectors: inspect coverage, build a corpus, train skip-gram")
     vsub = p.add_subparsers(dest="vectors_command", required=True, metavar="ACTION")
     q = vsub.add_parser("info", help="size and dimension of a vectors spec, and coverage of a label list")
-    q.add_argument("spec", nargs="?", default="glove-6b-50d", help="glove-6b-50d (default), minilm, or a file")
+    q.add_argument("spec", nargs="?", default=defaults.VECTORS, help="glove-6b-50d (default), minilm, or a file")
     q.add_argument("--format", default="auto", help="auto (default), text, word2vec-bin, fasttext-bin")
     q.add_argument("--labels", help="labels file (one per line), imagenet1k or imagenet1k-wnids")
     q.add_argument("-v", "--verbose", action="store_true", help="print which token or lemma gave each label its vector")
@@ -292,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["softmax", "devise", "random", "conse"], default="devise")
     p.add_argument("--loss", choices=["hinge", "cosine"], default=None, help="DeViSE loss (default hinge)")
     p.add_argument("--head", choices=["linear", "mlp"], default=None, help="DeViSE head (default linear)")
-    p.add_argument("--vectors", default="glove-6b-50d", help="word vectors spec (see 'devise vectors info')")
-    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--vectors", default=defaults.VECTORS, help="word vectors spec (see 'devise vectors info')")
+    p.add_argument("--backbone", default=defaults.BACKBONE)
     p.add_argument("--epochs", type=int, default=None, help="most epochs (early stopping on validation classes)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--learning-rate", type=float, default=None)

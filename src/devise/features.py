@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from devise import defaults
 from devise.assets import atomic_write_json, data_home
 from devise.errors import DeviseError
 from devise.images import _load_or_none
@@ -276,7 +277,7 @@ def _read_back(start, count, outputs):
     return start, np.asarray(feats)[:count], (np.asarray(logits)[:count] if logits is not None else None)
 
 
-def extract_features(dataset_or_paths, backbone="efficientnet_lite0", *, batch_size: int | None = None,
+def extract_features(dataset_or_paths, backbone=defaults.BACKBONE, *, batch_size: int | None = None,
                      chunk_size: int = 512, decode: str = "threads", progress: bool = True) -> FeatureSet:
     """Pooled features (and ImageNet logits) for a dataset or a list of image paths, cached on disk.
 

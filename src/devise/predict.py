@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from devise import defaults
 from devise.assets import atomic_save_npz
 from devise.errors import DeviseError
 from devise.vectors import unit_rows
@@ -148,7 +149,7 @@ class Embedder:
 class ConseEmbedder(Embedder):
     """ConSE over the backbone's ImageNet-1K classifier: no training needed."""
 
-    def __init__(self, backbone="efficientnet_lite0", vectors_spec: str = "glove-6b-50d", T: int = CONSE_T,
+    def __init__(self, backbone=defaults.BACKBONE, vectors_spec: str = defaults.VECTORS, T: int = CONSE_T,
                  batch_size: int = 32):
         from devise.backbones import load_backbone
         from devise.conse import imagenet1k_class_vectors
@@ -324,7 +325,7 @@ _vocab_cache: dict[str, Vocabulary] = {}
 _vocab_lock = threading.Lock()
 
 
-def load_vocabulary(vocab: str | os.PathLike = "wordnet", vectors_spec: str = "glove-6b-50d") -> Vocabulary:
+def load_vocabulary(vocab: str | os.PathLike = "wordnet", vectors_spec: str = defaults.VECTORS) -> Vocabulary:
     """'wordnet', 'imagenet1k' or a label FILE, embedded with the vectors of `vectors_spec`; cached on disk."""
     from devise.assets import data_home
     from devise.vectors import load_vectors

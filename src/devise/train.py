@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from devise import defaults
 from devise.assets import atomic_save_npz, atomic_write_json
 from devise.errors import DeviseError
 from devise.metrics import flat_hit_at_k
@@ -512,8 +513,8 @@ def class_label_vectors(dataset, vectors, drop_missing: bool = False):
     return matrix, kept, report
 
 
-def train_dataset(dataset_spec, method: str = "devise", *, out_dir=None, vectors: str = "glove-6b-50d",
-                  backbone: str = "efficientnet_lite0", seed: int = 0, split_seed: int | None = None,
+def train_dataset(dataset_spec, method: str = "devise", *, out_dir=None, vectors: str = defaults.VECTORS,
+                  backbone: str = defaults.BACKBONE, seed: int = 0, split_seed: int | None = None,
                   drop_missing: bool = False, **train_kwargs) -> Run:
     """`devise train`: features from the cache, the zero-shot split, then train() on the seen classes.
 

@@ -46,11 +46,12 @@ from pathlib import Path
 
 import numpy as np
 
+from devise import defaults
 from devise.errors import DeviseError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SPEC = "glove-6b-50d"
+DEFAULT_SPEC = defaults.VECTORS
 FASTTEXT_MAGIC = 793712314  # first int32 of a fastText .bin model
 FORMATS = ("auto", "text", "word2vec-bin", "fasttext-bin")
 FORMAT_ALIASES = {"glove": "text", "word2vec-text": "text", "vec": "text", "fasttext-vec": "text",
