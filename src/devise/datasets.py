@@ -6,8 +6,10 @@ below split folders (train/val/test). A class folder is named by a word or phras
 first lemma. Every class is linked to a WordNet noun synset where one matches (`match_class_name`).
 
 `zero_shot_split` divides the classes into seen (trained on) and unseen (zero-shot) ones and holds one
-style of the seen classes out as the seen-class test set; `validation_split` carves validation classes
-out of the seen ones for choosing hyper-parameters without touching the unseen classes.
+style of the seen classes out as the seen-class test set (unseen_fraction=0: every class is seen, only
+test images are held out); `validation_split` carves validation classes out of the seen ones for
+choosing hyper-parameters without touching the unseen classes; `seen_validation_split` instead holds
+out images of every seen class (for datasets with too few classes for zero-shot validation).
 """
 from __future__ import annotations
 
@@ -277,13 +279,15 @@ class ZeroShotSplit:
 class ValidationSplit:
     """Validation classes carved out of the seen classes: fit on train_classes, score zero-shot on val_classes.
 
-    train / val: image indices (from the zero-shot split's train images) of those classes.
+    train / val: image indices (from the zero-shot split's train images) of those classes. With
+    zero_shot False (seen_validation_split) val_classes == train_classes and val holds their images.
     """
 
     train_classes: np.ndarray
     val_classes: np.ndarray
     train: np.ndarray
     val: np.ndarray
+    zero_shot: bool = True  # False: val holds images of the training classes (seen_validation_split)
 
 
 def _split_classes(classes: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -300,17 +304,21 @@ def zero_shot_split(dataset: ImageDataset, seed: int = 0, unseen_fraction: float
                     test_style: str | None = None) -> ZeroShotSplit:
     """A seeded seen/unseen class split (default 75% / 25%), deterministic given the seed.
 
+    unseen_fraction=0: no unseen classes (every class is seen; a user's folder trained on all its classes).
     Seen-class test images: for a styled dataset (emoji), every image of the held-out `test_style`
     (default "twitter", a style every emoji class has); for a folder with split sub-folders, its "test"
     (or, without one, "val") images; otherwise a seeded 20% of each seen class's images.
     """
-    if not 0 < unseen_fraction < 1:
-        raise DeviseError(f"unseen_fraction={unseen_fraction}: must be between 0 and 1")
+    if not 0 <= unseen_fraction < 1:
+        raise DeviseError(f"unseen_fraction={unseen_fraction}: must be at least 0 and below 1")
     if dataset.num_classes < 2:
         raise DeviseError(f"{dataset.name}: a zero-shot split needs at least 2 classes, found {dataset.num_classes}")
     rng = np.random.default_rng(seed)
     labels = np.asarray(dataset.labels)
-    seen, unseen = _split_classes(np.arange(dataset.num_classes), unseen_fraction, rng)
+    if unseen_fraction == 0:
+        seen, unseen = np.arange(dataset.num_classes, dtype=np.int64), np.zeros(0, np.int64)
+    else:
+        seen, unseen = _split_classes(np.arange(dataset.num_classes), unseen_fraction, rng)
     is_seen = np.isin(labels, seen)
     if dataset.styles is not None:
         styles = np.asarray(dataset.styles)
@@ -351,3 +359,24 @@ def validation_split(split: ZeroShotSplit, seed: int = 0, fraction: float = 0.2)
         train_classes=train_classes, val_classes=val_classes,
         train=split.train[np.isin(train_labels, train_classes)], val=split.train[np.isin(train_labels, val_classes)],
     )
+
+
+def seen_validation_split(split: ZeroShotSplit, seed: int = 0, fraction: float = 0.2) -> ValidationSplit:
+    """Hold out a seeded `fraction` of each seen class's training images as validation images.
+
+    Every seen class stays a training class and keeps at least one training image; a class with a single
+    training image gives none. For datasets with too few classes for zero-shot validation to mean anything.
+    """
+    if not 0 < fraction < 1:
+        raise DeviseError(f"fraction={fraction}: must be between 0 and 1")
+    rng = np.random.default_rng([seed, 3])  # its own stream, like validation_split's
+    train_labels = split.labels[split.train]
+    held = np.zeros(len(split.train), bool)
+    for c in split.seen_classes:
+        members = np.flatnonzero(train_labels == c)
+        n_out = min(int(round(fraction * len(members))), len(members) - 1)
+        if n_out > 0:
+            held[rng.choice(members, n_out, replace=False)] = True
+    classes = np.asarray(split.seen_classes, np.int64)
+    return ValidationSplit(train_classes=classes, val_classes=classes, train=split.train[~held],
+                           val=split.train[held], zero_shot=False)

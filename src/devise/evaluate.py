@@ -42,13 +42,21 @@ def relabel(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
 
 
 def ranking_metrics(scores: np.ndarray, true: np.ndarray, label_wnids, wordnet, per_class: bool = False) -> dict:
-    """hit@k (and per-class top-1) over all images; hp@k over images whose true label has a synset."""
-    out = {f"hit@{k}": v for k, v in metrics.flat_hit_at_k(scores, true, HIT_KS).items()}
-    if per_class:
+    """hit@k (and per-class top-1) over all images; hp@k over images whose true label has a synset.
+
+    A k at or above the number of labels is left out: every label is then in the top k (hit@k = 1.0).
+    """
+    from devise.train import reportable_ks
+
+    n_labels = scores.shape[1]
+    hit_ks = reportable_ks(HIT_KS, n_labels)
+    out = {f"hit@{k}": v for k, v in metrics.flat_hit_at_k(scores, true, hit_ks).items()} if hit_ks else {}
+    if per_class and hit_ks:
         out["per_class_top1"] = metrics.per_class_top1(metrics.top_k_indices(scores, 1)[:, 0], true)
     has_synset = np.array([label_wnids[t] is not None for t in true])
-    if has_synset.any():
-        hp = metrics.hierarchical_precision_at_k(scores[has_synset], true[has_synset], label_wnids, wordnet, HP_KS)
+    hp_ks = reportable_ks(HP_KS, n_labels)
+    if has_synset.any() and hp_ks:
+        hp = metrics.hierarchical_precision_at_k(scores[has_synset], true[has_synset], label_wnids, wordnet, hp_ks)
         out.update({f"hp@{k}": v for k, v in hp.items()})
     return {k: float(v) for k, v in out.items()}
 
@@ -73,6 +81,8 @@ def evaluate_split(model, features: np.ndarray, labels: np.ndarray, space: Label
         result["seen"] = ranking_metrics(model.predict_proba(seen_x), seen_y, wn_tr, wordnet)
         return result
     result["seen"] = ranking_metrics(model.predict_scores(seen_x, vec_tr, names_tr), seen_y, wn_tr, wordnet)
+    if len(unseen_classes) == 0:  # a run trained on every class: nothing to score zero-shot
+        return result
 
     names_un, vec_un, wn_un = space.subset(unseen_classes)
     un_x, un_y = features[unseen_images], relabel(labels[unseen_images], unseen_classes)
@@ -125,7 +135,9 @@ def evaluate_run(run_dir, dataset=None) -> dict:
         raise DeviseError(f"{run_dir}: the run does not record its dataset; pass DATASET")
     ds = load_dataset(spec)
     space = label_space(ds, settings.get("vectors") or "glove-6b-50d")
-    split = zero_shot_split(ds, seed=int(settings.get("split_seed", settings.get("seed", 0))))
+    # Runs from before unseen_fraction was recorded all held out 25% of the classes.
+    split = zero_shot_split(ds, seed=int(settings.get("split_seed", settings.get("seed", 0))),
+                            unseen_fraction=float(settings.get("unseen_fraction", 0.25)))
     val = validation_split(split, seed=int(settings.get("split_seed", settings.get("seed", 0))))
     from devise.finetune import load_backbone_from_run  # the run's backbone, fine-tuned or pretrained
     fs = extract_features(ds, load_backbone_from_run(run))
@@ -138,6 +150,9 @@ def evaluate_run(run_dir, dataset=None) -> dict:
     if names != list(run.class_names):
         raise DeviseError(f"{run_dir}: its training classes do not match {spec}'s split (different dataset or seed?)")
     pick = lambda idx: np.asarray([i for i in idx if usable[i]], dtype=np.int64)  # noqa: E731
+    if len(unseen) == 0:
+        print(f"{run_dir}: trained on every class of {spec}, so there are no unseen classes to score zero-shot "
+              "(train with --holdout-unseen FRACTION for that); seen classes on held-out images only", flush=True)
     return evaluate_split(run, features, labels, space, train_classes=train_classes, unseen_classes=unseen,
                           seen_test=pick(split.seen_test), unseen_images=pick(split.unseen),
                           wordnet=load_wordnet(), softmax_only=run.method == "softmax" and run.label_vectors is None)

@@ -193,7 +193,15 @@ def _as_validation(val, method, class_names, label_vectors, seed):
         vectors = unit_rows(vectors)
         if labels.max() >= len(vectors):
             raise DeviseError(f"validation label {labels.max()} has no vector ({len(vectors)} given)")
+    candidates = len(vectors) if vectors is not None else len(class_names)
+    if candidates < 2:  # hit@k over one label is 1.0 whatever the model does
+        raise DeviseError(f"validation over {candidates} label: it needs at least 2 candidate labels")
     return features, labels, vectors, len(val) > 2
+
+
+def reportable_ks(ks, n_labels: int) -> list[int]:
+    """The k of hit@k worth reporting over n_labels candidates: k >= n_labels is 1.0 whatever the model does."""
+    return sorted(k for k in {int(k) for k in ks} if k < n_labels)
 
 
 def _make_optimizer(name: str, learning_rate: float):
@@ -295,6 +303,8 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
         raise DeviseError(f"training set: features of shape {features.shape} for {len(labels)} labels")
     if labels.min() < 0 or labels.max() >= len(class_names):
         raise DeviseError(f"training labels must index the {len(class_names)} class names (got {labels.max()})")
+    if len(set(labels.tolist())) < 2:  # with one class every loss is 0: nothing would be learnt
+        raise DeviseError(f"training needs images of at least 2 classes, got {len(set(labels.tolist()))}")
     if label_vectors is None and method != "softmax":
         raise DeviseError(f"method '{method}' needs label vectors")
     if label_vectors is not None:
@@ -353,13 +363,16 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
             raise DeviseError("zero-shot validation of a softmax run needs training label vectors (ConSE)")
         else:
             scores = run.embed(vf) @ vvectors.T
-        return {f"val_hit@{k}": v for k, v in flat_hit_at_k(scores, vl, sorted({1, int(top_k)})).items()}
+        return {f"val_hit@{k}": v for k, v in flat_hit_at_k(scores, vl, sorted({1, monitor_k})).items()}
 
     # The random control scored zero-shot is chance by construction: it neither stops early nor picks
     # a "best" epoch on that score (it keeps the last weights); the score is still recorded.
     selects = validation is not None and not (method == "random" and validation[3])
     batches = shuffled_batches(features, labels, int(batch_size), int(seed))
-    monitor = f"val_hit@{int(top_k)}"
+    # Few validation candidates: monitor the largest k that can still miss (hit@5 over 3 labels is 1.0).
+    monitor_k = int(top_k) if validation is None else \
+        max(1, min(int(top_k), (len(validation[2]) if validation[2] is not None else len(class_names)) - 1))
+    monitor = f"val_hit@{monitor_k}"
 
     class EpochEnd(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -513,65 +526,157 @@ def class_label_vectors(dataset, vectors, drop_missing: bool = False):
     return matrix, kept, report
 
 
+# How `devise train DATASET` validates adapts to the data (the log says which and why):
+# zero-shot validation classes only when at least this many can be held out: over fewer, hit@5 moves in
+# coarse steps and with one validation class it is 1.0 from the first epoch, so it cannot choose an epoch.
+MIN_ZERO_SHOT_VAL_CLASSES = 20
+# else held-out images of the training classes, when at least this many: fewer make early stopping noise
+MIN_SEEN_VAL_IMAGES = 20
+VALIDATION_FRACTION = 0.2     # of the classes (zero-shot) or of each class's training images (seen)
+FIXED_EPOCHS = 20             # no validation possible (tiny folders) and no --epochs given
+# Datasets whose default is the zero-shot protocol (unseen classes held out): the benchmark keeps its split.
+# A user's folder trains on all its classes unless holdout_unseen (--holdout-unseen) asks otherwise.
+DEFAULT_HOLDOUT_UNSEEN = {"emoji": 0.25}
+
+
+def choose_validation(split, kept, usable, seed: int = 0):
+    """(mode, ValidationSplit or None, why) for the seen classes of a split: "zero-shot" (validation
+    classes held out), "seen" (held-out images of the training classes) or "none" (fixed epochs)."""
+    from devise.datasets import seen_validation_split, validation_split
+
+    by_class = validation_split(split, seed=seed, fraction=VALIDATION_FRACTION)
+    n_classes = int(sum(kept[c] for c in by_class.val_classes))
+    n_train = int(sum(kept[c] for c in by_class.train_classes))
+    if n_classes >= MIN_ZERO_SHOT_VAL_CLASSES and n_train >= 2:
+        return "zero-shot", by_class, (f"zero-shot on {n_classes} held-out validation classes "
+                                       f"(at least {MIN_ZERO_SHOT_VAL_CLASSES} can be held out)")
+    by_image = seen_validation_split(split, seed=seed, fraction=VALIDATION_FRACTION)
+    n_images = int(np.asarray(usable)[by_image.val].sum())
+    too_few_classes = (f"zero-shot validation needs at least {MIN_ZERO_SHOT_VAL_CLASSES} validation classes, "
+                       f"{n_classes} possible")
+    if n_images >= MIN_SEEN_VAL_IMAGES:
+        return "seen", by_image, (f"seen classes, {n_images} held-out images of the training classes "
+                                  f"({too_few_classes})")
+    return "none", None, (f"none, a fixed number of epochs ({too_few_classes}; seen-class validation needs "
+                          f"at least {MIN_SEEN_VAL_IMAGES} held-out images, {n_images} possible)")
+
+
 def train_dataset(dataset_spec, method: str = "devise", *, out_dir=None, vectors: str = defaults.VECTORS,
                   backbone: str = defaults.BACKBONE, seed: int = 0, split_seed: int | None = None,
-                  drop_missing: bool = False, **train_kwargs) -> Run:
-    """`devise train`: features from the cache, the zero-shot split, then train() on the seen classes.
+                  drop_missing: bool = False, holdout_unseen: float | None = None, **train_kwargs) -> Run:
+    """`devise train`: features from the cache, the dataset's split, then train().
 
-    The dataset's seen classes (zero_shot_split, seeded) are split again into training and validation
-    classes (validation_split); the model is fit on the training classes' images (the held-out test
-    style excluded) and early-stopped on zero-shot hit@k of the validation classes. The unseen classes
-    are never touched; the run's settings record the split so evaluation can score them.
+    holdout_unseen: the fraction of classes held out as unseen (the zero-shot protocol, for evaluation).
+    Default: 0.25 for the emoji benchmark (its split), 0 for a folder: it trains on all its classes.
+    A seeded 20% of each seen class's images (or the held-out style / test folder) is kept out as the
+    seen-class test set. Validation (choose_validation): zero-shot on held-out validation classes when
+    at least 20 of them are possible, else held-out images of the training classes, else a fixed
+    number of epochs. With every class trained and zero-shot validation, the model is first fit on the
+    training classes to choose the epoch count (run folder "selection/"), then refit on all classes
+    for that many epochs (Xian et al.'s protocol, as the benchmark does). The held-out unseen classes are
+    never touched; the run's settings record the split so evaluation can rebuild it.
     """
-    from devise.datasets import load_dataset, validation_split, zero_shot_split
+    from devise.datasets import load_dataset, zero_shot_split
     from devise.features import extract_features
     from devise.vectors import load_vectors
 
     split_seed = seed if split_seed is None else split_seed
+    if holdout_unseen is None:
+        holdout_unseen = DEFAULT_HOLDOUT_UNSEEN.get(str(dataset_spec), 0.0)
+    holdout_unseen = float(holdout_unseen)
+    if not 0 <= holdout_unseen < 1:
+        raise DeviseError(f"--holdout-unseen {holdout_unseen:g}: give the fraction of classes held out as "
+                          "unseen, at least 0 and below 1 (e.g. 0.25)")
     dataset = load_dataset(dataset_spec)
     word_vectors = load_vectors(vectors)
     matrix, kept, report = class_label_vectors(dataset, word_vectors, drop_missing)
     print(report, flush=True)
-    split = zero_shot_split(dataset, seed=split_seed)
-    val_split = validation_split(split, seed=split_seed)
+    names = list(dataset.classes)
+    if kept.sum() < 2:
+        found = ", ".join(repr(names[c]) for c in np.flatnonzero(kept)) or "none"
+        raise DeviseError(f"{dataset.name}: {int(kept.sum())} class with a word vector ({found}); training needs "
+                          "at least 2 classes (one sub-folder of images per class)")
+    split = zero_shot_split(dataset, seed=split_seed, unseen_fraction=holdout_unseen)
+    seen = np.asarray([c for c in split.seen_classes if kept[c]], dtype=np.int64)
+    if len(seen) < 2:
+        raise DeviseError(f"{dataset.name}: {len(seen)} class left to train on after holding out "
+                          f"{holdout_unseen:g} of the classes as unseen; training needs at least 2 "
+                          "(lower --holdout-unseen or add classes)")
     feature_set = extract_features(dataset, backbone)
     usable = np.asarray(feature_set.valid, bool) & kept[np.asarray(dataset.labels)]
 
     def select(image_indices, class_indices):
-        class_indices = np.asarray([c for c in class_indices if kept[c]])
+        class_indices = np.asarray([c for c in class_indices if kept[c]], dtype=np.int64)
         image_indices = np.asarray([i for i in image_indices if usable[i]], dtype=np.int64)
         position = np.full(len(dataset.classes), -1)
         position[class_indices] = np.arange(len(class_indices))
-        return (np.asarray(feature_set.features[image_indices], np.float32),
-                position[np.asarray(dataset.labels)[image_indices]], class_indices)
+        chosen = position[np.asarray(dataset.labels)[image_indices]]
+        image_indices, chosen = image_indices[chosen >= 0], chosen[chosen >= 0]  # only images of these classes
+        return np.asarray(feature_set.features[image_indices], np.float32), chosen, class_indices
 
-    train_x, train_y, train_classes = select(val_split.train, val_split.train_classes)
-    val_x, val_y, val_classes = select(val_split.val, val_split.val_classes)
-    names = list(dataset.classes)
+    mode, val_split, why = choose_validation(split, kept, usable, split_seed)
+    all_classes = holdout_unseen == 0
+    unseen_kept = [int(c) for c in split.unseen_classes if kept[c]]
+    print(f"classes: {'all ' + str(len(seen)) if all_classes else str(len(seen))} trained"
+          + ("" if all_classes else f", {len(unseen_kept)} held out as unseen (holdout {holdout_unseen:g})")
+          + f"; validation: {why}", flush=True)
+    if mode == "none" and "epochs" not in train_kwargs:
+        train_kwargs = {**train_kwargs, "epochs": FIXED_EPOCHS}
     settings_extra = {"dataset": str(dataset_spec), "split_seed": int(split_seed),
-                      "train_classes": train_classes.tolist(), "val_classes": val_classes.tolist(),
-                      "unseen_classes": [int(c) for c in split.unseen_classes if kept[c]]}
+                      "unseen_fraction": holdout_unseen, "validation": mode, "unseen_classes": unseen_kept}
+    fit = dict(seed=seed, vectors_spec=str(vectors), backbone_name=backbone, **train_kwargs)
+
+    selection = None
+    if mode == "zero-shot":
+        train_x, train_y, train_classes = select(val_split.train, val_split.train_classes)
+        val_x, val_y, val_classes = select(val_split.val, val_split.val_classes)
+        val = (val_x, val_y, matrix[val_classes], [names[c] for c in val_classes])
+    elif mode == "seen":
+        train_x, train_y, train_classes = select(val_split.train, seen)
+        val_x, val_y, _ = select(val_split.val, train_classes)
+        val, val_classes = (val_x, val_y), train_classes  # labels index the training classes
+    else:
+        train_x, train_y, train_classes = select(split.train, seen)
+        val, val_classes = None, np.zeros(0, np.int64)
+    if mode == "zero-shot" and all_classes:
+        # Stage 1 chooses the epoch count on the validation classes; stage 2 trains every class that long.
+        sel_dir = None if out_dir is None else Path(out_dir) / "selection"
+        if sel_dir is not None and (sel_dir / "model.keras").is_file() and (sel_dir / "history.json").is_file():
+            selection = load_run(sel_dir)  # finished before an interruption: reuse it
+        else:
+            selection = train(method, train_x, train_y, [names[c] for c in train_classes], matrix[train_classes],
+                              val=val, out_dir=sel_dir, **fit,
+                              extra_settings={**settings_extra, "stage": "selection",
+                                              "train_classes": train_classes.tolist(),
+                                              "val_classes": val_classes.tolist()})
+        epochs = int(selection.history.get("best_epoch") or selection.history["epochs_run"])
+        train_x, train_y, train_classes = select(split.train, seen)
+        val, val_classes = None, np.zeros(0, np.int64)
+        fit["epochs"] = epochs
+    settings_extra.update(train_classes=train_classes.tolist(), val_classes=val_classes.tolist())
     run = train(method, train_x, train_y, [names[c] for c in train_classes], matrix[train_classes],
-                val=(val_x, val_y, matrix[val_classes], [names[c] for c in val_classes]),
-                seed=seed, out_dir=out_dir, vectors_spec=str(vectors), backbone_name=backbone,
-                extra_settings=settings_extra, **train_kwargs)
+                val=val, out_dir=out_dir, extra_settings=settings_extra, **fit)
+    run.history["validation"] = why
+    if selection is not None:
+        best = {k: v for k, v in selection.history.items() if k.startswith("best_")}
+        run.history["selection"] = {"epochs_run": selection.history["epochs_run"], **best}
     # A first look at the unseen classes (the evaluation module holds the full protocol): zero-shot
     # flat hit@k of every unseen image against the unseen classes only.
     unseen_x, unseen_y, unseen_classes = select(split.unseen, split.unseen_classes)
-    if len(unseen_y) and (method != "softmax" or run.label_vectors is not None):
+    ks = reportable_ks((1, 2, 5, 10), len(unseen_classes))
+    if len(unseen_y) and ks and (method != "softmax" or run.label_vectors is not None):
         scores = run.predict_scores(unseen_x, matrix[unseen_classes], [names[c] for c in unseen_classes])
-        run.history["unseen_zero_shot"] = {f"hit@{k}": v for k, v in flat_hit_at_k(scores, unseen_y).items()}
+        run.history["unseen_zero_shot"] = {f"hit@{k}": v for k, v in flat_hit_at_k(scores, unseen_y, ks).items()}
         run.history["unseen_zero_shot"].update(images=int(len(unseen_y)), classes=int(len(unseen_classes)))
-    # Seen classes in the held-out style, over the training classes (the paper's 1K table, in small).
+    # Seen classes on held-out images (style, test folder or seeded 20%), over the training classes.
     seen_x, seen_y, _ = select(split.seen_test, train_classes)
-    keep = seen_y >= 0
-    if keep.any():
-        seen_x, seen_y = seen_x[keep], seen_y[keep]
+    ks = reportable_ks((1, 2, 5, 10), len(train_classes))
+    if len(seen_y) and ks:
         if method in ("softmax", "conse"):
             scores = run.predict_proba(seen_x)
         else:
             scores = run.predict_scores(seen_x, run.label_vectors, run.class_names)
-        run.history["seen_test"] = {f"hit@{k}": v for k, v in flat_hit_at_k(scores, seen_y).items()}
+        run.history["seen_test"] = {f"hit@{k}": v for k, v in flat_hit_at_k(scores, seen_y, ks).items()}
         run.history["seen_test"].update(images=int(len(seen_y)), classes=int(len(train_classes)))
     if run.path is not None:
         _write_json(run.path / "history.json", run.history)
