@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 from devise import defaults
 from devise.assets import atomic_write_json, data_home
 from devise.errors import DeviseError
+# The decode/resize policy is versioned where it lives (images.py): when it changes, old stores stop matching.
+from devise.images import POLICY_VERSION as IMAGE_POLICY_VERSION
 from devise.images import _load_or_none
 
-# Bump when the decode/resize policy in images.py changes: old stores then stop matching.
-IMAGE_POLICY_VERSION = "v1-short0.875-bicubic-white"
 # Bump when the feature cache's layout changes (v2: its own valid mask, so the store may be deleted).
 FEATURES_VERSION = "v2"
 
