@@ -6,10 +6,53 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import warnings
 
 from devise import defaults
 from devise.errors import DeviseError
+
+
+# ANSI escape sequences (colours, cursor moves) and backspaces: noise once output goes to a file or pipe.
+_TERMINAL_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]|\x08")
+MAX_MESSAGE = 600  # characters of an error or warning shown; a garbled file must not flood the terminal
+
+
+def printable(text: str, limit: int = MAX_MESSAGE) -> str:
+    """One line of text safe to print: control characters and other unprintables repr-escaped
+    (binary garbage from a file shows as \\x00, never raw), cut to `limit` characters."""
+    text = " ".join(str(text).splitlines())  # one line
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class _PlainStream:
+    """A stream that drops terminal control sequences: for stdout/stderr redirected to a file or pipe
+    (Keras' progress bar writes colour codes even then)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.at_line_start = True  # False mid-line (e.g. a progress bar redrawn with \r)
+
+    def write(self, text):
+        text = _TERMINAL_CONTROL.sub("", text)
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self._stream.write(text)
+
+    def isatty(self):
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """warnings.showwarning for the CLI: one line, no source excerpt (the user did not write that code)."""
+    file = file or sys.stderr
+    start = "" if getattr(file, "at_line_start", True) else "\n"  # not glued to a progress bar's line
+    print(f"{start}devise: warning: {printable(message)}", file=file, flush=True)
 
 
 def _print_json(obj) -> None:
@@ -59,11 +102,10 @@ def _read_labels(source: str) -> list[str]:
         from devise.assets import imagenet1k_classes
         key = "wnid" if source.endswith("wnids") else "name"
         return [c[key] for c in imagenet1k_classes()]
-    try:
-        with open(source, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    except OSError as exc:
-        raise DeviseError(f"{source}: cannot read the labels file ({exc.strerror})") from None
+    from pathlib import Path
+
+    from devise.predict import read_label_lines  # binary garbage -> an error with an escaped excerpt
+    return [line.strip() for line in read_label_lines(Path(source)) if line.strip()]
 
 
 def cmd_vectors_info(args) -> int:
@@ -103,7 +145,8 @@ def cmd_predict(args) -> int:
     from devise.predict import format_table, predict
 
     results = predict(args.images, model=args.model, vocab=args.vocab, top_k=args.top, hubness=args.hubness,
-                      reference=args.reference, progress=len(args.images) > 1 or not args.json)
+                      reference=args.reference, progress=len(args.images) > 1 or not args.json,
+                      drop_missing=args.drop_missing)
     if args.json:
         for result in results:
             print(json.dumps(result))
@@ -135,7 +178,7 @@ def cmd_serve(args) -> int:
     from devise.serve import serve
 
     serve(model=args.model, index=args.index, vocab=args.vocab, host=args.host, port=args.port,
-          max_upload_mb=args.max_upload_mb)
+          max_upload_mb=args.max_upload_mb, drop_missing=args.drop_missing)
     return 0
 
 
@@ -151,13 +194,24 @@ def cmd_train(args) -> int:
         options["normalize_output"] = True
     if args.full_sum:
         options["truncated"] = False
+    # Keras' progress bar redraws one line with \r and colours: only for a terminal; else a line per epoch.
     run = train_dataset(args.dataset, args.method, out_dir=args.out, vectors=args.vectors, backbone=args.backbone,
-                        seed=args.seed, drop_missing=args.drop_missing, **options)
+                        seed=args.seed, drop_missing=args.drop_missing, holdout_unseen=args.holdout_unseen,
+                        verbose=1 if sys.stdout.isatty() else 2, **options)
     history = run.history
     best_key = next((k for k in history if k.startswith("best_val")), None)
-    best = (f", best epoch {history['best_epoch']} (validation classes {best_key[5:]} {history[best_key]:.3f})"
-            if best_key and history.get(best_key) is not None else " (last epoch kept)")
+    selection = history.get("selection") or {}
+    chosen = next((k for k in selection if k.startswith("best_val")), None)
+    if best_key and history.get(best_key) is not None:
+        kind = "validation classes" if run.settings.get("validation") == "zero-shot" else "held-out images"
+        best = f", best epoch {history['best_epoch']} ({kind} {best_key[5:]} {history[best_key]:.3f})"
+    elif chosen and selection.get(chosen) is not None:
+        best = (f" on all {len(run.class_names)} classes, the count chosen on validation classes "
+                f"({chosen[5:]} {selection[chosen]:.3f})")
+    else:
+        best = " (last epoch kept)"
     print(f"{run.method}: {history['epochs_run']} epochs{best} -> {run.path}")
+    print(f"validation: {history.get('validation')}")
     for part in ("seen_test", "unseen_zero_shot"):
         if part in history:
             print(f"{part}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
@@ -257,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/benchmark-emoji", help="folder for report.md, metrics.json and plots")
     p.set_defaults(func=cmd_benchmark)
 
-    p = sub.add_parser("classify", help="ImageNet-1K top-k classes of image files")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p = sub.add_parser("classify", help="ImageNet-1K top-k classes of image files (folders: their images)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     p.add_argument("--backbone", default=defaults.BACKBONE, help="efficientnet_lite0 (default) or resnet50")
     p.add_argument("--weights", default=None, help="weights file (resnet50: .h5/.keras or 'imagenet')")
     p.add_argument("--top", type=int, default=5, metavar="K", help="how many classes per image (default 5)")
@@ -308,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hinge: sum over every violating negative (default: truncated at the first, as the paper)")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation and the batches")
     p.add_argument("--drop-missing", action="store_true", help="drop classes with no word vector (reported)")
+    p.add_argument("--holdout-unseen", type=float, default=None, metavar="FRACTION",
+                   help="hold this fraction of the classes out as unseen, for zero-shot evaluation (default: "
+                        "0.25 for emoji, the benchmark's split; 0 for a folder: train on all its classes)")
     p.add_argument("--out", required=True, help="run folder (resumes an interrupted run with the same settings)")
     p.set_defaults(func=cmd_train)
 
@@ -321,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="correct hubness with CSLS or per-label centring (reference: --reference or the images)")
     p.add_argument("--reference", default=None, metavar="INDEX",
                    help="image index whose images are the hubness reference set")
+    p.add_argument("--drop-missing", action="store_true",
+                   help="leave out labels of a --vocab FILE that have no word vector (reported)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("index", help="embed a folder of images into a FAISS search index (adds to an existing one)")
@@ -344,24 +403,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10)")
+    p.add_argument("--drop-missing", action="store_true",
+                   help="leave out labels of a --vocab FILE that have no word vector (reported)")
     p.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.devices or args.multi_host:
-            from devise.runtime import use_devices
+    streams = sys.stdout, sys.stderr
+    # Colour codes only on a terminal: a redirected stream gets them stripped, whoever writes them.
+    sys.stdout, sys.stderr = (s if s.isatty() else _PlainStream(s) for s in streams)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # restored on exit (main may run inside a test process)
+        try:
+            if args.devices or args.multi_host:
+                from devise.runtime import use_devices
 
-            use_devices(args.devices, multi_host=args.multi_host)
-        return int(args.func(args) or 0)
-    except DeviseError as exc:
-        print(f"devise: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("devise: interrupted", file=sys.stderr)
-        return 130
+                use_devices(args.devices, multi_host=args.multi_host)
+            return int(args.func(args) or 0)
+        except DeviseError as exc:
+            start = "" if getattr(sys.stderr, "at_line_start", True) else "\n"
+            print(f"{start}devise: error: {printable(exc)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("devise: interrupted", file=sys.stderr)
+            return 130
+        finally:
+            sys.stdout, sys.stderr = streams
 
 
 if __name__ == "__main__":

@@ -245,11 +245,32 @@ class Vocabulary:
         return [list(range(starts[t], starts[t + 1])) for t in range(len(self.matrix))]
 
 
-def _read_label_file(path: Path) -> list[str]:
+def excerpt(data, limit: int = 40) -> str:
+    """A repr-escaped, truncated excerpt of file content for an error message (never raw binary)."""
+    text = repr(data[:limit])
+    return text + ("..." if len(data) > limit else "")
+
+
+def read_label_lines(path: Path) -> list[str]:
+    """The lines of a label file; binary garbage is an error quoting an escaped excerpt of the bad line."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DeviseError(f"{path}: cannot read the label file ({exc.__class__.__name__})") from None
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DeviseError(f"{path}: cannot read the label file ({exc.strerror or exc.__class__.__name__})") from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows editors) is not content
+    lines = raw.split(b"\n")
+    for number, line in enumerate(lines, 1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DeviseError(f"{path}:{number}: not UTF-8 text, not a label file ({excerpt(line)})") from None
+        if any(not c.isprintable() for c in text.rstrip("\r").replace("\t", " ")):
+            raise DeviseError(f"{path}:{number}: control characters in a label, not a label file ({excerpt(text)})")
+    return raw.decode("utf-8").splitlines()
+
+
+def _read_label_file(path: Path) -> list[str]:
+    lines = read_label_lines(path)
     labels = list(dict.fromkeys(l.strip() for l in lines if l.strip() and not l.strip().startswith("#")))
     if not labels:
         raise DeviseError(f"{path}: no labels in the file (one label per line)")
@@ -283,7 +304,7 @@ def _build_wordnet_vocab(vectors) -> tuple[np.ndarray, list[str], list[str | Non
     return matrix[np.sort(first)], labels, synsets, term_of[entries].astype(np.int64)
 
 
-def _build_vocab(vocab: str, vectors) -> tuple[np.ndarray, list[str], list[str | None], np.ndarray]:
+def _build_vocab(vocab: str, vectors, drop_missing: bool = False) -> tuple[np.ndarray, list[str], list[str | None], np.ndarray]:
     from devise.vectors import SYNSET_ID, embed_labels
 
     if vocab == "wordnet":
@@ -297,7 +318,9 @@ def _build_vocab(vocab: str, vectors) -> tuple[np.ndarray, list[str], list[str |
     else:
         from devise.wordnet import load_wordnet
         wordnet = load_wordnet()
-        emb = embed_labels(_read_label_file(Path(vocab)), vectors, wordnet=wordnet, drop_missing=False)
+        emb = embed_labels(_read_label_file(Path(vocab)), vectors, wordnet=wordnet, drop_missing=drop_missing)
+        if not emb.labels:
+            raise DeviseError(f"{vocab}: none of its labels has a vector in {vectors.name}")
         labels, synsets = [], []
         for label in emb.labels:
             if SYNSET_ID.match(label) and label in wordnet:
@@ -310,8 +333,10 @@ def _build_vocab(vocab: str, vectors) -> tuple[np.ndarray, list[str], list[str |
     return np.asarray(emb.matrix, np.float32), labels, synsets, np.arange(len(labels), dtype=np.int64)
 
 
-def _vocab_key(vocab: str, vectors_spec: str, dim: int) -> str:
+def _vocab_key(vocab: str, vectors_spec: str, dim: int, drop_missing: bool = False) -> str:
     digest = hashlib.sha256(f"{VOCAB_VERSION}|{vocab}|{vectors_spec}|{dim}".encode())
+    if drop_missing and vocab not in VOCABS:  # a FILE without its missing labels is another vocabulary
+        digest.update(b"|drop-missing")
     if vocab not in VOCABS:
         digest.update(Path(vocab).read_bytes())
     spec = Path(vectors_spec)
@@ -325,8 +350,13 @@ _vocab_cache: dict[str, Vocabulary] = {}
 _vocab_lock = threading.Lock()
 
 
-def load_vocabulary(vocab: str | os.PathLike = "wordnet", vectors_spec: str = defaults.VECTORS) -> Vocabulary:
-    """'wordnet', 'imagenet1k' or a label FILE, embedded with the vectors of `vectors_spec`; cached on disk."""
+def load_vocabulary(vocab: str | os.PathLike = "wordnet", vectors_spec: str = defaults.VECTORS,
+                    drop_missing: bool = False) -> Vocabulary:
+    """'wordnet', 'imagenet1k' or a label FILE, embedded with the vectors of `vectors_spec`; cached on disk.
+
+    drop_missing: leave out a FILE's labels that have no vector (a warning lists them) instead of an error;
+    the built-in vocabularies always hold only the labels that have one.
+    """
     from devise.assets import data_home
     from devise.vectors import load_vectors
 
@@ -334,7 +364,7 @@ def load_vocabulary(vocab: str | os.PathLike = "wordnet", vectors_spec: str = de
     if vocab not in VOCABS and not Path(vocab).is_file():
         raise DeviseError(f"{vocab}: vocabulary must be 'wordnet', 'imagenet1k' or a file with one label per line")
     vectors = load_vectors(vectors_spec)
-    key = _vocab_key(vocab, str(vectors_spec), int(vectors.dim))
+    key = _vocab_key(vocab, str(vectors_spec), int(vectors.dim), drop_missing)
     with _vocab_lock:
         if key in _vocab_cache:
             return _vocab_cache[key]
@@ -347,7 +377,7 @@ def load_vocabulary(vocab: str | os.PathLike = "wordnet", vectors_spec: str = de
             except (OSError, ValueError, KeyError):
                 data = None  # a damaged cache is rebuilt, never trusted
         if data is None:
-            data = _build_vocab(vocab, vectors)
+            data = _build_vocab(vocab, vectors, drop_missing)
             matrix, labels, synsets, entry_term = data
             atomic_save_npz(path, matrix=matrix, labels=np.array(labels, dtype=str),
                              synsets=np.array([s or "" for s in synsets], dtype=str), entry_term=entry_term)
@@ -423,21 +453,22 @@ def rank_labels(scores: np.ndarray, vocabulary: Vocabulary, top_k: int) -> list[
 
 # ---------------------------------------------------------------- the API
 
-def expand_image_paths(paths) -> list[str]:
-    """Files as given; folders replaced by the image files below them (sorted)."""
-    from devise.images import list_image_files
+def expand_image_paths(paths, skipped: list[str] | None = None) -> list[str]:
+    """Files as given; folders replaced by the image files below them (sorted), by the one walker
+    (devise.images.scan_image_files). Entries that are not readable files (broken or looping links,
+    FIFOs, sockets...) are left out and listed in one warning, or appended to `skipped` for a caller
+    that reports them in its own warning."""
+    from devise.images import scan_image_files, warn_skipped
 
-    out = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            out += list_image_files(p)
-        elif p.exists():
-            out.append(str(p))
-        else:
-            raise DeviseError(f"{p}: no such file or folder")
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    out, bad = scan_image_files(paths)
     if not out:
-        raise DeviseError("no image files found in: " + ", ".join(str(p) for p in paths))
+        raise DeviseError("no image files found in: " + ", ".join(str(p) for p in paths)
+                          + (f" (skipped: {'; '.join(bad)})" if bad else ""))
+    if skipped is None:
+        warn_skipped(bad)
+    else:
+        skipped.extend(bad)
     return out
 
 
@@ -451,7 +482,7 @@ def predict_arrays(images: np.ndarray, model="conse", vocab="wordnet", top_k: in
 
 
 def predict(paths, model="conse", vocab="wordnet", top_k: int = 5, hubness: str | None = None,
-            reference=None, progress: bool = False) -> list[dict]:
+            reference=None, progress: bool = False, drop_missing: bool = False) -> list[dict]:
     """Open-vocabulary labels for image files (folders expand to their images), embedded in batches.
 
     Returns [{"image": PATH, "predictions": [{"label", "synset", "score"}, ...]}] in rank order; score is
@@ -459,7 +490,8 @@ def predict(paths, model="conse", vocab="wordnet", top_k: int = 5, hubness: str 
     """
     paths = expand_image_paths([paths] if isinstance(paths, (str, os.PathLike)) else paths)
     embedder = load_embedder(model)
-    vocabulary = vocab if isinstance(vocab, Vocabulary) else load_vocabulary(vocab, embedder.vectors_spec)
+    vocabulary = vocab if isinstance(vocab, Vocabulary) else \
+        load_vocabulary(vocab, embedder.vectors_spec, drop_missing=drop_missing)
     embeddings, valid = embedder.embed_paths(paths, progress=progress)
     if not valid.any():
         raise DeviseError("none of the images could be read: " + ", ".join(paths[:5]))

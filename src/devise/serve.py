@@ -58,13 +58,13 @@ def decode_upload(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.nd
 
 
 def create_app(model="conse", index: str | os.PathLike | None = None, vocab="wordnet", *, top_k: int = 5,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS):
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, drop_missing: bool = False):
     """The FastAPI app with the model, vocabulary and optional search index loaded once."""
     from devise.predict import load_embedder, load_vocabulary, predict_arrays
     from devise.search import load_index, search
 
     embedder = load_embedder(model)
-    vocabulary = load_vocabulary(vocab, embedder.vectors_spec)
+    vocabulary = load_vocabulary(vocab, embedder.vectors_spec, drop_missing=drop_missing)
     image_index = load_index(index) if index else None
     if image_index is not None and image_index.embeddings.shape[1] != embedder.dim:
         raise DeviseError(f"{index}: index is {image_index.embeddings.shape[1]}-d but the model is {embedder.dim}-d")
@@ -152,10 +152,11 @@ def running_server(app, host: str = "127.0.0.1", port: int = 0, timeout_s: float
 
 
 def serve(model="conse", index=None, vocab="wordnet", host: str = "127.0.0.1", port: int = 8000,
-          max_upload_mb: float = 10.0) -> None:
+          max_upload_mb: float = 10.0, drop_missing: bool = False) -> None:
     """Run the app with uvicorn until interrupted."""
     import uvicorn
 
-    app = create_app(model, index, vocab, max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+    app = create_app(model, index, vocab, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                     drop_missing=drop_missing)
     print(f"devise: serving on http://{host}:{port}/ (API docs at /docs)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

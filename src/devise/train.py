@@ -502,8 +502,16 @@ def class_label_vectors(dataset, vectors, drop_missing: bool = False):
     """
     from devise.vectors import embed_labels
 
+    import logging
+
     names = list(dataset.classes)
-    by_name = embed_labels(names, vectors, drop_missing=True)
+    quiet = logging.getLogger("devise.vectors")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # names without a vector may still get one by synset; the report says
+    try:
+        by_name = embed_labels(names, vectors, drop_missing=True)
+    finally:
+        quiet.setLevel(level)
     rows = dict(zip(by_name.labels, by_name.matrix))
     wnids = list(getattr(dataset, "wnids", None) or [None] * len(names))
     fallback = [(n, w) for n, w in zip(names, wnids) if n not in rows and w]
