@@ -1,5 +1,6 @@
-"""The Keras EfficientNet-Lite0 against the reference PyTorch package on 20 real ImageNet photos, both
-depthwise formulations, `devise classify`, and one-line errors for bad weights."""
+"""The Keras EfficientNet-Lite0 and Lite2 against the reference PyTorch package on 20 real ImageNet photos,
+both depthwise formulations, the registry, loading without random initializers, `devise classify`, and
+one-line errors for bad weights."""
 import json
 from pathlib import Path
 
@@ -8,13 +9,15 @@ import pytest
 from PIL import Image
 
 from devise.assets import foolbox_data_dir
-from devise.backbones import load_backbone
+from devise import backbones
+from devise.backbones import list_backbones, load_backbone
 from devise.classify import classify
 from devise.cli import main
 from devise.errors import DeviseError
 from devise.images import load_image
 
 REFERENCE = Path(__file__).parent / "data" / "foolbox_reference.npz"
+REFERENCE_LITE2 = Path(__file__).parent / "data" / "foolbox_reference_lite2.npz"
 CAT_SYNSETS = {"n02124075", "n02123045", "n02123159"}  # Egyptian cat, tabby, tiger cat
 
 
@@ -51,6 +54,91 @@ def test_lite0_matches_pytorch_reference_on_foolbox_photos(reference):
     assert rel_err <= 1e-3, rel_err
     assert _topk_hits(logits, labels, 1) >= _topk_hits(ref_logits, labels, 1) == 16
     assert _topk_hits(logits, labels, 5) >= 19
+
+
+def test_lite2_matches_pytorch_reference_on_foolbox_photos():
+    """Lite2 (width 1.1, depth 1.2, 260 px; the converter calls it 'not thoroughly tested') against the
+    reference package's logits on the same 260-px uint8 photos."""
+    ref = np.load(REFERENCE_LITE2)
+    images = np.stack([load_image(foolbox_data_dir() / name, 260) for name in ref["files"]])
+    ref_logits, labels = ref["logits"], ref["labels"]
+    backbone = load_backbone("efficientnet_lite2")
+    assert (backbone.image_size, backbone.feature_dim) == (260, 1280)
+    assert len(backbone.features_model.weights) == 2 * (1 + 20 * 3 + 1 * 2 + 1)  # stem, 21 blocks (the first unexpanded), head
+    features = np.asarray(backbone.features_model.predict_on_batch(images))
+    assert features.shape == (20, 1280) and features.dtype == np.float32
+    logits = np.asarray(backbone.classifier.predict_on_batch(features))
+    rel_err = np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()
+    top1, top5 = _topk_hits(logits, labels, 1), _topk_hits(logits, labels, 5)
+    print(f"efficientnet_lite2 on foolbox's 20 photos: top-1 {top1}/20, top-5 {top5}/20 (reference "
+          f"{_topk_hits(ref_logits, labels, 1)}/20, {_topk_hits(ref_logits, labels, 5)}/20), max rel. logit diff {rel_err:.2g}")
+    assert rel_err <= 1e-3, rel_err
+    assert top1 >= _topk_hits(ref_logits, labels, 1) == 17
+    assert top5 >= _topk_hits(ref_logits, labels, 5) == 19
+    assert backbone.cache_key != load_backbone("efficientnet_lite0").cache_key
+
+
+def test_registry_names_every_backbone():
+    assert list_backbones() == ["efficientnet_lite0", "efficientnet_lite2", "resnet50"]
+    assert load_backbone("EfficientNet-Lite2") is load_backbone("efficientnet_lite2")
+    _assert_one_line(lambda: load_backbone("efficientnet_lite3"), "choose one of efficientnet_lite0, efficientnet_lite2, resnet50")
+
+
+def test_a_checkpoint_of_another_lite_variant_is_refused():
+    """Lite0's checkpoint has every Lite2 tensor name, but not its shapes: refused by name, one line."""
+    from devise.assets import efficientnet_lite0_checkpoint, efficientnet_lite2_checkpoint
+
+    _assert_one_line(lambda: load_backbone("efficientnet_lite2", weights=efficientnet_lite0_checkpoint()),
+                     "not an EfficientNet-Lite2 checkpoint")
+    _assert_one_line(lambda: load_backbone("efficientnet_lite0", weights=efficientnet_lite2_checkpoint()),
+                     "not an EfficientNet-Lite0 checkpoint")
+
+
+def test_loading_runs_no_random_initializer(monkeypatch):
+    """Building a backbone creates its variables from the checkpoint: no Keras initializer draws weights
+    that are overwritten anyway, and (on JAX) nothing is compiled. A fresh build, past the cache."""
+    import keras
+
+    calls = []
+
+    def spy(cls):
+        original = cls.__call__
+
+        def counted(self, *args, **kwargs):
+            calls.append(type(self).__name__)
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "__call__", counted)
+
+    pending = [keras.initializers.Initializer]
+    while pending:  # every initializer class Keras defines (ours, which returns the loaded array, excepted)
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        if "__call__" in vars(cls) and cls.__module__.startswith("keras.") and cls is not backbones._Given:
+            spy(cls)
+    keras.layers.Dense(3).build((None, 2))  # the spy sees Keras' own initializers
+    assert calls == ["GlorotUniform", "Zeros"]
+    calls.clear()
+
+    compiles, listening = [], [True]
+    if keras.config.backend() == "jax":
+        import jax
+
+        def listener(event, duration, **_):  # JAX offers no public way to unregister: switched off below
+            if listening[0] and event.endswith("backend_compile_duration"):
+                compiles.append(event)
+        jax.monitoring.register_event_duration_secs_listener(listener)
+    weights = str(backbones.efficientnet_lite0_checkpoint())
+    try:
+        fresh = backbones._build.__wrapped__("efficientnet_lite0", weights, "test-no-init", "shifted", "float32")
+    finally:
+        listening[0] = False
+    assert calls == [] and compiles == []
+    # The same numbers as the cached backbone, and the layers' configs hold no arrays (clone_model, saving).
+    cached = load_backbone("efficientnet_lite0", depthwise="shifted")
+    for mine, theirs in zip(fresh.features_model.weights, cached.features_model.weights):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
+    config = fresh.features_model.to_json()
+    assert "_Given" not in config and len(config) < 200_000
 
 
 def test_depthwise_formulations_agree(reference):
@@ -90,6 +178,10 @@ def test_classify_cli_json(chelsea, capsys):
         assert all(p["synset"].startswith("n") and len(p["synset"]) == 9 for p in preds)
     assert results[1]["predictions"][0]["label"] == "espresso"
 
+    assert main(["classify", "--json", "--backbone", "efficientnet_lite2", "--top", "3", str(chelsea)]) == 0
+    lite2 = json.loads(capsys.readouterr().out)
+    assert lite2["predictions"][0]["synset"] in CAT_SYNSETS
+
     assert main(["classify", str(chelsea), "--top", "2"]) == 0
     table = capsys.readouterr().out
     assert str(chelsea) in table and "1." in table and "2." in table and "3." not in table
@@ -125,6 +217,8 @@ def test_bad_weights_files_give_one_line_errors(tmp_path):
     bad_h5.write_bytes(b"not hdf5")
     _assert_one_line(lambda: load_backbone("resnet50", weights=bad_h5), "bad.h5")
     _assert_one_line(lambda: load_backbone("vgg16"), "unknown backbone")
+    _assert_one_line(lambda: load_backbone("efficientnet_lite2", weights=tmp_path / "none.pth"), "none.pth")
+    _assert_one_line(lambda: load_backbone("efficientnet_lite2", weights=small), "not an EfficientNet-Lite2")
 
 
 @pytest.mark.slow

