@@ -135,3 +135,33 @@ class CosineLoss(keras.losses.Loss):
 
     def get_config(self):
         return {"name": self.name}
+
+
+def softmax_rank_loss(y_true, y_pred, label_vectors, temperature=0.05):
+    """Per-sample cross-entropy of softmax(cos(y_pred, t_j) / temperature) over the training labels.
+
+    A ranking loss like the hinge (the true label must out-score every negative), but smooth: every
+    negative pulls in proportion to how close it is, instead of a fixed margin.
+    """
+    logits = ops.matmul(_l2_normalize(y_pred), ops.transpose(label_vectors)) / temperature
+    return keras.losses.sparse_categorical_crossentropy(_label_indices(y_true), logits, from_logits=True)
+
+
+@keras.saving.register_keras_serializable(package="devise")
+class SoftmaxRankLoss(keras.losses.Loss):
+    """softmax_rank_loss as a Keras loss: cross-entropy over cosines to the training labels' vectors,
+    scaled by 1/temperature (as CLIP scores images against texts, with the label vectors fixed)."""
+
+    def __init__(self, label_vectors, temperature=0.05, name="softmax_rank_loss",
+                 reduction="sum_over_batch_size", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.label_vectors_np = unit_rows(label_vectors)
+        self.label_vectors = ops.convert_to_tensor(self.label_vectors_np)
+        self.temperature = float(temperature)
+        self.seed_generator = None
+
+    def call(self, y_true, y_pred):
+        return softmax_rank_loss(y_true, y_pred, self.label_vectors, self.temperature)
+
+    def get_config(self):
+        return {"name": self.name, "temperature": self.temperature}

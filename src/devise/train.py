@@ -44,7 +44,7 @@ from devise.metrics import flat_hit_at_k
 from devise.vectors import unit_rows
 
 METHODS = ("softmax", "devise", "random", "conse")
-LOSSES = ("hinge", "cosine")
+LOSSES = ("hinge", "cosine", "softmax")
 HEADS = ("linear", "mlp")
 OPTIMIZERS = ("adam", "adagrad")
 DEFAULT_LEARNING_RATES = {"adam": 1e-3, "adagrad": 0.05}
@@ -258,17 +258,19 @@ def shuffled_batches(data, labels, batch_size, seed, rows=None, dtype="float32")
 
 
 def make_loss(method: str, loss: str, label_vectors, *, margin: float = 0.1, truncated: bool = True,
-              normalize_output: bool = False, seed: int = 0):
+              normalize_output: bool = False, temperature: float = 0.05, seed: int = 0):
     """The training loss of a method: cross-entropy for softmax/conse, else the hinge rank or cosine loss
     over the training labels' vectors."""
     import keras
-    from devise.losses import CosineLoss, HingeRankLoss
+    from devise.losses import CosineLoss, HingeRankLoss, SoftmaxRankLoss
 
     if method in ("softmax", "conse"):
         return keras.losses.SparseCategoricalCrossentropy()
     if loss == "hinge":
         return HingeRankLoss(label_vectors, margin=margin, truncated=truncated,
                              normalize_output=normalize_output, seed=int(seed))
+    if loss == "softmax":
+        return SoftmaxRankLoss(label_vectors, temperature=temperature)
     return CosineLoss(label_vectors)
 
 
@@ -276,7 +278,8 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
           loss: str = "hinge", head: str = "linear", epochs: int = 100, batch_size: int = 128,
           learning_rate: float | None = None, optimizer: str = "adam", seed: int = 0, out_dir=None,
           margin: float = 0.1, truncated: bool = True, normalize_output: bool = False,
-          patience: int = 8, top_k: int = 5, T: int = 10, vectors_spec: str | None = None,
+          temperature: float = 0.05, patience: int = 8, top_k: int = 5, T: int = 10,
+          vectors_spec: str | None = None,
           backbone_name: str | None = None, extra_settings: dict | None = None, callbacks=(),
           verbose: int = 1) -> Run:
     """Train one method on (features (N, F), labels (N,) into class_names) and return the Run.
@@ -324,7 +327,8 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
         "method": method, "loss": None if classifies else loss, "head": "softmax" if classifies else head,
         "epochs": int(epochs), "batch_size": int(batch_size), "learning_rate": learning_rate,
         "optimizer": optimizer, "seed": int(seed), "margin": float(margin), "truncated": bool(truncated),
-        "normalize_output": bool(normalize_output), "patience": int(patience), "top_k": int(top_k), "T": int(T),
+        "normalize_output": bool(normalize_output), "temperature": float(temperature),
+        "patience": int(patience), "top_k": int(top_k), "T": int(T),
         "vectors": vectors_spec, "backbone": backbone_name, "feature_dim": int(features.shape[1]),
         "vector_dim": None if label_vectors is None else int(label_vectors.shape[1]),
         "num_classes": len(class_names), "num_train": int(len(labels)),
@@ -341,7 +345,7 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
         builder = linear_head if head == "linear" else mlp_head
         model = builder(features.shape[1], label_vectors.shape[1])
     loss_fn = make_loss(method, loss, label_vectors, margin=margin, truncated=truncated,
-                        normalize_output=normalize_output, seed=int(seed))
+                        normalize_output=normalize_output, temperature=temperature, seed=int(seed))
     if getattr(loss_fn, "seed_generator", None) is not None:
         # The loss's random state must be a model variable so the (jitted, stateless) JAX train step
         # threads it through and advances it each step; otherwise every batch would reuse one order.
