@@ -134,3 +134,28 @@ def test_style_less_folder_split_holds_out_images(photo_folder):
     split = zero_shot_split(ds, seed=0, unseen_fraction=0.34)
     assert len(split.unseen_classes) == 1 and len(split.seen_test) == 2  # 20% of each seen class's 4 images
     assert not set(split.train) & set(split.seen_test)
+
+
+def test_unreadable_entries_are_skipped_with_one_warning(photo_folder):
+    """Broken and looping links and a FIFO in class folders (as for `devise train`/`features`): left out and
+    listed in one warning; before, they were listed as images and the FIFO blocked the decoder."""
+    import os
+
+    (photo_folder / "cat" / "broken.jpg").symlink_to(photo_folder / "gone.jpg")
+    (photo_folder / "cat" / "loop.jpg").symlink_to(photo_folder / "cat" / "loop.jpg")
+    os.mkfifo(photo_folder / "n02123045" / "pipe.jpg")
+    with pytest.warns(UserWarning) as caught:
+        ds = load_dataset(photo_folder)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    for entry in (f"{photo_folder / 'cat' / 'broken.jpg'}: broken symbolic link",
+                  f"{photo_folder / 'cat' / 'loop.jpg'}: symbolic link loop",
+                  f"{photo_folder / 'n02123045' / 'pipe.jpg'}: a named pipe"):
+        assert entry in messages[0]
+    assert len(ds.paths) == 12 and not any(p.endswith(("broken.jpg", "loop.jpg", "pipe.jpg")) for p in ds.paths)
+    # a class folder with nothing readable in it: one line saying why
+    shutil.rmtree(photo_folder / "cat")
+    (photo_folder / "cat").mkdir()
+    os.mkfifo(photo_folder / "cat" / "only.jpg")
+    with pytest.raises(DeviseError, match=r"cat: class folder holds no image files \(skipped: .*only\.jpg: a named pipe"):
+        load_dataset(photo_folder)

@@ -1,5 +1,9 @@
 """Open-vocabulary prediction on real photos with the real backbone, GloVe and WordNet (no mocks)."""
 import json
+import os
+import shutil
+import signal
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -151,3 +155,70 @@ def test_random_control_run_refuses_open_vocabulary_prediction(foolbox_photos, t
           out_dir=tmp_path / "random", backbone_name="efficientnet_lite0", vectors_spec="glove-6b-50d")
     with pytest.raises(DeviseError, match="random-embedding control run cannot name"):
         predict([foolbox_photos[0]], model=tmp_path / "random")
+
+
+def _folder_with_unreadable_entries(root, photo):
+    """A real photo beside a broken link, a looping link and a FIFO, all named like images (as root,
+    chmod stops nothing, so no permission case). Opening the FIFO would block: callers run under an alarm."""
+    root.mkdir()
+    Image.open(photo).save(root / "chelsea.jpg")
+    (root / "broken.jpg").symlink_to(root / "gone.jpg")
+    (root / "loop.png").symlink_to(root / "loop.png")
+    os.mkfifo(root / "pipe.jpg")
+    return root
+
+
+@contextmanager
+def _alarm(seconds=120):
+    def fail(*_):
+        raise AssertionError(f"still running after {seconds} s: a FIFO was opened")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _one_skip_warning(caught, folder):
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    for name, why in [("broken.jpg", "broken symbolic link"), ("loop.png", "symbolic link loop"),
+                      ("pipe.jpg", "a named pipe")]:
+        assert f"{folder / name}: {why}" in messages[0], messages[0]
+
+
+def test_predict_and_classify_skip_unreadable_entries_with_one_warning(photos, tmp_path):
+    from devise.classify import classify
+
+    folder = _folder_with_unreadable_entries(tmp_path / "messy", photos / "chelsea.jpg")
+    with _alarm(), pytest.warns(UserWarning) as caught:
+        [result] = predict(folder, vocab="imagenet1k")
+    _one_skip_warning(caught, folder)
+    assert result["image"] == str(folder / "chelsea.jpg") and "cat" in " ".join(_labels(result))
+
+    # classify takes folders like predict, by the same walker
+    with _alarm(), pytest.warns(UserWarning) as caught:
+        [result] = classify([folder], top_k=3)
+    _one_skip_warning(caught, folder)
+    assert result["image"] == str(folder / "chelsea.jpg")
+    assert result["predictions"][0]["synset"] in ("n02124075", "n02123045", "n02123159")  # Egyptian / tabby / tiger cat
+    # nothing readable: one line naming what was skipped
+    with pytest.raises(DeviseError, match=r"no image files to classify in: .*pipe\.jpg: a named pipe"):
+        classify([folder / "pipe.jpg", folder / "loop.png"])
+
+
+def test_cli_classify_a_folder(photos, tmp_path, capsys):
+    from devise.cli import main
+
+    folder = _folder_with_unreadable_entries(tmp_path / "messy", photos / "chelsea.jpg")
+    shutil.copy(photos / "coffee.jpg", folder / "coffee.jpg")
+    with _alarm():
+        assert main(["classify", str(folder), "--json", "--top", "1"]) == 0
+    out, err = capsys.readouterr()
+    objects = [json.loads(line) for line in out.strip().splitlines()]
+    assert err.count("skipped 3") == 1 and "pipe.jpg: a named pipe" in err
+    assert [o["image"] for o in objects] == [str(folder / "chelsea.jpg"), str(folder / "coffee.jpg")]
+    assert objects[1]["predictions"][0]["label"] == "espresso"

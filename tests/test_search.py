@@ -124,3 +124,60 @@ def test_cli_index_and_search(emoji_subset, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["results"][0]["image"] == str(folder / "dog.png")
     assert main(["search", str(out)]) == 2
     assert main(["search", str(tmp_path / "nothing"), "cat"]) == 2
+
+
+def test_index_skips_unreadable_entries_with_one_warning(emoji_subset, tmp_path, capsys):
+    """A broken link, a looping link and a FIFO beside real images: skipped and listed, never a traceback
+    (a looping link used to abort Path.resolve(); opening the FIFO blocked forever)."""
+    import os
+    import signal
+
+    from devise.cli import main
+
+    folder = tmp_path / "messy"
+    folder.mkdir()
+    for name in ("cat", "guitar"):
+        shutil.copy(emoji_subset[name][0], folder / f"{name}.png")
+    (folder / "broken.png").symlink_to(folder / "gone.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    os.mkfifo(folder / "pipe.png")
+
+    def fail(*_):
+        raise AssertionError("index still running after 120 s: the FIFO was opened")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(120)
+    try:
+        with pytest.warns(UserWarning) as caught:
+            index = build_index(folder, out=tmp_path / "messy.index", progress=False)
+        assert main(["index", str(folder), "--out", str(tmp_path / "cli.index")]) == 0
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    for entry in (f"{folder / 'broken.png'}: broken symbolic link", f"{folder / 'loop.png'}: symbolic link loop",
+                  f"{folder / 'pipe.png'}: a named pipe"):
+        assert entry in messages[0]
+    assert sorted(index.paths) == [str(folder / "cat.png"), str(folder / "guitar.png")]
+    assert len(index.skipped) == 3
+    assert "2 images" in capsys.readouterr().out
+
+
+def test_index_out_that_is_a_file_fails_before_any_work(emoji_subset, tmp_path, capsys):
+    from devise.cli import main
+
+    taken = tmp_path / "taken.index"
+    taken.write_text("an ordinary file")
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    shutil.copy(emoji_subset["cat"][0], folder / "cat.png")
+    # checked before the model is even loaded: a model that does not exist is never reached
+    with pytest.raises(DeviseError, match=r"taken\.index: exists and is not a folder"):
+        build_index(folder, model=str(tmp_path / "no-such-run"), out=taken)
+    with pytest.raises(DeviseError, match=r"inside\.index: cannot make the index folder: .*taken\.index is not a folder"):
+        build_index(folder, out=taken / "inside.index")
+    assert main(["index", str(folder), "--out", str(taken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "taken.index: exists and is not a folder" in err
+    assert taken.read_text() == "an ordinary file"

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from devise.errors import DeviseError
-from devise.images import list_image_files
+from devise.images import scan_image_files, warn_skipped
 
 SPLIT_NAMES = ("train", "val", "test")
 # Other spellings of the split folders, mapped to the names above.
@@ -181,7 +181,9 @@ def folder_class_name(folder_name: str) -> str:
 def load_folder_dataset(root: str | os.PathLike, lookup: Callable[[str], list[str]] | None = None) -> ImageDataset:
     """A class-per-folder tree (optionally below train/val/test folders) as an ImageDataset.
 
-    Files are found by suffix only; unreadable images are skipped later, when they are decoded.
+    Files are found by suffix by the one walker (devise.images.scan_image_files): entries that are not
+    readable files (broken or looping links, FIFOs...) are left out and listed in one warning; images that
+    fail to decode are skipped later, when they are decoded.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -193,14 +195,18 @@ def load_folder_dataset(root: str | os.PathLike, lookup: Callable[[str], list[st
     else:
         sources = [(None, root)]
     per_class: dict[str, list[tuple[str | None, str]]] = {}
+    skipped: list[str] = []
     for split, folder in sources:
         for class_dir in _visible_dirs(folder):
-            files = list_image_files(class_dir)
+            files, bad = scan_image_files([class_dir])
             if not files:
-                raise DeviseError(f"{class_dir}: class folder holds no image files")
+                raise DeviseError(f"{class_dir}: class folder holds no image files"
+                                  + (f" (skipped: {'; '.join(bad)})" if bad else ""))
+            skipped += bad
             per_class.setdefault(class_dir.name, []).extend((split, f) for f in files)
     if not per_class:
         raise DeviseError(f"{root}: no class sub-folders (expected one sub-folder of images per class)")
+    warn_skipped(skipped)
 
     folder_names = sorted(per_class)
     wordnet = None

@@ -249,10 +249,12 @@ def _load_or_none(args: tuple[str, int]) -> np.ndarray | str:
         return str(exc)
 
 
-def load_images(paths: list[str], size: int = 224, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_images(paths: list[str], size: int = 224, workers: int | None = None,
+                errors: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode many images (in threads: Pillow releases the GIL while decoding and resizing): (uint8 (N,size,size,3), valid (N,) bool).
 
-    Unreadable files are left black, marked invalid and reported in ONE warning that lists them.
+    Unreadable files are left black, marked invalid and reported in ONE warning that lists them, or
+    appended to `errors` ("PATH: why") for a caller that decodes in chunks and reports them once itself.
     """
     out = np.zeros((len(paths), size, size, 3), np.uint8)
     valid = np.ones(len(paths), bool)
@@ -270,6 +272,8 @@ def load_images(paths: list[str], size: int = 224, workers: int | None = None) -
             bad.append(result)
         else:
             out[i] = result
-    if bad:
+    if errors is not None:
+        errors.extend(bad)
+    elif bad:
         warnings.warn(f"skipped {len(bad)} unreadable image(s): " + "; ".join(bad), stacklevel=2)
     return out, valid

@@ -128,8 +128,10 @@ def build_index(folder_or_paths, model="conse", out: str | os.PathLike = "devise
     from devise.predict import expand_image_paths, load_embedder
 
     out = Path(out)
+    _check_out(out)  # before any embedding: a bad --out must not cost the whole run
     sources = [folder_or_paths] if isinstance(folder_or_paths, (str, os.PathLike)) else list(folder_or_paths)
-    listing = [str(Path(p).resolve()) for p in expand_image_paths(sources)]
+    skipped: list[str] = []  # entries the walker left out: reported in this function's one warning
+    listing = [str(Path(p).resolve()) for p in expand_image_paths(sources, skipped)]
     model_id = _model_id(model)
     old = None
     if _read_meta(out) is not None:
@@ -183,6 +185,9 @@ def build_index(folder_or_paths, model="conse", out: str | os.PathLike = "devise
         (out / stale).unlink(missing_ok=True)
 
     problems = []
+    if skipped:
+        problems.append(f"{len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} that are not readable image "
+                        f"files skipped: {'; '.join(skipped)}")
     if removed:
         problems.append(f"{len(removed)} file(s) no longer exist and were dropped: {', '.join(removed)}")
     if unreadable:
@@ -190,8 +195,21 @@ def build_index(folder_or_paths, model="conse", out: str | os.PathLike = "devise
     if problems:
         warnings.warn("; ".join(problems), stacklevel=2)
     result = ImageIndex(out, paths, embeddings, index, model_id, embedder.vectors_spec, kind, stamps)
-    result.added, result.removed, result.unreadable = new_paths, removed, unreadable
+    result.added, result.removed, result.unreadable, result.skipped = new_paths, removed, unreadable, skipped
     return result
+
+
+def _check_out(out: Path) -> None:
+    """DeviseError unless the index folder `out` exists or can be made (an ordinary file there is refused)."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise DeviseError(f"{out}: exists and is not a folder (an index is a folder); choose another --out")
+    existing = out
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DeviseError(f"{out}: cannot make the index folder: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DeviseError(f"{out}: cannot make the index folder: {existing} is not writable")
 
 
 def embed_text(text: str, vectors_spec: str) -> np.ndarray:
