@@ -194,18 +194,22 @@ def _run_loss(run):
 def training_images(settings) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The run's training images: (all dataset paths, indices of its training images, their labels
     into settings["train_classes"]), rebuilt from the split seed as devise.train.train_dataset does."""
-    from devise.datasets import load_dataset, validation_split, zero_shot_split
+    from devise.datasets import load_dataset, seen_validation_split, zero_shot_split
 
     if not settings.get("dataset") or settings.get("train_classes") is None:
         raise DeviseError("this run does not record its dataset and training classes (train it with devise train)")
     dataset = load_dataset(settings["dataset"])
     split_seed = int(settings.get("split_seed", settings.get("seed", 0)))
-    val_split = validation_split(zero_shot_split(dataset, seed=split_seed), seed=split_seed)
+    # The split train_dataset made: its unseen fraction (0.25 before runs recorded one), and with
+    # seen-class validation the held-out images of the training classes stay out here too.
+    split = zero_shot_split(dataset, seed=split_seed, unseen_fraction=float(settings.get("unseen_fraction", 0.25)))
+    candidates = (seen_validation_split(split, seed=split_seed).train if settings.get("validation") == "seen"
+                  else split.train)
     train_classes = np.asarray(settings["train_classes"], dtype=np.int64)
     position = np.full(len(dataset.classes), -1)
     position[train_classes] = np.arange(len(train_classes))
     labels = position[np.asarray(dataset.labels)]
-    indices = np.asarray([i for i in val_split.train if labels[i] >= 0], dtype=np.int64)
+    indices = np.asarray([i for i in candidates if labels[i] >= 0], dtype=np.int64)
     return list(dataset.paths), indices, labels[indices]
 
 
