@@ -2,6 +2,7 @@
 import gzip
 import logging
 import os
+import re
 import time
 
 import numpy as np
@@ -324,15 +325,59 @@ def test_cli_vectors_info(capsys):
     assert main(["vectors", "info", "no-such-file.vec"]) == 2
 
 
-# ---------------------------------------------------------------- the optional sentence encoder
+# ---------------------------------------------------------------- non-finite and all-zero vectors
 
-@pytest.mark.minilm
-def test_minilm_encodes_any_phrase():
+@pytest.mark.parametrize("kind,bad", [(k, b) for k in ("glove", "word2vec-text", "fasttext-vec", "word2vec-bin")
+                                      for b in ("nan", "inf", "zeros")]
+                         + [("fasttext-bin", "nan"), ("fasttext-bin", "inf")])  # its word vectors add n-grams: never all zero
+def test_nan_inf_and_all_zero_vectors_are_errors_naming_file_line_and_word(kind, bad, raw_rows, tmp_path, home):
+    words, rows = raw_rows
+    words, rows = words[:40], rows[:40].copy()
+    rows[12] = 0.0 if bad == "zeros" else rows[12]
+    rows[12, 7] = {"nan": np.nan, "inf": np.inf}.get(bad, 0.0)
+    what = {"nan": r"vector has a non-finite value \(nan\)", "inf": r"vector has a non-finite value \(inf\)",
+            "zeros": "vector is all zeros"}[bad]
+    word = repr(words[12])
+    if kind == "fasttext-bin":  # a real model from gensim with one vector replaced
+        from gensim.models import FastText
+        from gensim.models.fasttext import save_facebook_model
+        model = FastText([words[:20], words[20:]] * 5, vector_size=8, min_count=1, epochs=1, workers=1, seed=0,
+                         bucket=1000)
+        vocab = model.wv.index_to_key
+        model.wv.vectors_vocab[5, 3] = {"nan": np.nan, "inf": np.inf}[bad]  # loading adds its n-gram vectors
+        path = tmp_path / "vecs.bin"
+        save_facebook_model(model, str(path))
+        word = repr(vocab[5])
+        expected = rf"vecs.bin: record 6 \({re.escape(word)}\): {what}$"
+    elif kind == "word2vec-bin":
+        from gensim.models import KeyedVectors
+        kv = KeyedVectors(vector_size=50)
+        kv.add_vectors(words, rows)
+        path = tmp_path / "vecs.bin"
+        kv.save_word2vec_format(str(path), binary=True)
+        expected = rf"vecs.bin: record 13 \({re.escape(word)}\): {what}$"
+    else:
+        path = tmp_path / "vecs.txt"
+        _write_text(path, words, rows, header=kind != "glove", trailing=" " if kind == "fasttext-vec" else "")
+        line = 13 if kind == "glove" else 14
+        expected = rf"vecs.txt:{line}: {re.escape(word)}: {what}$"
+    with pytest.raises(DeviseError, match=expected) as err:
+        V.load_vectors(path)
+    assert "\n" not in str(err.value)
+    assert not list((home / "vectors").glob("*/words.json"))  # nothing cached
+
+
+# ---------------------------------------------------------------- the sentence encoder (native Keras)
+
+def test_minilm_encodes_any_phrase(home):
     enc = V.load_vectors("minilm")
     emb = V.embed_labels(["cat", "dog", "truck", "n02123045", "a zzqxw made of glass"], enc)
-    assert emb.matrix.shape == (5, 384) and emb.dropped == []
+    assert emb.matrix.shape == (5, 384) and emb.dropped == [] and emb.matrix.dtype == np.float32
     assert np.allclose(np.linalg.norm(emb.matrix, axis=1), 1, atol=1e-5)
     cat, dog, truck, tabby, _ = emb.matrix
     assert cat @ dog > cat @ truck
     np.testing.assert_allclose(tabby, enc.vector("tabby"), atol=1e-5)  # a synset is its first lemma
     assert emb.source[3] == "sentence 'tabby'"
+    assert V.sentence_label_text("n02123045") == "tabby" and V.sentence_label_text(" tiger cat ") == "tiger cat"
+    missing = V.embed_labels(["cat", "n99999999", "  "], enc, drop_missing=True)
+    assert missing.labels == ["cat"] and missing.dropped == ["n99999999", "  "]

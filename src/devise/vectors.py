@@ -532,6 +532,8 @@ def _fill_with_pyarrow(path: Path, out: np.ndarray, header: bool, dim: int, expe
             if any(col.null_count for col in numbers.columns) or len(words) + batch.num_rows > expected_rows:
                 return None
             block = np.column_stack([col.to_numpy(zero_copy_only=False) for col in numbers.columns])
+            if _bad_rows(block).any():  # the exact parser names the line
+                return None
             out[len(words):len(words) + batch.num_rows] = unit_rows(block)
             words += batch.column(0).to_pylist()
     except (pa.ArrowException, ValueError, UnicodeDecodeError):
@@ -559,6 +561,10 @@ def _fill_line_by_line(path: Path, out: np.ndarray, header: bool, dim: int, expe
                         raise DeviseError(f"{path}:{line_no}: {x[:30]!r} is not a number") from None
             raise
         start = len(words) - len(chunk)
+        bad = _bad_rows(block)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DeviseError(f"{path}:{chunk_lines[i]}: {words[start + i][:30]!r}: {_what_is_bad(block[i])}")
         out[start:start + len(chunk)] = unit_rows(block)
         chunk.clear()
         chunk_lines.clear()
@@ -592,6 +598,24 @@ def _fill_line_by_line(path: Path, out: np.ndarray, header: bool, dim: int, expe
     if not words:
         raise DeviseError(f"{path}: no vectors found")
     return words
+
+
+def _bad_rows(block: np.ndarray) -> np.ndarray:
+    """Rows that cannot be a word vector: any NaN or infinity, or all zeros (no direction to compare)."""
+    return ~np.isfinite(block).all(axis=1) | ~block.any(axis=1)
+
+
+def _what_is_bad(row: np.ndarray) -> str:
+    bad = row[~np.isfinite(row)]
+    return f"vector has a non-finite value ({bad[0]})" if len(bad) else "vector is all zeros"
+
+
+def _check_rows(path: Path, block: np.ndarray, words: list[str], first: int) -> None:
+    """DeviseError naming the first bad row of block (record numbers from first + 1)."""
+    bad = _bad_rows(block)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DeviseError(f"{path}: record {first + i + 1} ({words[first + i][:30]!r}): {_what_is_bad(block[i])}")
 
 
 def _is_number(text: str) -> bool:
@@ -632,6 +656,7 @@ def _parse_word2vec_bin(path: Path, folder: Path) -> list[str]:
             words.append(word.decode("utf-8", "replace"))
             out[row] = np.frombuffer(raw, dtype="<f4")
         for start in range(0, rows, 100_000):
+            _check_rows(path, out[start:start + 100_000], words, start)
             out[start:start + 100_000] = unit_rows(out[start:start + 100_000])
         out.flush()
         del out
@@ -645,5 +670,8 @@ def _parse_fasttext_bin(path: Path, folder: Path) -> list[str]:
         kv = load_facebook_vectors(str(path))
     except Exception as exc:  # gensim raises assorted errors on a bad file
         raise DeviseError(f"{path}: not a readable fastText .bin model ({type(exc).__name__}: {exc})") from None
+    words = list(kv.index_to_key)
+    for start in range(0, len(words), 100_000):
+        _check_rows(path, kv.vectors[start:start + 100_000], words, start)
     np.save(folder / "matrix.npy", unit_rows(kv.vectors))
-    return list(kv.index_to_key)
+    return words
