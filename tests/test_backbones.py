@@ -255,3 +255,50 @@ def test_bfloat16_backbone_is_close_to_float32(foolbox_photos):
     logits32 = np.asarray(full.classifier.predict_on_batch(f32))
     logits16 = np.asarray(half.classifier.predict_on_batch(b16))
     assert (logits32.argmax(1) == logits16.argmax(1)).all()
+
+
+def _run_python(code: str, **env):
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    result = subprocess.run([sys.executable, "-c", code], env={**environ, **env}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip()
+
+
+def test_import_devise_enables_the_persistent_compilation_cache(tmp_path):
+    """`import devise` points JAX's compilation cache at the data home with thresholds that keep even
+    small, quick programs, and a jitted function then lands on disk; a user's own cache dir wins."""
+    code = ("import devise, jax, jax.numpy as jnp; jax.jit(lambda x: x * 2 + 1)(jnp.ones(3)).block_until_ready(); "
+            "print(jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs, "
+            "jax.config.jax_persistent_cache_min_entry_size_bytes)")
+    folder, min_time, min_size = _run_python(code, DEVISE_HOME=str(tmp_path / "home")).split()
+    assert folder == str(tmp_path / "home" / "jax-cache") and float(min_time) == 0 and int(min_size) == -1
+    assert any(Path(folder).iterdir())
+    mine = tmp_path / "mine"
+    assert _run_python(code, DEVISE_HOME=str(tmp_path / "home"), JAX_COMPILATION_CACHE_DIR=str(mine)).split()[0] == str(mine)
+
+
+def test_exported_forward_is_reused_across_processes_with_the_same_numbers(tmp_path, monkeypatch, reference):
+    """The traced forward kept on disk (jax.export, needs flatbuffers) gives the numbers of a plain
+    predict_on_batch, and a fresh compiled_forward loads it instead of exporting again."""
+    import importlib.util
+
+    from devise.runtime import compiled_forward
+
+    if importlib.util.find_spec("flatbuffers") is None:
+        pytest.skip("flatbuffers not installed: the forward is traced in every process")
+    monkeypatch.setenv("DEVISE_HOME", str(tmp_path))
+    model = load_backbone("efficientnet_lite0").features_model
+    images = reference[0][:2]
+    first = np.asarray(compiled_forward(model)(images))
+    [saved] = list((tmp_path / "exported").iterdir())
+    stamp = saved.stat().st_mtime_ns
+    second = np.asarray(compiled_forward(model)(images))
+    assert saved.stat().st_mtime_ns == stamp and len(list((tmp_path / "exported").iterdir())) == 1
+    expected = np.asarray(model.predict_on_batch(images))
+    np.testing.assert_allclose(first, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(first, second)

@@ -11,6 +11,11 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 from devise.assets import data_home  # noqa: E402
 from devise.errors import DeviseError  # noqa: E402
+from devise.runtime import enable_compilation_cache  # noqa: E402
+
+# Before anything compiles: a new process reuses compiled programs from the data home (the backbone's
+# forward would otherwise compile again in every `devise predict`). A user's own JAX cache wins.
+enable_compilation_cache()
 
 __version__ = "0.1.0"
 

@@ -16,10 +16,12 @@ from devise.errors import DeviseError
 WORDNET_DIRS = ("/usr/share/wordnet", "/usr/local/share/wordnet", "/usr/share/wordnet-3.0/dict")
 
 
-def data_home() -> Path:
-    """The one folder for heavy data (built benchmark, feature caches): $DEVISE_HOME or ~/.cache/devise."""
+def data_home(create: bool = True) -> Path:
+    """The one folder for heavy data (built benchmark, feature caches, compiled programs): $DEVISE_HOME or
+    ~/.cache/devise; created unless create=False."""
     home = Path(os.environ.get("DEVISE_HOME") or Path.home() / ".cache" / "devise")
-    home.mkdir(parents=True, exist_ok=True)
+    if create:
+        home.mkdir(parents=True, exist_ok=True)
     return home
 
 

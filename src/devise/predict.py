@@ -152,8 +152,7 @@ class ConseEmbedder(Embedder):
     def __init__(self, backbone=defaults.BACKBONE, vectors_spec: str = defaults.VECTORS, T: int = CONSE_T,
                  batch_size: int = 32):
         from devise.backbones import load_backbone
-        from devise.conse import imagenet1k_class_vectors
-        from devise.vectors import load_vectors
+        from devise.conse import cached_imagenet1k_class_vectors
 
         super().__init__(batch_size)
         self.name, self.vectors_spec, self.T = "conse", vectors_spec, T
@@ -161,7 +160,7 @@ class ConseEmbedder(Embedder):
         if self.backbone.classifier is None:
             raise DeviseError(f"backbone '{self.backbone.name}' has no ImageNet classifier: ConSE needs one")
         with _quiet_vectors_log():  # the few ImageNet names without a vector are expected, not news
-            self.kept, self.class_vectors, _ = imagenet1k_class_vectors(load_vectors(vectors_spec))
+            self.kept, self.class_vectors = cached_imagenet1k_class_vectors(vectors_spec)
         self.dim = self.class_vectors.shape[1]
         self.cache_key = f"conse-T{T}-{self.backbone.cache_key}-{vectors_spec}"
 

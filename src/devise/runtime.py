@@ -4,14 +4,56 @@ This is the one module outside the CLI that may talk to the backend (JAX) direct
 On JAX the forward pass is a jitted `stateless_call`: no per-batch variable sync as in
 `predict_on_batch`, outputs stay on the device until asked for, and when a Keras distribution is set
 (`use_devices`) the batch is sharded across devices while the weights are replicated.
+
+Compiled programs persist on disk (`enable_compilation_cache`, called by `import devise`): a new process
+loads the backbone's forward instead of compiling it again. Keras is imported inside the functions, so
+`import devise` (which imports this module) stays fast.
 """
 from __future__ import annotations
 
-import keras
+import os
+import sys
+from pathlib import Path
+
+COMPILATION_CACHE_SETTINGS = {
+    # JAX by default keeps only programs that took >= 1 s to compile; ours (a forward on a fast machine,
+    # ConSE and ranking ops) often take less, and a cold start pays every one of them.
+    "jax_persistent_cache_min_compile_time_secs": 0.0,
+    "jax_persistent_cache_min_entry_size_bytes": -1,  # -1: no size floor (0 would let JAX pick one)
+}
+
+
+def enable_compilation_cache(folder: str | os.PathLike | None = None) -> str | None:
+    """Keep JAX's compiled programs in `folder` (default <data home>/jax-cache) across processes.
+
+    A user's own cache (JAX_COMPILATION_CACHE_DIR, or jax_compilation_cache_dir set before) wins, as do
+    their own thresholds. Must run before the first compilation: JAX reads the folder once. Returns the
+    folder in use (None if the cache is off)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    if folder is None:
+        from devise.assets import data_home
+
+        folder = data_home(create=False) / "jax-cache"  # JAX makes the folder at its first write
+    jax = sys.modules.get("jax")
+    if jax is None:  # the usual case: JAX reads these when it is imported (with Keras), not before
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
+        for name, value in COMPILATION_CACHE_SETTINGS.items():
+            os.environ.setdefault(name.upper(), str(value))
+        return str(folder)
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    for name, value in COMPILATION_CACHE_SETTINGS.items():
+        if name.upper() not in os.environ:
+            jax.config.update(name, value)
+    return str(folder)
 
 
 def platform() -> str:
     """'cpu', 'gpu' or 'tpu': where Keras will run."""
+    import keras
+
     if keras.config.backend() == "jax":
         import jax
 
@@ -30,6 +72,8 @@ def platform() -> str:
 def to_tensor(array):
     """A numpy array as a backend tensor, with no compiled program: on JAX a device_put (jnp.asarray would
     compile a conversion per shape, ~0.1-0.4 s each on 2 cores: dozens when building a model)."""
+    import keras
+
     if keras.config.backend() == "jax":
         import jax
 
@@ -39,12 +83,16 @@ def to_tensor(array):
 
 def device_count() -> int:
     """Devices every batch is split across: those of the Keras distribution set by use_devices, else 1."""
+    import keras
+
     distribution = keras.distribution.distribution()
     return 1 if distribution is None else int(distribution.device_mesh.devices.size)
 
 
 def process_index_and_count() -> tuple[int, int]:
     """(this process's index, number of processes): (0, 1) unless several hosts joined (use_devices)."""
+    import keras
+
     if keras.config.backend() == "jax":
         import jax
 
@@ -67,6 +115,8 @@ def use_devices(count: int | None = None, *, multi_host: bool = False):
     KERAS_DISTRIBUTION_NUM_PROCESSES and KERAS_DISTRIBUTION_PROCESS_ID. Returns the distribution, or
     None with a single device.
     """
+    import keras
+
     if multi_host:
         keras.distribution.initialize()
     devices = keras.distribution.list_devices()
@@ -98,6 +148,7 @@ def predict_in_batches(model: keras.Model, x, batch_size: int = 1024):
     Unlike model.predict, it also runs when a distribution spans devices or hosts: every batch, the
     last one padded, splits evenly across the devices and the outputs are readable on every host.
     """
+    import keras
     import numpy as np
 
     forward = cached_forward(model)
@@ -115,6 +166,8 @@ def predict_in_batches(model: keras.Model, x, batch_size: int = 1024):
 def cached_forward(model: keras.Model):
     """compiled_forward(model), kept on the model for the current distribution: later calls reuse the
     compiled program, which goes away with the model (a module-level cache would keep every model alive)."""
+    import keras
+
     distribution = keras.distribution.distribution()
     cached = model.__dict__.get("_devise_forward")
     if cached is None or cached[0] is not distribution:
@@ -128,6 +181,8 @@ def compiled_forward(model: keras.Model):
 
     The batch size must divide evenly across devices when a distribution is set.
     """
+    import keras
+
     if keras.config.backend() != "jax":
         return model.predict_on_batch
     import jax
@@ -156,7 +211,10 @@ def compiled_forward(model: keras.Model):
     # On several hosts the outputs are gathered onto every device (on the device, asynchronously): a
     # sharded output could not be read back by any one process. On one host each shard is read directly.
     several_hosts = replicated is not None and processes > 1
-    forward = jax.jit(forward, out_shardings=replicated) if several_hosts else jax.jit(forward)
+    if distribution is None:
+        forward = _exported_forward(model, forward)
+    else:
+        forward = jax.jit(forward, out_shardings=replicated) if several_hosts else jax.jit(forward)
 
     def call(x, process_local: bool = False):
         # process_local: x is this host's slice of the batch (each host feeds its own, in host order)
@@ -169,6 +227,76 @@ def compiled_forward(model: keras.Model):
                 x = jax.device_put(x, layout)
         trainable, non_trainable = current_state()
         return forward(trainable, non_trainable, x)
+
+    return call
+
+
+EXPORT_VERSION = "1"  # bump if what the exported forward computes changes in a way the key below misses
+
+
+def _model_code_digest(model) -> str:
+    """What decides the traced program besides the arguments: the model's architecture (its JSON config:
+    layers, their settings, dtype policies), the source files of its non-Keras layer classes, and the
+    Keras/JAX versions."""
+    import hashlib
+    import inspect
+
+    import jax
+    import keras
+
+    sha = hashlib.sha256(f"{EXPORT_VERSION}|{keras.__version__}|{jax.__version__}|{jax.default_backend()}|"
+                         f"{jax.devices()[0].device_kind}|{jax.config.jax_enable_x64}".encode())
+    sha.update(model.to_json().encode())
+    files = {inspect.getsourcefile(type(layer)) for layer in model._flatten_layers()
+             if not type(layer).__module__.startswith("keras.")}
+    for name in sorted(f for f in files if f):
+        sha.update(Path(name).read_bytes())
+    return sha.hexdigest()
+
+
+def _exported_forward(model, forward):
+    """jax.jit(forward), but the traced program is kept on disk (jax.export) in <data home>/exported:
+    tracing a backbone through Keras' layers costs ~1 s of Python per process and batch shape, loading it
+    ~10 ms, and with the compilation cache a new process then neither traces nor compiles. Any failure to
+    export or load falls back to tracing, as before."""
+    import hashlib
+    import importlib.util
+    import logging
+
+    import jax
+
+    from devise.assets import atomic_write, data_home
+
+    traced = jax.jit(forward)
+    if importlib.util.find_spec("flatbuffers") is None:  # jax.export serializes with it: optional
+        return traced
+    programs = {}
+
+    def call(trainable, non_trainable, x):
+        signature = jax.tree_util.tree_map(lambda a: (tuple(a.shape), str(a.dtype)), (trainable, non_trainable, x))
+        program = programs.get(str(signature))
+        if program is None:
+            try:
+                if "digest" not in programs:
+                    programs["digest"] = _model_code_digest(model)
+                key = hashlib.sha256(f"{programs['digest']}|{signature}".encode()).hexdigest()[:32]
+                path = data_home() / "exported" / f"{key}.bin"
+                exported = None
+                if path.is_file():
+                    try:
+                        exported = jax.export.deserialize(bytearray(path.read_bytes()))
+                    except Exception:  # a damaged file is replaced, never trusted
+                        exported = None
+                if exported is None:
+                    exported = jax.export.export(traced)(*jax.tree_util.tree_map(
+                        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (trainable, non_trainable, x)))
+                    atomic_write(path, lambda tmp: Path(tmp).write_bytes(exported.serialize()))
+                program = jax.jit(exported.call)
+            except Exception as exc:  # noqa: BLE001 - exporting is an optimisation, never a failure
+                logging.getLogger(__name__).debug("forward not exported (%s: %s); tracing", type(exc).__name__, exc)
+                program = traced
+            programs[str(signature)] = program
+        return program(trainable, non_trainable, x)
 
     return call
 
