@@ -29,6 +29,9 @@ METHODS = {
     "devise_hinge_mlp": {"method": "devise", "loss": "hinge", "head": "mlp",
                          "normalize_output": True, "margin": 0.3, "truncated": False},
     "devise_cosine_mlp": {"method": "devise", "loss": "cosine", "head": "mlp"},
+    # Cross-entropy over cosines to the training labels (temperature 0.1): chosen on the validation classes
+    # of seeds 0-2 with MiniLM label vectors (hit@5 .467 for the hinge MLP -> .482; 0.03 and 0.2 were worse).
+    "devise_softmax_mlp": {"method": "devise", "loss": "softmax", "head": "mlp", "temperature": 0.1},
     "random_hinge_linear": {"method": "random", "loss": "hinge", "head": "linear"},
     "conse_t10": {"from": "softmax", "T": 10},
     "conse_imagenet1k": {"imagenet": True, "T": 10},

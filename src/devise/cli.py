@@ -188,7 +188,7 @@ def cmd_train(args) -> int:
     options = {k: v for k, v in {"loss": args.loss, "head": args.head, "epochs": args.epochs,
                                   "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                                   "optimizer": args.optimizer, "patience": args.patience, "T": args.T,
-                                  "margin": args.margin}.items()
+                                  "margin": args.margin, "temperature": args.temperature}.items()
                if v is not None}
     if args.normalize_output:
         options["normalize_output"] = True
@@ -345,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train softmax / DeViSE / random control / ConSE on cached features")
     p.add_argument("dataset", help="'emoji' (trains on its seen classes) or a folder with one sub-folder per class")
     p.add_argument("--method", choices=["softmax", "devise", "random", "conse"], default="devise")
-    p.add_argument("--loss", choices=["hinge", "cosine"], default=None, help="DeViSE loss (default hinge)")
+    p.add_argument("--loss", choices=["hinge", "cosine", "softmax"], default=None,
+                   help="DeViSE loss: hinge (the paper's, default), cosine (the Keras blog's), softmax "
+                        "(cross-entropy over cosines to the training labels)")
     p.add_argument("--head", choices=["linear", "mlp"], default=None, help="DeViSE head (default linear)")
     p.add_argument("--vectors", default=defaults.VECTORS, help="word vectors spec (see 'devise vectors info')")
     p.add_argument("--backbone", default=defaults.BACKBONE)
@@ -356,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=None, help="epochs without validation gain before stopping")
     p.add_argument("--T", type=int, default=None, help="ConSE: top classes mixed (default 10)")
     p.add_argument("--margin", type=float, default=None, help="hinge rank loss margin (default 0.1, the paper's)")
+    p.add_argument("--temperature", type=float, default=None, help="softmax loss temperature (default 0.05)")
     p.add_argument("--normalize-output", action="store_true",
                    help="hinge on the cosine of the projection (unit-length M v) instead of the raw dot product")
     p.add_argument("--full-sum", action="store_true",

@@ -1,0 +1,22 @@
+"""The label rule's fallbacks with real GloVe vectors and real WordNet: no label is dropped or random."""
+import numpy as np
+
+from devise.assets import imagenet1k_classes
+from devise.vectors import embed_labels, load_vectors
+from devise.wordnet import load_wordnet
+
+
+def test_synset_without_lemma_vectors_takes_its_nearest_hypernym():
+    wordnet, glove = load_wordnet(), load_vectors("glove-6b-50d")
+    # n02104029 is kuvasz: GloVe 6B has no 'kuvasz'; its hypernym watchdog has a vector.
+    emb = embed_labels(["n02104029"], glove, wordnet=wordnet)
+    assert emb.source[0].startswith("hypernym n02103841 'watchdog' (1 up)")
+    np.testing.assert_allclose(emb.matrix[0], glove.vector("watchdog"), atol=1e-6)
+    assert "1 by hypernym" in emb.coverage_report()
+
+
+def test_every_imagenet_class_gets_a_vector_with_glove():
+    wnids = [c["wnid"] for c in imagenet1k_classes()]
+    emb = embed_labels(wnids, load_vectors("glove-6b-50d"), wordnet=load_wordnet())
+    assert emb.labels == wnids and not emb.dropped  # 15 were dropped before the hypernym fallback
+    assert np.allclose(np.linalg.norm(emb.matrix, axis=1), 1.0, atol=1e-5)
