@@ -314,7 +314,8 @@ class TextEncoder:
 
 class EncodingCache:
     """Vectors of texts already encoded, on disk, per model identity: folder/<shard>.npz files with
-    `keys` (blake2b-16 of the UTF-8 text) and `vectors` (float32). Shards are written atomically, so
+    `keys` (uint8 (N, 16): blake2b-16 of the UTF-8 text; not numpy bytes strings, which drop trailing
+    zero bytes) and `vectors` (float32). Shards are written atomically, so
     concurrent processes only ever see whole files; when there are many they are merged into one."""
 
     MERGE_AT = 16
@@ -342,7 +343,7 @@ class EncodingCache:
             except (OSError, ValueError, KeyError) as exc:
                 raise DeviseError(f"{shard}: unreadable encoding cache shard ({exc}); delete it") from None
             self._seen.add(shard.name)
-            self._known.update(zip(keys.tolist(), vectors))
+            self._known.update(zip(_key_list(keys), vectors))
 
     def lookup(self, texts: list[str], dim: int) -> tuple[np.ndarray, list[int]]:
         """(float32 (N, dim) with the cached rows filled, indices of the texts not in the cache)."""
@@ -362,10 +363,10 @@ class EncodingCache:
 
         if not texts:
             return
-        keys = np.array([self.key(t) for t in texts], dtype="S16")
-        name = hashlib.sha1(keys.tobytes()).hexdigest()[:20] + ".npz"
-        atomic_save_npz(self.folder / name, keys=keys, vectors=np.asarray(vectors, np.float32))
-        self._known.update(zip(keys.tolist(), np.asarray(vectors, np.float32)))
+        keys = [self.key(t) for t in texts]
+        name = hashlib.sha1(b"".join(keys)).hexdigest()[:20] + ".npz"
+        atomic_save_npz(self.folder / name, keys=_key_array(keys), vectors=np.asarray(vectors, np.float32))
+        self._known.update(zip(keys, np.asarray(vectors, np.float32)))
         self._seen.add(name)
         shards = sorted(self.folder.glob("*.npz"))
         if len(shards) >= self.MERGE_AT:
@@ -375,11 +376,20 @@ class EncodingCache:
         from devise.assets import atomic_save_npz
 
         self._refresh()
-        keys = np.array(list(self._known), dtype="S16")
-        vectors = np.stack([self._known[k] for k in keys.tolist()])
-        name = "merged-" + hashlib.sha1(keys.tobytes()).hexdigest()[:20] + ".npz"
-        atomic_save_npz(self.folder / name, keys=keys, vectors=vectors)
+        keys = list(self._known)
+        vectors = np.stack([self._known[k] for k in keys])
+        name = "merged-" + hashlib.sha1(b"".join(keys)).hexdigest()[:20] + ".npz"
+        atomic_save_npz(self.folder / name, keys=_key_array(keys), vectors=vectors)
         self._seen.add(name)
         for shard in shards:  # every row of these is in the merged shard now
             if shard.name != name:
                 shard.unlink(missing_ok=True)
+
+
+def _key_array(keys: list[bytes]) -> np.ndarray:
+    return np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), 16)
+
+
+def _key_list(array: np.ndarray) -> list[bytes]:
+    raw = np.ascontiguousarray(array, np.uint8).tobytes()
+    return [raw[i:i + 16] for i in range(0, len(raw), 16)]
