@@ -144,3 +144,109 @@ def test_concurrent_clients_on_a_live_server(files):
             results = [ok for worker in pool.map(client_run, range(8)) for ok in worker]
     assert len(results) == 200 and all(r is True for r in results), [r for r in results if r is not True][:5]
     assert expected_coffee[0]["label"] == "espresso"
+
+
+def test_search_answers_what_search_answers(client, files):
+    """The server embeds queries with vectors loaded once; the answers are search()'s own."""
+    from devise.search import search
+
+    for q in ("cat", "coffee", "Water  buffalo", "musical instrument"):
+        response = client.get("/api/search", params={"q": q, "k": 5})
+        assert response.status_code == 200, response.text
+        expected = search(files["index"], text=q, top_k=5)
+        assert response.json()["query"] == expected["query"]
+        assert [r["image"] for r in response.json()["results"]] == [r["image"] for r in expected["results"]]
+        np.testing.assert_allclose([r["score"] for r in response.json()["results"]],
+                                   [r["score"] for r in expected["results"]], atol=1e-5)
+
+
+def test_image_route_serves_only_files_unchanged_since_indexing(tmp_path, foolbox_photos):
+    """Index real photos, then swap one path for a symlink to another photo, edit one in place, replace
+    one by another file of the same size and mtime, swap a folder on one's path for a link: each is
+    refused (404/409) with a one-line reason, and the untouched photos are still served."""
+    import os
+    import shutil
+
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    names = ["swapped.jpg", "edited.jpg", "replaced.jpg", "same.jpg", "sub/moved.jpg"]
+    for name, src in zip(names, foolbox_photos[:5]):
+        shutil.copy(src, photos / name)
+    outside = tmp_path / "outside.jpg"  # a real image the index never saw
+    shutil.copy(foolbox_photos[6], outside)
+    index = build_index(photos, out=tmp_path / "p.index", progress=False)
+    path = {name: str((photos / name).resolve()) for name in names}
+    assert sorted(index.paths) == sorted(path.values())
+    client = TestClient(create_app(index=index.folder, vocab="imagenet1k"))
+    for name in names:  # all served while unchanged
+        r = client.get("/api/image", params={"path": path[name]})
+        assert r.status_code == 200 and r.content == (photos / name).read_bytes(), name
+
+    os.unlink(photos / "swapped.jpg")
+    os.symlink(outside, photos / "swapped.jpg")
+    with open(photos / "edited.jpg", "ab") as fh:
+        fh.write(b"\0" * 100)
+    data = bytearray((photos / "replaced.jpg").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # another file: same size, same mtime, another inode
+    st = os.stat(photos / "replaced.jpg")
+    (photos / "replaced.tmp").write_bytes(bytes(data))
+    os.utime(photos / "replaced.tmp", ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(photos / "replaced.tmp", photos / "replaced.jpg")
+    os.rename(photos / "sub", photos / "elsewhere")
+    os.symlink(photos / "elsewhere", photos / "sub")
+
+    for name in ("swapped.jpg", "edited.jpg", "replaced.jpg", "sub/moved.jpg"):
+        r = client.get("/api/image", params={"path": path[name]})
+        assert r.status_code in (404, 409), (name, r.status_code)
+        detail = r.json()["detail"]
+        assert path[name] in detail and "\n" not in detail, detail
+    assert r.content != outside.read_bytes()
+    same = client.get("/api/image", params={"path": path["same.jpg"]})
+    assert same.status_code == 200 and same.content == (photos / "same.jpg").read_bytes()
+    assert same.headers["content-type"] == "image/jpeg"
+
+    # A server started after the changes refuses them too (the replaced file's inode is only known
+    # to a server that was running before it was replaced, as the index stores size and mtime).
+    late = TestClient(create_app(index=index.folder, vocab="imagenet1k"))
+    for name in ("swapped.jpg", "edited.jpg", "sub/moved.jpg"):
+        assert late.get("/api/image", params={"path": path[name]}).status_code in (404, 409), name
+    assert late.get("/api/image", params={"path": path["same.jpg"]}).status_code == 200
+    os.unlink(photos / "same.jpg")
+    gone = client.get("/api/image", params={"path": path["same.jpg"]})
+    assert gone.status_code == 404 and "no longer exists" in gone.json()["detail"]
+
+
+def test_busy_port_is_a_one_line_error_before_serving():
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "devise.cli", "serve", "--port", str(port)],
+                             capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "serving" not in run.stdout
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "already in use" in lines[0] and str(port) in lines[0], run.stderr
+
+
+@pytest.mark.slow
+def test_server_memory_stays_flat(foolbox_photos):
+    """benchmarks/serve_memory.py, shortened: a real `devise serve` process, 300 mixed requests from
+    4 clients after warming up. Loading the word vectors per search grew it ~11% in 300 requests."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_memory.py"
+    run = subprocess.run([sys.executable, str(script), "--requests", "300", "--warmup", "100", "--clients", "4",
+                          "--sample", "100"], capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
+    assert set(result["status_counts"]) <= {"200", "400", "415"}, result
+    assert result["status_counts"]["200"] > 250, result
+    assert result["growth"] < 0.06, result

@@ -12,8 +12,12 @@ pixel limit (decompression bombs), 415 for files that are not images, 400 for da
 """
 from __future__ import annotations
 
+import errno
 import io
+import mimetypes
 import os
+import socket
+import stat
 import threading
 import time
 from contextlib import contextmanager
@@ -22,7 +26,7 @@ from pathlib import Path
 import numpy as np
 # Module level (not inside create_app): FastAPI resolves the endpoints' annotations in these globals.
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from devise.errors import DeviseError
 
@@ -30,6 +34,7 @@ STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # 40 MP: bigger than any camera photo, far below what a bomb expands to
 MAX_K = 100
+IMAGE_CHUNK = 256 * 1024  # /api/image streams files in pieces: a large photo never sits whole in memory
 
 
 def decode_upload(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -57,18 +62,103 @@ def decode_upload(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.nd
         raise HTTPException(400, f"damaged or truncated image: {exc.__class__.__name__}: {exc}")
 
 
+class IndexedFiles:
+    """The image files of a loaded index, served only while each is still the file that was indexed.
+
+    The index stores every path resolved, with the file's size and modification time when it was embedded
+    (`search._stamp`); the device and inode are read when the server starts (or taken from the stamp if
+    the index has them). A request is refused when the path is now a symbolic link, resolves elsewhere
+    (a folder on the way was swapped), is another file (device/inode) or changed (size/mtime): the index
+    describes that path's old contents, and a swapped link could point anywhere on the disk. The checks
+    run on the opened file descriptor, and the bytes sent are read from that same descriptor.
+    """
+
+    def __init__(self, paths: list[str], stamps: list[list[int]]):
+        self.stamps = {path: list(stamp) if stamp else None for path, stamp in zip(paths, stamps)}
+        self.identity: dict[str, tuple[int, int]] = {}
+        for path, stamp in self.stamps.items():
+            if stamp and len(stamp) >= 4:
+                self.identity[path] = (stamp[2], stamp[3])
+                continue
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except OSError:
+                continue  # gone already: refused when asked for
+            if stat.S_ISREG(st.st_mode) and self._same_contents(st, stamp):
+                self.identity[path] = (st.st_dev, st.st_ino)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.stamps
+
+    @staticmethod
+    def _same_contents(st: os.stat_result, stamp) -> bool:
+        return bool(stamp) and [st.st_size, st.st_mtime_ns] == list(stamp[:2])
+
+    def open(self, path: str):
+        """(binary file, its stat) for an indexed path that is unchanged; else HTTPException: 404 for a
+        path that is not in the index or no longer exists, 409 for one that changed since indexing."""
+        if path not in self.stamps:
+            raise HTTPException(404, "not an image of the loaded index")
+        # O_NOFOLLOW: a symbolic link in the path's own place is refused by the kernel, not followed;
+        # O_NONBLOCK: a FIFO swapped in cannot hang the request (no effect on regular files).
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            raise HTTPException(404, f"{path}: no longer exists (removed since indexing)") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise HTTPException(409, f"{path}: is now a symbolic link (it was a file when indexed)") from None
+            raise HTTPException(404, f"{path}: cannot be read ({exc.strerror})") from None
+        file = os.fdopen(fd, "rb")
+        try:
+            st = os.fstat(fd)
+            reason = None
+            if not stat.S_ISREG(st.st_mode):
+                reason = "is no longer a regular file"
+            elif os.path.realpath(path) != path:
+                reason = "now resolves to another file (a folder on its path was replaced by a link)"
+            elif not self._same_contents(st, self.stamps[path]):
+                reason = "changed since indexing (size or modification time differ); re-run devise index"
+            elif self.identity.get(path) != (st.st_dev, st.st_ino):
+                reason = "was replaced by another file since indexing (device/inode differ)"
+            if reason:
+                raise HTTPException(409, f"{path}: {reason}")
+        except BaseException:
+            file.close()
+            raise
+        return file, st
+
+
+def _stream(file, size: int):
+    """The first `size` bytes of an open file, in pieces; closes it (also when the client goes away)."""
+    with file:
+        left = size
+        while left > 0:
+            piece = file.read(min(IMAGE_CHUNK, left))
+            if not piece:
+                break
+            left -= len(piece)
+            yield piece
+
+
 def create_app(model="conse", index: str | os.PathLike | None = None, vocab="wordnet", *, top_k: int = 5,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, drop_missing: bool = False):
     """The FastAPI app with the model, vocabulary and optional search index loaded once."""
     from devise.predict import load_embedder, load_vocabulary, predict_arrays
-    from devise.search import load_index, search
+    from devise.search import load_index
+    from devise.vectors import embed_labels, load_vectors
 
     embedder = load_embedder(model)
     vocabulary = load_vocabulary(vocab, embedder.vectors_spec, drop_missing=drop_missing)
     image_index = load_index(index) if index else None
     if image_index is not None and image_index.embeddings.shape[1] != embedder.dim:
         raise DeviseError(f"{index}: index is {image_index.embeddings.shape[1]}-d but the model is {embedder.dim}-d")
-    allowed = set(image_index.paths) if image_index is not None else set()
+    # The index's word vectors, loaded ONCE: search.search() loads them on every call (a 400K-word list
+    # and a dict over it, ~140 ms and ~100 MB of short-lived objects a query; 'minilm' a whole encoder),
+    # which under concurrent requests left each thread's malloc arena holding its own fragmented copy.
+    vectors = load_vectors(image_index.vectors_spec) if image_index is not None else None
+    indexed = IndexedFiles(image_index.paths, image_index.stamps) if image_index is not None else IndexedFiles([], [])
     size = embedder.backbone.image_size
     embedder.embed_images(np.zeros((1, size, size, 3), np.uint8))  # compile now, not on the first request
 
@@ -113,17 +203,28 @@ def create_app(model="conse", index: str | os.PathLike | None = None, vocab="wor
         """Images of the index nearest to a text query."""
         if image_index is None:
             raise HTTPException(404, "no image index loaded: start the server with --index INDEX")
+        text = " ".join(q.split())  # search.embed_text's rule: a multi-word query is one phrase
+        if not text:
+            raise HTTPException(400, "empty text query")
         try:
-            return search(image_index, text=q, top_k=k)
-        except DeviseError as exc:
-            raise HTTPException(400, str(exc))
+            query = np.ascontiguousarray(embed_labels([text], vectors).matrix, np.float32)
+        except DeviseError:
+            raise HTTPException(400, f"'{text}': no vector for this query in {image_index.vectors_spec} "
+                                     "(unknown words)") from None
+        if len(image_index) == 0:
+            return {"query": q, "results": []}
+        scores, ids = image_index.index.search(query, min(k, len(image_index)))
+        return {"query": q, "results": [{"image": image_index.paths[i], "score": round(float(s), 6)}
+                                           for s, i in zip(scores[0], ids[0]) if i >= 0]}
 
     @app.get("/api/image")
     def image_file(path: str = Query(..., description="an image path from a search result")):
-        """An image of the loaded index (only those: no other file is ever served)."""
-        if path not in allowed or not Path(path).is_file():
-            raise HTTPException(404, "not an image of the loaded index")
-        return FileResponse(path)
+        """An image of the loaded index, as it was indexed (only those: no other file is ever served;
+        404 if it is not in the index or is gone, 409 if it changed or was replaced since indexing)."""
+        file, st = indexed.open(path)
+        return StreamingResponse(_stream(file, st.st_size),
+                                 media_type=mimetypes.guess_type(path)[0] or "application/octet-stream",
+                                 headers={"content-length": str(st.st_size), "x-content-type-options": "nosniff"})
 
     return app
 
@@ -151,12 +252,42 @@ def running_server(app, host: str = "127.0.0.1", port: int = 0, timeout_s: float
         thread.join(timeout_s)
 
 
+def bind_port(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """A socket bound to host:port and listening (port 0: a free one), or a one-line DeviseError when the
+    port is taken. Claiming the port first means a busy port fails in a second, not after the model
+    loaded and the server said it was serving."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise DeviseError(f"cannot serve on {host}:{port}: unknown host ({exc})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise DeviseError(f"port {port} on {host} is already in use (another server?): stop it or choose "
+                              "another with --port") from None
+        raise DeviseError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(model="conse", index=None, vocab="wordnet", host: str = "127.0.0.1", port: int = 8000,
           max_upload_mb: float = 10.0, drop_missing: bool = False) -> None:
-    """Run the app with uvicorn until interrupted."""
+    """Run the app with uvicorn until interrupted. The port is claimed before the model loads (a busy one
+    is a one-line DeviseError); the line printed names the port really bound (port 0: a free one)."""
     import uvicorn
 
-    app = create_app(model, index, vocab, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-                     drop_missing=drop_missing)
-    print(f"devise: serving on http://{host}:{port}/ (API docs at /docs)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    sock = bind_port(host, port)
+    try:
+        app = create_app(model, index, vocab, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                         drop_missing=drop_missing)
+        shown = f"[{host}]" if ":" in host else host
+        print(f"devise: serving on http://{shown}:{sock.getsockname()[1]}/ (API docs at /docs)", flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    finally:
+        sock.close()
