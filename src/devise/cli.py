@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=None, help="epochs without validation gain before stopping")
     p.add_argument("--T", type=int, default=None, help="ConSE: top classes mixed (default 10)")
     p.add_argument("--margin", type=float, default=None, help="hinge rank loss margin (default 0.1, the paper's)")
-    p.add_argument("--temperature", type=float, default=None, help="softmax loss temperature (default 0.05)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="softmax loss temperature (default 0.1, chosen on validation classes)")
     p.add_argument("--normalize-output", action="store_true",
                    help="hinge on the cosine of the projection (unit-length M v) instead of the raw dot product")
     p.add_argument("--full-sum", action="store_true",

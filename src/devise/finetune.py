@@ -188,7 +188,7 @@ def _run_loss(run):
     s = run.settings
     return make_loss(run.method, s.get("loss") or "hinge", run.label_vectors, margin=s.get("margin", 0.1),
                      truncated=s.get("truncated", True), normalize_output=s.get("normalize_output", False),
-                     temperature=s.get("temperature", 0.05), seed=int(s.get("seed", 0)))
+                     temperature=s.get("temperature", 0.1), seed=int(s.get("seed", 0)))
 
 
 def training_images(settings) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -137,7 +137,7 @@ class CosineLoss(keras.losses.Loss):
         return {"name": self.name}
 
 
-def softmax_rank_loss(y_true, y_pred, label_vectors, temperature=0.05):
+def softmax_rank_loss(y_true, y_pred, label_vectors, temperature=0.1):
     """Per-sample cross-entropy of softmax(cos(y_pred, t_j) / temperature) over the training labels.
 
     A ranking loss like the hinge (the true label must out-score every negative), but smooth: every
@@ -152,7 +152,7 @@ class SoftmaxRankLoss(keras.losses.Loss):
     """softmax_rank_loss as a Keras loss: cross-entropy over cosines to the training labels' vectors,
     scaled by 1/temperature (as CLIP scores images against texts, with the label vectors fixed)."""
 
-    def __init__(self, label_vectors, temperature=0.05, name="softmax_rank_loss",
+    def __init__(self, label_vectors, temperature=0.1, name="softmax_rank_loss",
                  reduction="sum_over_batch_size", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.label_vectors_np = unit_rows(label_vectors)

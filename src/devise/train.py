@@ -258,7 +258,7 @@ def shuffled_batches(data, labels, batch_size, seed, rows=None, dtype="float32")
 
 
 def make_loss(method: str, loss: str, label_vectors, *, margin: float = 0.1, truncated: bool = True,
-              normalize_output: bool = False, temperature: float = 0.05, seed: int = 0):
+              normalize_output: bool = False, temperature: float = 0.1, seed: int = 0):
     """The training loss of a method: cross-entropy for softmax/conse, else the hinge rank or cosine loss
     over the training labels' vectors."""
     import keras
@@ -278,7 +278,7 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
           loss: str = "hinge", head: str = "linear", epochs: int = 100, batch_size: int = 128,
           learning_rate: float | None = None, optimizer: str = "adam", seed: int = 0, out_dir=None,
           margin: float = 0.1, truncated: bool = True, normalize_output: bool = False,
-          temperature: float = 0.05, patience: int = 8, top_k: int = 5, T: int = 10,
+          temperature: float = 0.1, patience: int = 8, top_k: int = 5, T: int = 10,
           vectors_spec: str | None = None,
           backbone_name: str | None = None, extra_settings: dict | None = None, callbacks=(),
           verbose: int = 1) -> Run:
