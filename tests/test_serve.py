@@ -236,7 +236,8 @@ def test_busy_port_is_a_one_line_error_before_serving():
 @pytest.mark.slow
 def test_server_memory_stays_flat(foolbox_photos):
     """benchmarks/serve_memory.py, shortened: a real `devise serve` process, 300 mixed requests from
-    4 clients after warming up. Loading the word vectors per search grew it ~11% in 300 requests."""
+    4 clients after warming up. Loading the word vectors on every search grew it ~11% in 300 requests,
+    allocator fragmentation (see serve.limit_heap_growth) another ~6%; fixed, it grows 1-2%."""
     import json
     import subprocess
     import sys
@@ -247,6 +248,7 @@ def test_server_memory_stays_flat(foolbox_photos):
                           "--sample", "100"], capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
-    assert set(result["status_counts"]) <= {"200", "400", "415"}, result
+    assert set(result["status_counts"]) <= {"200", "400", "415", "transport_error"}, result
+    assert result["status_counts"].get("transport_error", 0) <= 3, result  # retried keep-alive races only
     assert result["status_counts"]["200"] > 250, result
-    assert result["growth"] < 0.06, result
+    assert result["growth"] < 0.05, result
