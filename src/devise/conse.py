@@ -68,9 +68,9 @@ def cached_imagenet1k_class_vectors(vectors_spec: str) -> tuple[np.ndarray, np.n
     from pathlib import Path
 
     from devise.assets import atomic_save_npz, data_home
-    from devise.vectors import load_vectors
+    from devise.vectors import LABEL_RULE_VERSION, load_vectors
 
-    key = f"v1|{vectors_spec}"
+    key = f"v1|{LABEL_RULE_VERSION}|{vectors_spec}"
     if Path(vectors_spec).is_file():
         st = Path(vectors_spec).stat()
         key += f"|{Path(vectors_spec).resolve()}|{st.st_size}|{st.st_mtime_ns}"

@@ -333,7 +333,9 @@ def _build_vocab(vocab: str, vectors, drop_missing: bool = False) -> tuple[np.nd
 
 
 def _vocab_key(vocab: str, vectors_spec: str, dim: int, drop_missing: bool = False) -> str:
-    digest = hashlib.sha256(f"{VOCAB_VERSION}|{vocab}|{vectors_spec}|{dim}".encode())
+    from devise.vectors import LABEL_RULE_VERSION
+
+    digest = hashlib.sha256(f"{VOCAB_VERSION}|{LABEL_RULE_VERSION}|{vocab}|{vectors_spec}|{dim}".encode())
     if drop_missing and vocab not in VOCABS:  # a FILE without its missing labels is another vocabulary
         digest.update(b"|drop-missing")
     if vocab not in VOCABS:

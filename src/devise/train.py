@@ -500,24 +500,27 @@ def _load_checkpoint(out: Path, model, loss_fn):
 def class_label_vectors(dataset, vectors, drop_missing: bool = False):
     """Vectors of a dataset's classes -> (unit (C, D) matrix with zero rows for dropped classes, kept mask, report).
 
-    A class is embedded by its display name; a name with no vector falls back to its WordNet synset
-    (the paper's rule: the synset's first lemma with a vector). A class with neither is an error unless
-    drop_missing, which drops it (and reports it). Never a random vector.
+    A class is embedded by its display name (with a sentence encoder, together with its WordNet synset's
+    gloss and hypernym); a name with no word vector falls back to its synset (the paper's rule: the
+    synset's first lemma with a vector, else its nearest hypernym's). A class with neither is an error
+    unless drop_missing, which drops it (and reports it). Never a random vector.
     """
-    from devise.vectors import embed_labels
+    from devise.vectors import SentenceEncoder, embed_labels
 
     import logging
 
     names = list(dataset.classes)
+    wnids = list(getattr(dataset, "wnids", None) or [None] * len(names))
+    # A sentence encoder reads the class's synset too (its gloss and hypernym: sentence_label_texts).
+    linked = {"synsets": wnids} if isinstance(vectors, SentenceEncoder) else {}
     quiet = logging.getLogger("devise.vectors")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # names without a vector may still get one by synset; the report says
     try:
-        by_name = embed_labels(names, vectors, drop_missing=True)
+        by_name = embed_labels(names, vectors, drop_missing=True, **linked)
     finally:
         quiet.setLevel(level)
     rows = dict(zip(by_name.labels, by_name.matrix))
-    wnids = list(getattr(dataset, "wnids", None) or [None] * len(names))
     fallback = [(n, w) for n, w in zip(names, wnids) if n not in rows and w]
     if fallback:
         by_synset = embed_labels([w for _, w in fallback], vectors, drop_missing=True)

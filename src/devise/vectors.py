@@ -27,8 +27,9 @@ Label rule (`embed_labels`), the same for every word-vector source:
       otherwise the phrase has no vector.
 3. The result is unit-normalised. A label with no vector is an error listing the labels, unless
    drop_missing=True, which drops and reports them. A label never gets a random vector.
-The sentence encoder ("minilm") embeds the label text itself (a synset: its first lemma; see
-sentence_label_text), so every label gets a vector.
+The sentence encoder ("minilm") embeds text, so every label gets a vector: a plain phrase is its own
+text; a synset, or a label linked to one, is the unit mean of its name, "name: gloss" and "name, a kind
+of <hypernym>" (sentence_label_texts), so two senses of a word get two vectors.
 """
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ PART_SPLIT = re.compile(r"[-'.]+")
 PARENS = re.compile(r"\(([^()]*)\)")
 CHUNK_ROWS = 20000
 SHOW_MAX = 20
+# Bumped whenever the label rule changes what vector a label gets: caches of embedded labels (the
+# WordNet vocabulary, ConSE's class vectors) are keyed by it.
+LABEL_RULE_VERSION = "2"
 HYPERNYM_HOPS = 3  # a synset none of whose lemmas has a vector borrows its nearest hypernym's, this far up
 
 
@@ -252,7 +256,7 @@ def _synset_vector(wnid: str, vectors: WordVectors, wordnet=None) -> tuple[np.nd
     return None, "", False
 
 
-def embed_labels(labels, vectors, wordnet=None, drop_missing: bool = False) -> LabelEmbedding:
+def embed_labels(labels, vectors, wordnet=None, drop_missing: bool = False, synsets=None) -> LabelEmbedding:
     """Unit vectors for labels (words, phrases, WordNet synset ids) by the rule in this module's docstring.
 
     vectors: a WordVectors or a SentenceEncoder; wordnet: anything with .lemmas(wnid) (default: read
@@ -261,7 +265,7 @@ def embed_labels(labels, vectors, wordnet=None, drop_missing: bool = False) -> L
     """
     labels = [str(label) for label in labels]
     if isinstance(vectors, SentenceEncoder):
-        return vectors.embed_labels(labels, wordnet=wordnet, drop_missing=drop_missing)
+        return vectors.embed_labels(labels, wordnet=wordnet, drop_missing=drop_missing, synsets=synsets)
     rows, kept, sources, missing, partial = [], [], [], [], []
     for label in labels:
         vec, src, part = None, "", False
@@ -294,14 +298,32 @@ def _finish(labels, rows, kept, sources, missing, partial, vectors, drop_missing
 
 # ---------------------------------------------------------------- sentence encoder
 
-def sentence_label_text(label: str, wordnet=None) -> str:
-    """The text the sentence encoder embeds for a label: the label itself, or for a WordNet synset id its
-    first lemma ("" for an unknown id: the label has no vector). The one place that chooses label text."""
+def sentence_label_texts(label: str, wordnet=None, synset: str | None = None) -> list[str]:
+    """The texts whose unit mean is a label's sentence vector; the one place that chooses label text.
+
+    A label that is a WordNet synset id, or is linked to one (`synset`, e.g. a dataset class's), is
+    embedded from its name, "name: gloss" (the gloss up to its first ';') and "name, a kind of
+    <hypernym>" (the first hypernym's first lemma), so two senses of a word get two vectors. This mean
+    won on the emoji benchmark's validation classes against the name alone, name + gloss, the full gloss
+    and other means (README, benchmarks/label_text.py). Any other label is its own text; an unknown
+    synset id gives [] (the label has no vector).
+    """
     text = label.strip()
     if SYNSET_ID.match(text):
-        lemmas = synset_lemmas(text, wordnet)
-        text = lemmas[0].replace("_", " ") if lemmas else ""
-    return text
+        synset = text
+    if synset is None or not SYNSET_ID.match(synset):
+        return [text] if text else []
+    from devise.wordnet import load_wordnet
+
+    graph = wordnet if hasattr(wordnet, "gloss") else load_wordnet()
+    if synset not in graph:
+        return [] if synset == text else ([text] if text else [])
+    name = text if synset != text else graph.lemmas(synset)[0].replace("_", " ")
+    texts = [name, f"{name}: {graph.gloss(synset).split(';')[0].strip()}"]
+    parents = graph.hypernyms(synset)
+    if parents:
+        texts.append(f"{name}, a kind of {graph.lemmas(parents[0])[0].replace('_', ' ')}")
+    return texts
 
 
 class SentenceEncoder:
@@ -343,19 +365,30 @@ class SentenceEncoder:
     def vector(self, word: str) -> np.ndarray:
         return self.encode([word])[0]
 
-    def embed_labels(self, labels, wordnet=None, drop_missing: bool = False) -> LabelEmbedding:
-        """Any phrase gets a vector (its text: sentence_label_text); an unknown synset id is missing."""
+    def embed_labels(self, labels, wordnet=None, drop_missing: bool = False, synsets=None) -> LabelEmbedding:
+        """Any phrase gets a vector: the unit mean of its sentence_label_texts (synsets: the WordNet id
+        each label is linked to, or None); an unknown synset id is missing."""
         labels = [str(label) for label in labels]
-        texts, kept, sources, missing = [], [], [], []
-        for label in labels:
-            text = sentence_label_text(label, wordnet)
-            if not text:
+        synsets = list(synsets) if synsets is not None else [None] * len(labels)
+        if len(synsets) != len(labels):
+            raise ValueError(f"{len(synsets)} synsets for {len(labels)} labels")
+        if not hasattr(wordnet, "gloss") and (any(synsets) or any(SYNSET_ID.match(x.strip()) for x in labels)):
+            from devise.wordnet import load_wordnet
+            wordnet = load_wordnet()  # once here, not once per label
+        groups, kept, sources, missing = [], [], [], []
+        for label, synset in zip(labels, synsets):
+            texts = sentence_label_texts(label, wordnet, synset)
+            if not texts:
                 missing.append(label)
                 continue
-            texts.append(text)
+            groups.append(texts)
             kept.append(label)
-            sources.append(f"sentence {text!r}")
-        rows = list(self.encode(texts)) if texts else []
+            sources.append("sentence " + " + ".join(map(repr, texts)))
+        flat = [t for texts in groups for t in texts]
+        encoded = self.encode(flat) if flat else np.zeros((0, self.dim), np.float32)
+        ends = np.cumsum([len(texts) for texts in groups])
+        rows = [encoded[end - len(texts):end].mean(axis=0) for end, texts in zip(ends, groups)]
+        rows = list(unit_rows(np.stack(rows))) if rows else []
         return _finish(labels, rows, kept, sources, missing, [], self, drop_missing)
 
     def __repr__(self) -> str:
