@@ -121,15 +121,19 @@ def test_cache_shards_merge_and_stay_readable(tmp_path):
     cache = EncodingCache(tmp_path / "c")
     cache.MERGE_AT = 4
     rng = np.random.default_rng(0)
-    texts = [f"text {i}" for i in range(10)]
+    texts = [f"text {i}" for i in range(60)]
     assert EncodingCache.key("text 7").endswith(b"\x00")  # numpy's bytes strings would lose this byte
-    rows = rng.standard_normal((10, 8)).astype(np.float32)
-    for i in range(0, 10, 2):
+    rows = rng.standard_normal((60, 8)).astype(np.float32)
+    cache.add(texts[10:], rows[10:])  # a big shard (say, all WordNet): never rewritten by merges
+    big = next((tmp_path / "c").glob("*.npz"))
+    big_inode = big.stat().st_ino
+    for i in range(0, 10, 2):  # small ones (say, one query each)
         cache.add(texts[i:i + 2], rows[i:i + 2])
-    assert len(list((tmp_path / "c").glob("*.npz"))) < 4
+    shards = sorted((tmp_path / "c").glob("*.npz"))
+    assert len(shards) < 4 and big in shards and big.stat().st_ino == big_inode
     out, missing = EncodingCache(tmp_path / "c").lookup(texts + ["new"], 8)
-    assert missing == [10]
-    np.testing.assert_array_equal(out[:10], rows)
+    assert missing == [60]
+    np.testing.assert_array_equal(out[:60], rows)
 
 
 def test_model_files_and_errors(tmp_path):

@@ -317,14 +317,14 @@ class EncodingCache:
     """Vectors of texts already encoded, on disk, per model identity: folder/<shard>.npz files with
     `keys` (uint8 (N, 16): blake2b-16 of the UTF-8 text; not numpy bytes strings, which drop trailing
     zero bytes) and `vectors` (float32). Shards are written atomically, so
-    concurrent processes only ever see whole files; when there are many they are merged into one."""
+    concurrent processes only ever see whole files; when there are many, all but the largest are merged."""
 
     MERGE_AT = 16
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._known: dict[bytes, np.ndarray] = {}
-        self._seen: set[str] = set()
+        self._seen: dict[str, list[bytes]] = {}  # shard file name -> its keys
 
     @staticmethod
     def key(text: str) -> bytes:
@@ -343,8 +343,8 @@ class EncodingCache:
                 continue
             except (OSError, ValueError, KeyError) as exc:
                 raise DeviseError(f"{shard}: unreadable encoding cache shard ({exc}); delete it") from None
-            self._seen.add(shard.name)
-            self._known.update(zip(_key_list(keys), vectors))
+            self._seen[shard.name] = _key_list(keys)
+            self._known.update(zip(self._seen[shard.name], vectors))
 
     def lookup(self, texts: list[str], dim: int) -> tuple[np.ndarray, list[int]]:
         """(float32 (N, dim) with the cached rows filled, indices of the texts not in the cache)."""
@@ -368,24 +368,34 @@ class EncodingCache:
         name = hashlib.sha1(b"".join(keys)).hexdigest()[:20] + ".npz"
         atomic_save_npz(self.folder / name, keys=_key_array(keys), vectors=np.asarray(vectors, np.float32))
         self._known.update(zip(keys, np.asarray(vectors, np.float32)))
-        self._seen.add(name)
+        self._seen[name] = keys
         shards = sorted(self.folder.glob("*.npz"))
         if len(shards) >= self.MERGE_AT:
             self._merge(shards)
 
     def _merge(self, shards: list[Path]) -> None:
+        """Merge every shard but the largest into one: many one-text shards (queries) become one file,
+        and a big shard (all WordNet) is never rewritten for them."""
         from devise.assets import atomic_save_npz
 
         self._refresh()
-        keys = list(self._known)
+        sizes = {}
+        for shard in shards:
+            try:
+                sizes[shard] = shard.stat().st_size
+            except FileNotFoundError:  # merged away by another process meanwhile
+                continue
+        small = [shard for shard in sizes if shard != max(sizes, key=sizes.get) and shard.name in self._seen]
+        keys = list(dict.fromkeys(k for shard in small for k in self._seen[shard.name]))
+        if len(small) < 2:
+            return
         vectors = np.stack([self._known[k] for k in keys])
         name = "merged-" + hashlib.sha1(b"".join(keys)).hexdigest()[:20] + ".npz"
         atomic_save_npz(self.folder / name, keys=_key_array(keys), vectors=vectors)
-        self._seen.add(name)
-        for shard in shards:  # every row of these is in the merged shard now
+        self._seen[name] = keys
+        for shard in small:  # every row of these is in the merged shard now
             if shard.name != name:
                 shard.unlink(missing_ok=True)
-
 
 def _key_array(keys: list[bytes]) -> np.ndarray:
     return np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), 16)
