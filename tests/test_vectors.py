@@ -376,13 +376,12 @@ def test_minilm_encodes_any_phrase(home):
     assert np.allclose(np.linalg.norm(emb.matrix, axis=1), 1, atol=1e-5)
     cat, dog, truck, tabby, _ = emb.matrix
     assert cat @ dog > cat @ truck
-    # A synset is the unit mean of its name, "name: gloss" and "name, a kind of <hypernym>".
-    texts = V.sentence_label_texts("n02123045")
-    assert texts == ["tabby", "tabby: a cat with a grey or tawny coat mottled with black", "tabby, a kind of domestic cat"]
-    np.testing.assert_allclose(tabby, V.unit_rows(enc.encode(texts).mean(axis=0, keepdims=True))[0], atol=1e-5)
-    assert emb.source[3] == "sentence " + " + ".join(map(repr, texts))
-    assert V.sentence_label_texts(" tiger cat ") == ["tiger cat"]  # a plain phrase is its own text
-    # A label linked to a synset reads its gloss too, so two senses of one name get two vectors.
+    # A synset is "name, a kind of <hypernym>"; a plain phrase is its own text.
+    assert V.sentence_label_text("n02123045") == "tabby, a kind of domestic cat"
+    np.testing.assert_allclose(tabby, enc.vector("tabby, a kind of domestic cat"), atol=1e-5)
+    assert emb.source[3] == "sentence 'tabby, a kind of domestic cat'"
+    assert V.sentence_label_text(" tiger cat ") == "tiger cat"
+    # A label linked to a synset reads its hypernym too, so two senses of one name get two vectors.
     senses = V.embed_labels(["tiger cat", "tiger cat"], enc, synsets=["n02123159", "n02126465"])
     assert senses.matrix[0] @ senses.matrix[1] < 0.95
     missing = V.embed_labels(["cat", "n99999999", "  "], enc, drop_missing=True)

@@ -2,4 +2,6 @@
 unless told otherwise. (Run folders record their own; these only fill what a caller leaves out.)"""
 
 BACKBONE = "efficientnet_lite0"
-VECTORS = "glove-6b-50d"
+# The native MiniLM sentence encoder (label text: vectors.sentence_label_text). GloVe 6B 50-d, the
+# paper's kind of label space, stays one flag away: --vectors glove-6b-50d.
+VECTORS = "minilm"

@@ -500,8 +500,8 @@ def _load_checkpoint(out: Path, model, loss_fn):
 def class_label_vectors(dataset, vectors, drop_missing: bool = False):
     """Vectors of a dataset's classes -> (unit (C, D) matrix with zero rows for dropped classes, kept mask, report).
 
-    A class is embedded by its display name (with a sentence encoder, together with its WordNet synset's
-    gloss and hypernym); a name with no word vector falls back to its synset (the paper's rule: the
+    A class is embedded by its display name (with a sentence encoder, as "name, a kind of <its synset's
+    hypernym>"); a name with no word vector falls back to its synset (the paper's rule: the
     synset's first lemma with a vector, else its nearest hypernym's). A class with neither is an error
     unless drop_missing, which drops it (and reports it). Never a random vector.
     """
@@ -511,7 +511,7 @@ def class_label_vectors(dataset, vectors, drop_missing: bool = False):
 
     names = list(dataset.classes)
     wnids = list(getattr(dataset, "wnids", None) or [None] * len(names))
-    # A sentence encoder reads the class's synset too (its gloss and hypernym: sentence_label_texts).
+    # A sentence encoder reads the class's synset too (its hypernym: vectors.sentence_label_text).
     linked = {"synsets": wnids} if isinstance(vectors, SentenceEncoder) else {}
     quiet = logging.getLogger("devise.vectors")
     level = quiet.level

