@@ -50,7 +50,7 @@ def emoji_training_set():
 
     dataset = load_dataset("emoji")
     split = zero_shot_split(dataset, seed=0)
-    vectors, kept, _ = class_label_vectors(dataset, load_vectors(), drop_missing=True)
+    vectors, kept, _ = class_label_vectors(dataset, load_vectors("glove-6b-50d"), drop_missing=True)
     train_images = split.train[kept[dataset.labels[split.train]]]
     classes = np.unique(dataset.labels[train_images])
     labels = np.searchsorted(classes, dataset.labels[train_images])

@@ -32,7 +32,7 @@ def test_conse_bad_shapes():
 @pytest.fixture(scope="module")
 def glove():
     from devise.vectors import load_vectors
-    return load_vectors()
+    return load_vectors("glove-6b-50d")
 
 
 def test_imagenet_conse_zero_shot_on_real_photos(glove):

@@ -34,7 +34,7 @@ def runs(tmp_path_factory):
     from devise.vectors import load_vectors
 
     emoji = load_dataset("emoji")
-    _, kept, _ = class_label_vectors(emoji, load_vectors(), drop_missing=True)
+    _, kept, _ = class_label_vectors(emoji, load_vectors("glove-6b-50d"), drop_missing=True)
     simple = [c for c in np.flatnonzero(kept) if re.fullmatch(r"[a-z]+( [a-z]+)?", emoji.classes[c])]
     classes = np.random.default_rng(0).choice(simple, N_CLASSES, replace=False)
     root = tmp_path_factory.mktemp("finetune")

@@ -15,7 +15,7 @@ WORDS = ["cat", "dog", "truck", "pizza", "violin", "tiger", "bus", "apple"]
 @pytest.fixture(scope="module")
 def label_vectors():
     from devise.vectors import embed_labels, load_vectors
-    return embed_labels(WORDS, load_vectors()).matrix
+    return embed_labels(WORDS, load_vectors("glove-6b-50d")).matrix
 
 
 @pytest.fixture(scope="module")

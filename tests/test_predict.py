@@ -150,7 +150,7 @@ def test_random_control_run_refuses_open_vocabulary_prediction(foolbox_photos, t
 
     names = ["cat", "dog", "cup"]
     fs = extract_features(foolbox_photos[:6], progress=False)
-    vectors = embed_labels(names, load_vectors()).matrix
+    vectors = embed_labels(names, load_vectors("glove-6b-50d")).matrix
     train("random", np.asarray(fs.features), np.arange(6) % 3, names, vectors, epochs=1, verbose=0,
           out_dir=tmp_path / "random", backbone_name="efficientnet_lite0", vectors_spec="glove-6b-50d")
     with pytest.raises(DeviseError, match="random-embedding control run cannot name"):

@@ -32,7 +32,7 @@ def emoji_subset():
     from devise.vectors import load_vectors
 
     dataset = load_dataset("emoji")
-    vectors, kept, _ = class_label_vectors(dataset, load_vectors(), drop_missing=True)
+    vectors, kept, _ = class_label_vectors(dataset, load_vectors("glove-6b-50d"), drop_missing=True)
     rng = np.random.default_rng(0)
     classes = np.sort(rng.choice(np.flatnonzero(kept), N_CLASSES, replace=False))
     images = np.flatnonzero(np.isin(dataset.labels, classes))

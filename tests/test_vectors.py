@@ -20,14 +20,14 @@ SAMPLE_WORDS = ["cat", "dog", "truck", "water", "buffalo", "tabby", "kite", "shi
 
 @pytest.fixture(scope="session")
 def glove():
-    return V.load_vectors()
+    return V.load_vectors("glove-6b-50d")
 
 
 @pytest.fixture(scope="session")
 def raw_rows():
     """A few hundred real GloVe words with their raw (not normalised) vectors."""
     emb_path, _ = glove_6b_50d_files()
-    glove = V.load_vectors()
+    glove = V.load_vectors("glove-6b-50d")
     words = list(dict.fromkeys(glove.words[100:400] + SAMPLE_WORDS))
     raw = np.load(emb_path, mmap_mode="r")
     return words, np.stack([raw[glove.index[w]] for w in words]).astype(np.float32)
