@@ -319,7 +319,7 @@ def test_corpus_from_webster_and_wordnet(tmp_path, monkeypatch, caplog):
 
 
 def test_cli_vectors_info(capsys):
-    assert main(["vectors", "info", "--labels", "imagenet1k"]) == 0
+    assert main(["vectors", "info", "glove-6b-50d", "--labels", "imagenet1k"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("glove-6b-50d: 400000 words x 50\n") and "/1000 labels embedded" in out
     assert main(["vectors", "info", "no-such-file.vec"]) == 2
