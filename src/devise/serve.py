@@ -5,7 +5,8 @@ FastAPI app (OpenAPI docs at /docs):
 - GET  /               the page (static/index.html: plain HTML and a little JavaScript);
 - POST /api/predict    multipart field `image`, query `k` -> {"image", "predictions": [{"label", "synset", "score"}]}
 - GET  /api/search     ?q=TEXT&k=K -> {"query", "results": [{"image": PATH, "score"}]}
-- GET  /api/image      ?path=PATH -> the image file, only for paths in the loaded index;
+- GET  /api/image      ?path=PATH -> the image file, only for paths in the loaded index and only while
+                       the file is the one indexed (404 gone, 409 changed or replaced: IndexedFiles);
 - GET  /api/info       what is loaded.
 Bad input is always a 4xx with {"detail": "..."}: 413 for uploads over the size limit or images over the
 pixel limit (decompression bombs), 415 for files that are not images, 400 for damaged images.
