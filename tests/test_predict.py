@@ -11,7 +11,7 @@ from PIL import Image
 
 from devise.errors import DeviseError
 from devise.predict import (
-    expand_image_paths, label_statistics, load_vocabulary, predict, rank_labels, score_labels,
+    ConseEmbedder, expand_image_paths, label_statistics, load_vocabulary, predict, rank_labels, score_labels,
 )
 
 
@@ -76,13 +76,21 @@ def test_label_file_vocabulary(photos, tmp_path):
 def test_label_file_with_unknown_words_is_an_error(photos, tmp_path):
     vocab = tmp_path / "labels.txt"
     vocab.write_text("cat\nqzxvbnmw\n")
-    with pytest.raises(DeviseError, match="qzxvbnmw"):
-        predict([photos / "chelsea.jpg"], vocab=vocab)
+    with pytest.raises(DeviseError, match="qzxvbnmw"):  # word vectors have no vector for it
+        predict([photos / "chelsea.jpg"], model=ConseEmbedder(vectors_spec="glove-6b-50d"), vocab=vocab)
+
+
+def test_default_wordnet_vocabulary_is_every_noun_synset_and_senses_differ():
+    vocab = load_vocabulary("wordnet")  # the sentence encoder: every synset has a vector
+    assert len(vocab) == 82_115 and len(vocab.matrix) > 80_000  # a term per distinct label text
+    tiger_cats = [vocab.matrix[vocab.entry_term[vocab.synsets.index(w)]] for w in ("n02123159", "n02126465")]
+    assert tiger_cats[0] @ tiger_cats[1] < 0.95  # the tabby and the wild cat are two labels, not one
 
 
 def test_wordnet_vocabulary_expands_terms_to_synsets_in_sense_order():
-    vocab = load_vocabulary("wordnet")
-    assert 70_000 < len(vocab) < 82_115 and len(vocab.matrix) < len(vocab)
+    vocab = load_vocabulary("wordnet", "glove-6b-50d")  # word vectors: senses of one word share a term
+    # every synset has a vector (a lemma's, else its nearest hypernym's); senses of one word share a term
+    assert len(vocab) == 82_115 and len(vocab.matrix) < 60_000
     np.testing.assert_allclose(np.linalg.norm(vocab.matrix, axis=1), 1, atol=1e-5)
     # a score row that puts one term first: its synsets come out first, most frequent sense first
     term = vocab.entry_term[vocab.synsets.index("n02121620")]  # cat.n.01

@@ -10,6 +10,7 @@ from devise.search import build_index, load_index, search
 
 CAT_LIKE = ("cat", "cat face", "black cat")
 OTHERS = ("dog", "pizza", "guitar", "automobile", "house", "banana", "rocket")
+GLOVE = "glove-6b-50d"  # ConSE's label space in these tests (an unknown word is an error only there)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def emoji_subset():
 @pytest.fixture(scope="module")
 def emoji_index(emoji_subset, tmp_path_factory):
     paths = [p for paths in emoji_subset.values() for p in paths]
-    return build_index(paths, out=tmp_path_factory.mktemp("idx") / "emoji.index", progress=False)
+    return build_index(paths, out=tmp_path_factory.mktemp("idx") / "emoji.index", progress=False, vectors=GLOVE)
 
 
 def _class_of(path, subset):
@@ -72,7 +73,7 @@ def test_adding_removing_and_unreadable_files(emoji_subset, emoji_index, tmp_pat
     for i, p in enumerate(cats):
         shutil.copy(p, folder / f"cat{i}.png")
     out = tmp_path / "my.index"
-    first = build_index(folder, out=out, progress=False)
+    first = build_index(folder, out=out, progress=False, vectors=GLOVE)
     assert len(first) == 3 and len(first.added) == 3
 
     (folder / "cat0.png").unlink()
@@ -80,7 +81,7 @@ def test_adding_removing_and_unreadable_files(emoji_subset, emoji_index, tmp_pat
         shutil.copy(p, folder / f"guitar{i}.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.warns(UserWarning) as caught:
-        second = build_index(folder, out=out, progress=False)
+        second = build_index(folder, out=out, progress=False, vectors=GLOVE)
     assert len(caught) == 1, [str(w.message) for w in caught]  # one warning listing every problem
     message = str(caught[0].message)
     assert "cat0.png" in message and "broken.png" in message
@@ -98,7 +99,7 @@ def test_adding_removing_and_unreadable_files(emoji_subset, emoji_index, tmp_pat
 
 def test_approximate_index_gives_the_same_top_results(emoji_subset, emoji_index, tmp_path):
     paths = emoji_index.paths
-    hnsw = build_index(paths, out=tmp_path / "hnsw.index", approx_threshold=1, progress=False)
+    hnsw = build_index(paths, out=tmp_path / "hnsw.index", approx_threshold=1, progress=False, vectors=GLOVE)
     assert hnsw.kind == "hnsw" and load_index(hnsw.folder).kind == "hnsw"
     exact = [r["image"] for r in search(emoji_index, text="cat", top_k=5)["results"]]
     approx = [r["image"] for r in search(hnsw.folder, text="cat", top_k=5)["results"]]

@@ -63,7 +63,12 @@ def test_search_and_image_route(client, files):
     # nothing outside the index is ever served
     for path in ("/etc/passwd", str(files["folder"] / "photos.index" / "meta.json"), "../photos/chelsea.jpg"):
         assert client.get("/api/image", params={"path": path}).status_code == 404
-    assert client.get("/api/search", params={"q": "qzxvbnmw"}).status_code == 400
+    # An unknown word is a 400 where the index's label space is word vectors (the default sentence
+    # encoder reads any text, so it has no unknown words).
+    glove_index = build_index([files["chelsea"]], out=files["folder"] / "glove.index", progress=False,
+                              vectors="glove-6b-50d")
+    glove = TestClient(create_app(index=glove_index.folder, vocab="imagenet1k", vectors="glove-6b-50d"))
+    assert glove.get("/api/search", params={"q": "qzxvbnmw"}).status_code == 400
     assert client.get("/api/search", params={"q": ""}).status_code == 422
     assert client.get("/api/search", params={"q": "cat", "k": 0}).status_code == 422
 

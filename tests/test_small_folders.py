@@ -24,6 +24,7 @@ from devise.train import MIN_SEEN_VAL_IMAGES, MIN_ZERO_SHOT_VAL_CLASSES, choose_
 
 ANIMALS = ["cat", "dog", "horse", "pig", "cow", "rabbit", "mouse"]
 NONSENSE = "zqxjvk wbfq"  # a class name no word-vector file has
+GLOVE = ("--vectors", "glove-6b-50d")  # labels without a vector exist only in word-vector spaces
 
 
 def emoji_tree(root: Path, names) -> Path:
@@ -85,10 +86,10 @@ def test_three_classes_learn_and_hints_work(tmp_path):
     """3 real classes and one with no vector: the error's --drop-missing hint trains on the 3 (this
     crashed with an IndexError), the loss is never exactly 0, no hit@k with k >= 3 is printed."""
     tree = emoji_tree(tmp_path / "three", ANIMALS[:3] + [NONSENSE])
-    failed = devise_cli("train", tree, "--out", tmp_path / "run0", "--epochs", "3")
+    failed = devise_cli("train", tree, "--out", tmp_path / "run0", "--epochs", "3", *GLOVE)
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
     assert failed.stderr.count("\n") == 1 and "--drop-missing" in failed.stderr and NONSENSE in failed.stderr
-    result = devise_cli("train", tree, "--out", tmp_path / "run", "--epochs", "3", "--drop-missing")
+    result = devise_cli("train", tree, "--out", tmp_path / "run", "--epochs", "3", "--drop-missing", *GLOVE)
     assert result.returncode == 0, result.stderr[-2000:]
     with np.load(tmp_path / "run" / "labels.npz") as labels:
         assert sorted(labels["class_names"].tolist()) == sorted(ANIMALS[:3])
@@ -150,15 +151,15 @@ def test_predict_hint_drop_missing(tmp_path, foolbox_photos):
     vocab = tmp_path / "labels.txt"
     vocab.write_text(f"cat\ndog\n{NONSENSE}\n")
     image = _photo(tmp_path, foolbox_photos)
-    failed = devise_cli("predict", image, "--vocab", vocab, "--json")
+    failed = devise_cli("predict", image, "--vocab", vocab, "--json", *GLOVE)
     assert failed.returncode == 2 and "--drop-missing" in failed.stderr and NONSENSE in failed.stderr
-    result = devise_cli("predict", image, "--vocab", vocab, "--json", "--drop-missing")
+    result = devise_cli("predict", image, "--vocab", vocab, "--json", "--drop-missing", *GLOVE)
     assert result.returncode == 0, result.stderr[-2000:]
     labels = [p["label"] for p in json.loads(result.stdout.strip().splitlines()[-1])["predictions"]]
     assert sorted(labels) == ["cat", "dog"]
     assert NONSENSE in result.stderr  # the dropped label is reported
     # the cached vocabulary without the dropped label does not hide the error next time
-    again = devise_cli("predict", image, "--vocab", vocab, "--json")
+    again = devise_cli("predict", image, "--vocab", vocab, "--json", *GLOVE)
     assert again.returncode == 2 and "--drop-missing" in again.stderr
 
 
@@ -171,10 +172,10 @@ def _free_port():
 def test_serve_hint_drop_missing(tmp_path):
     vocab = tmp_path / "labels.txt"
     vocab.write_text(f"cat\n{NONSENSE}\n")
-    failed = devise_cli("serve", "--vocab", vocab, "--port", _free_port())
+    failed = devise_cli("serve", "--vocab", vocab, "--port", _free_port(), *GLOVE)
     assert failed.returncode == 2 and "--drop-missing" in failed.stderr
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "devise.cli", "serve", "--vocab", str(vocab), "--drop-missing",
+    server = subprocess.Popen([sys.executable, "-m", "devise.cli", "serve", "--vocab", str(vocab), "--drop-missing", *GLOVE,
                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env={**os.environ, "KERAS_BACKEND": "jax"})
     try:

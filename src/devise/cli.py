@@ -55,6 +55,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"{start}devise: warning: {printable(message)}", file=file, flush=True)
 
 
+CONSE_VECTORS_HELP = (f"label space of the 'conse' model: minilm, glove-6b-50d or a vectors file (default "
+                      f"{defaults.VECTORS}); a run folder uses its own")
+
+
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=None if isinstance(obj, list) else 2))
 
@@ -146,7 +150,7 @@ def cmd_predict(args) -> int:
 
     results = predict(args.images, model=args.model, vocab=args.vocab, top_k=args.top, hubness=args.hubness,
                       reference=args.reference, progress=len(args.images) > 1 or not args.json,
-                      drop_missing=args.drop_missing)
+                      drop_missing=args.drop_missing, vectors=args.vectors)
     if args.json:
         for result in results:
             print(json.dumps(result))
@@ -158,7 +162,7 @@ def cmd_predict(args) -> int:
 def cmd_index(args) -> int:
     from devise.search import build_index
 
-    index = build_index(args.folders, model=args.model, out=args.out)
+    index = build_index(args.folders, model=args.model, out=args.out, vectors=args.vectors)
     print(f"{args.out}: {len(index)} images ({index.kind} index, model {index.model}); "
           f"{len(index.added)} embedded now, {len(index.removed)} removed, {len(index.unreadable)} unreadable")
     return 0
@@ -178,7 +182,7 @@ def cmd_serve(args) -> int:
     from devise.serve import serve
 
     serve(model=args.model, index=args.index, vocab=args.vocab, host=args.host, port=args.port,
-          max_upload_mb=args.max_upload_mb, drop_missing=args.drop_missing)
+          max_upload_mb=args.max_upload_mb, drop_missing=args.drop_missing, vectors=args.vectors)
     return 0
 
 
@@ -375,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="open-vocabulary labels for images (ConSE by default, or a trained run)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     p.add_argument("--model", default="conse", help="'conse' (default, no training) or a run folder")
+    p.add_argument("--vectors", default=None, help=CONSE_VECTORS_HELP)
     p.add_argument("--vocab", default="wordnet", help="wordnet (default), imagenet1k, or a FILE of labels")
     p.add_argument("--top", type=int, default=5, metavar="K", help="labels per image (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image per line")
@@ -389,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="embed a folder of images into a FAISS search index (adds to an existing one)")
     p.add_argument("folders", nargs="+", metavar="FOLDER", help="image folders or files")
     p.add_argument("--model", default="conse", help="'conse' (default) or a run folder")
+    p.add_argument("--vectors", default=None, help=CONSE_VECTORS_HELP)
     p.add_argument("--out", required=True, metavar="INDEX", help="index folder")
     p.set_defaults(func=cmd_index)
 
@@ -402,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="web page and JSON API for prediction and search")
     p.add_argument("--model", default="conse", help="'conse' (default) or a run folder")
+    p.add_argument("--vectors", default=None, help=CONSE_VECTORS_HELP)
     p.add_argument("--index", default=None, help="image index for text search")
     p.add_argument("--vocab", default="wordnet", help="wordnet (default), imagenet1k, or a FILE")
     p.add_argument("--host", default="127.0.0.1")

@@ -202,19 +202,22 @@ class RunEmbedder(Embedder):
 
 
 @lru_cache(maxsize=4)
-def _load_embedder(model: str) -> Embedder:
+def _load_embedder(model: str, vectors_spec: str) -> Embedder:
     if model == "conse":
-        return ConseEmbedder()
+        return ConseEmbedder(vectors_spec=vectors_spec)
     if not Path(model).is_dir():
         raise DeviseError(f"{model}: no such run folder (give a folder made by 'devise train' or 'conse')")
     return RunEmbedder(model)
 
 
-def load_embedder(model: str | os.PathLike | Embedder = "conse") -> Embedder:
-    """'conse' or a trained run folder -> Embedder (loaded once per process)."""
+def load_embedder(model: str | os.PathLike | Embedder = "conse", vectors_spec: str | None = None) -> Embedder:
+    """'conse' or a trained run folder -> Embedder (loaded once per process). vectors_spec: the label space
+    of ConSE (default: the default label space; a run folder records its own)."""
     if isinstance(model, Embedder):
         return model
-    return _load_embedder(str(model) if str(model) == "conse" else str(Path(model).resolve()))
+    if str(model) == "conse":
+        return _load_embedder("conse", str(vectors_spec or defaults.VECTORS))
+    return _load_embedder(str(Path(model).resolve()), "")
 
 
 # ---------------------------------------------------------------- vocabularies
@@ -474,23 +477,26 @@ def expand_image_paths(paths, skipped: list[str] | None = None) -> list[str]:
 
 
 def predict_arrays(images: np.ndarray, model="conse", vocab="wordnet", top_k: int = 5,
-                   hubness: str | None = None, reference=None) -> list[list[dict]]:
+                   hubness: str | None = None, reference=None, vectors: str | None = None) -> list[list[dict]]:
     """uint8 (N, S, S, 3) images -> per image its top_k predictions."""
-    embedder = load_embedder(model)
+    embedder = load_embedder(model, vectors)
     vocabulary = vocab if isinstance(vocab, Vocabulary) else load_vocabulary(vocab, embedder.vectors_spec)
     return rank_labels(score_labels(embedder.embed_images(images), vocabulary, hubness, reference),
                        vocabulary, top_k)
 
 
 def predict(paths, model="conse", vocab="wordnet", top_k: int = 5, hubness: str | None = None,
-            reference=None, progress: bool = False, drop_missing: bool = False) -> list[dict]:
+            reference=None, progress: bool = False, drop_missing: bool = False,
+            vectors: str | None = None) -> list[dict]:
     """Open-vocabulary labels for image files (folders expand to their images), embedded in batches.
+
+    vectors: ConSE's label space (default: the default one); a run folder brings its own.
 
     Returns [{"image": PATH, "predictions": [{"label", "synset", "score"}, ...]}] in rank order; score is
     the cosine (or the hubness-corrected score). Unreadable files are reported in one warning and left out.
     """
     paths = expand_image_paths([paths] if isinstance(paths, (str, os.PathLike)) else paths)
-    embedder = load_embedder(model)
+    embedder = load_embedder(model, vectors)
     vocabulary = vocab if isinstance(vocab, Vocabulary) else \
         load_vocabulary(vocab, embedder.vectors_spec, drop_missing=drop_missing)
     embeddings, valid = embedder.embed_paths(paths, progress=progress)

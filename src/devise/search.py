@@ -118,12 +118,13 @@ def load_index(folder: str | os.PathLike) -> ImageIndex:
 
 
 def build_index(folder_or_paths, model="conse", out: str | os.PathLike = "devise.index", *,
-                approx_threshold: int = APPROX_THRESHOLD, progress: bool = True) -> ImageIndex:
+                approx_threshold: int = APPROX_THRESHOLD, progress: bool = True,
+                vectors: str | None = None) -> ImageIndex:
     """Embed images (a folder, searched recursively, or a list of files) into an index folder `out`.
 
     If `out` already holds an index of the same model, only files that are new or changed since are
     embedded; files that no longer exist are dropped. Removed and unreadable files are reported in one
-    warning. model: 'conse', a trained run folder or an Embedder.
+    warning. model: 'conse', a trained run folder or an Embedder; vectors: ConSE's label space.
     """
     from devise.predict import expand_image_paths, load_embedder
 
@@ -139,7 +140,7 @@ def build_index(folder_or_paths, model="conse", out: str | os.PathLike = "devise
         if old.model != model_id:
             raise DeviseError(f"{out}: index was built with model '{old.model}', not '{model_id}'; "
                               "use another --out or the same --model")
-    embedder = load_embedder(model)
+    embedder = load_embedder(model, vectors)
 
     # Keep old rows whose file still exists unchanged; embed the rest.
     keep_paths, keep_rows, keep_stamps, removed = [], [], [], []
@@ -242,7 +243,7 @@ def search(index, text: str | None = None, image: str | os.PathLike | None = Non
     if text is not None:
         query, vector = text, embed_text(text, index.vectors_spec)
     else:
-        embedder = embedder or load_embedder(index.model)
+        embedder = embedder or load_embedder(index.model, index.vectors_spec)  # the space it was built in
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             vector, valid = embedder.embed_paths([str(image)])

@@ -144,13 +144,14 @@ def _stream(file, size: int):
 
 
 def create_app(model="conse", index: str | os.PathLike | None = None, vocab="wordnet", *, top_k: int = 5,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, drop_missing: bool = False):
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, drop_missing: bool = False,
+               vectors: str | None = None):
     """The FastAPI app with the model, vocabulary and optional search index loaded once."""
     from devise.predict import load_embedder, load_vocabulary, predict_arrays
     from devise.search import load_index
     from devise.vectors import embed_labels, load_vectors
 
-    embedder = load_embedder(model)
+    embedder = load_embedder(model, vectors)
     vocabulary = load_vocabulary(vocab, embedder.vectors_spec, drop_missing=drop_missing)
     image_index = load_index(index) if index else None
     if image_index is not None and image_index.embeddings.shape[1] != embedder.dim:
@@ -306,7 +307,7 @@ def bind_port(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
 
 
 def serve(model="conse", index=None, vocab="wordnet", host: str = "127.0.0.1", port: int = 8000,
-          max_upload_mb: float = 10.0, drop_missing: bool = False) -> None:
+          max_upload_mb: float = 10.0, drop_missing: bool = False, vectors: str | None = None) -> None:
     """Run the app with uvicorn until interrupted. The port is claimed before the model loads (a busy one
     is a one-line DeviseError); the line printed names the port really bound (port 0: a free one)."""
     import uvicorn
@@ -315,7 +316,7 @@ def serve(model="conse", index=None, vocab="wordnet", host: str = "127.0.0.1", p
     limit_heap_growth()  # before the model loads and the server's threads start
     try:
         app = create_app(model, index, vocab, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-                         drop_missing=drop_missing)
+                         drop_missing=drop_missing, vectors=vectors)
         shown = f"[{host}]" if ":" in host else host
         print(f"devise: serving on http://{shown}:{sock.getsockname()[1]}/ (API docs at /docs)", flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
