@@ -63,7 +63,9 @@ def test_train_then_evaluate_a_folder_tree_from_the_cli(subset, tmp_path, capsys
         for i in np.flatnonzero(subset.labels == c):
             shutil.copy(subset.paths[i], folder / f"{i}{os.path.splitext(subset.paths[i])[1]}")
     run = tmp_path / "run"
-    assert main(["train", str(tree), "--method", "devise", "--head", "mlp", "--epochs", "5", "--out", str(run)]) == 0
+    # Holding classes out for zero-shot evaluation is asked for: a folder trains on all its classes unasked.
+    assert main(["train", str(tree), "--method", "devise", "--head", "mlp", "--epochs", "5", "--holdout-unseen", "0.25",
+                 "--out", str(run)]) == 0
     capsys.readouterr()
     assert main(["evaluate", str(run), "--json", str(tmp_path / "eval.json")]) == 0
     printed = capsys.readouterr().out
