@@ -1,5 +1,7 @@
 import os
 import shutil
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,3 +26,23 @@ def photo_folder(tmp_path, foolbox_photos) -> Path:
         (root / cls).mkdir(parents=True, exist_ok=True)
         shutil.copy(src, root / cls / src.name)
     return root
+
+
+@pytest.fixture
+def fail_after():
+    """fail_after(seconds): a context manager that fails the test instead of hanging (opening a FIFO blocks
+    forever), with SIGALRM."""
+    @contextmanager
+    def limit(seconds: int = 120):
+        def fail(*_):
+            raise AssertionError(f"still running after {seconds} s (a FIFO was opened?)")
+
+        previous = signal.signal(signal.SIGALRM, fail)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+
+    return limit

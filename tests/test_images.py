@@ -2,11 +2,9 @@
 chelsea / coffee, decodes to the same 8-bit RGB as the 8-bit original; cut-outs are framed whole; the
 one folder walker skips what is not a readable image file."""
 import os
-import signal
 import socket
 import struct
 import zlib
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -277,21 +275,6 @@ def test_policy_version_keys_the_image_store(monkeypatch):
 
 # ---------------------------------------------------------------- the folder walker
 
-@contextmanager
-def _no_hang(seconds: int = 20):
-    """Opening a FIFO blocks forever: fail the test instead."""
-    def fail(*_):
-        raise AssertionError(f"blocked for {seconds} s (a FIFO was opened?)")
-
-    previous = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 @pytest.fixture
 def messy_folder(tmp_path, chelsea):
     """A good photo beside entries that are not readable image files (root ignores chmod, so no
@@ -316,8 +299,8 @@ BAD_ENTRIES = {"broken.jpg": "broken symbolic link", "loop.jpg": "symbolic link 
                "fifo.jpg": "named pipe", "socket.png": "socket", "linked.jpg": "link to a folder"}
 
 
-def test_walker_skips_what_is_not_a_readable_file(messy_folder):
-    with _no_hang():
+def test_walker_skips_what_is_not_a_readable_file(messy_folder, fail_after):
+    with fail_after(20):
         files, skipped = scan_image_files([messy_folder])
     assert files == [str(messy_folder / "good.jpg"), str(messy_folder / "album.png" / "inner.png")]
     assert len(skipped) == len(BAD_ENTRIES)
@@ -330,10 +313,10 @@ def test_walker_skips_what_is_not_a_readable_file(messy_folder):
         scan_image_files([messy_folder / "nothing.jpg"])
 
 
-def test_decoding_never_opens_a_fifo(messy_folder):
-    with _no_hang(), pytest.raises(DeviseError, match=r"fifo\.jpg: not a readable image \(a named pipe"):
+def test_decoding_never_opens_a_fifo(messy_folder, fail_after):
+    with fail_after(20), pytest.raises(DeviseError, match=r"fifo\.jpg: not a readable image \(a named pipe"):
         load_image(messy_folder / "fifo.jpg", SIZE)
     paths = [str(messy_folder / n) for n in ("good.jpg", "fifo.jpg", "loop.jpg")]
-    with _no_hang(), pytest.warns(UserWarning, match="skipped 2 unreadable"):
+    with fail_after(20), pytest.warns(UserWarning, match="skipped 2 unreadable"):
         images, valid = load_images(paths, SIZE)
     assert valid.tolist() == [True, False, False] and images[0].std() > 20

@@ -2,8 +2,6 @@
 import json
 import os
 import shutil
-import signal
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -176,20 +174,6 @@ def _folder_with_unreadable_entries(root, photo):
     return root
 
 
-@contextmanager
-def _alarm(seconds=120):
-    def fail(*_):
-        raise AssertionError(f"still running after {seconds} s: a FIFO was opened")
-
-    previous = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _one_skip_warning(caught, folder):
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1, messages
@@ -198,17 +182,17 @@ def _one_skip_warning(caught, folder):
         assert f"{folder / name}: {why}" in messages[0], messages[0]
 
 
-def test_predict_and_classify_skip_unreadable_entries_with_one_warning(photos, tmp_path):
+def test_predict_and_classify_skip_unreadable_entries_with_one_warning(photos, tmp_path, fail_after):
     from devise.classify import classify
 
     folder = _folder_with_unreadable_entries(tmp_path / "messy", photos / "chelsea.jpg")
-    with _alarm(), pytest.warns(UserWarning) as caught:
+    with fail_after(120), pytest.warns(UserWarning) as caught:
         [result] = predict(folder, vocab="imagenet1k")
     _one_skip_warning(caught, folder)
     assert result["image"] == str(folder / "chelsea.jpg") and "cat" in " ".join(_labels(result))
 
     # classify takes folders like predict, by the same walker
-    with _alarm(), pytest.warns(UserWarning) as caught:
+    with fail_after(120), pytest.warns(UserWarning) as caught:
         [result] = classify([folder], top_k=3)
     _one_skip_warning(caught, folder)
     assert result["image"] == str(folder / "chelsea.jpg")
@@ -218,12 +202,12 @@ def test_predict_and_classify_skip_unreadable_entries_with_one_warning(photos, t
         classify([folder / "pipe.jpg", folder / "loop.png"])
 
 
-def test_cli_classify_a_folder(photos, tmp_path, capsys):
+def test_cli_classify_a_folder(photos, tmp_path, capsys, fail_after):
     from devise.cli import main
 
     folder = _folder_with_unreadable_entries(tmp_path / "messy", photos / "chelsea.jpg")
     shutil.copy(photos / "coffee.jpg", folder / "coffee.jpg")
-    with _alarm():
+    with fail_after(120):
         assert main(["classify", str(folder), "--json", "--top", "1"]) == 0
     out, err = capsys.readouterr()
     objects = [json.loads(line) for line in out.strip().splitlines()]
