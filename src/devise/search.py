@@ -213,25 +213,29 @@ def _check_out(out: Path) -> None:
         raise DeviseError(f"{out}: cannot make the index folder: {existing} is not writable")
 
 
-def embed_text(text: str, vectors_spec: str) -> np.ndarray:
-    """A text query -> unit (1, D) vector by the label rule (multi-word queries as phrases)."""
+def embed_text(text: str, vectors) -> np.ndarray:
+    """A text query -> unit (1, D) vector by the label rule (multi-word queries as phrases).
+
+    vectors: a vectors spec, or vectors already loaded (a server keeps them instead of loading per query)."""
     from devise.vectors import embed_labels, load_vectors
 
     text = " ".join(str(text).split())
     if not text:
         raise DeviseError("empty text query")
+    vectors = load_vectors(vectors) if isinstance(vectors, (str, os.PathLike)) else vectors
     try:
-        emb = embed_labels([text], load_vectors(vectors_spec))
+        emb = embed_labels([text], vectors)
     except DeviseError:
-        raise DeviseError(f"'{text}': no vector for this query in {vectors_spec} (unknown words)") from None
-    return np.asarray(emb.matrix, np.float32)
+        raise DeviseError(f"'{text}': no vector for this query in {vectors.name} (unknown words)") from None
+    return np.ascontiguousarray(emb.matrix, np.float32)
 
 
 def search(index, text: str | None = None, image: str | os.PathLike | None = None, top_k: int = 10,
-           embedder=None) -> dict:
+           embedder=None, vectors=None) -> dict:
     """Nearest images to a text or an image query: {"query": .., "results": [{"image": PATH, "score": ..}]}.
 
-    index: an ImageIndex or its folder; embedder: reuse a loaded one for image queries (else the index's).
+    index: an ImageIndex or its folder; embedder: reuse a loaded one for image queries (else the index's);
+    vectors: reuse the index's label vectors, loaded, for text queries (else loaded for this query).
     """
     from devise.predict import load_embedder
 
@@ -241,7 +245,7 @@ def search(index, text: str | None = None, image: str | os.PathLike | None = Non
         raise DeviseError(f"top_k must be at least 1, not {top_k}")
     index = index if isinstance(index, ImageIndex) else load_index(index)
     if text is not None:
-        query, vector = text, embed_text(text, index.vectors_spec)
+        query, vector = text, embed_text(text, vectors if vectors is not None else index.vectors_spec)
     else:
         embedder = embedder or load_embedder(index.model, index.vectors_spec)  # the space it was built in
         with warnings.catch_warnings():

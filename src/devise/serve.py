@@ -148,8 +148,8 @@ def create_app(model="conse", index: str | os.PathLike | None = None, vocab="wor
                vectors: str | None = None):
     """The FastAPI app with the model, vocabulary and optional search index loaded once."""
     from devise.predict import load_embedder, load_vocabulary, predict_arrays
-    from devise.search import load_index
-    from devise.vectors import embed_labels, load_vectors
+    from devise.search import load_index, search
+    from devise.vectors import load_vectors
 
     embedder = load_embedder(model, vectors)
     vocabulary = load_vocabulary(vocab, embedder.vectors_spec, drop_missing=drop_missing)
@@ -205,19 +205,10 @@ def create_app(model="conse", index: str | os.PathLike | None = None, vocab="wor
         """Images of the index nearest to a text query."""
         if image_index is None:
             raise HTTPException(404, "no image index loaded: start the server with --index INDEX")
-        text = " ".join(q.split())  # search.embed_text's rule: a multi-word query is one phrase
-        if not text:
-            raise HTTPException(400, "empty text query")
         try:
-            query = np.ascontiguousarray(embed_labels([text], vectors).matrix, np.float32)
-        except DeviseError:
-            raise HTTPException(400, f"'{text}': no vector for this query in {image_index.vectors_spec} "
-                                     "(unknown words)") from None
-        if len(image_index) == 0:
-            return {"query": q, "results": []}
-        scores, ids = image_index.index.search(query, min(k, len(image_index)))
-        return {"query": q, "results": [{"image": image_index.paths[i], "score": round(float(s), 6)}
-                                           for s, i in zip(scores[0], ids[0]) if i >= 0]}
+            return search(image_index, text=q, top_k=k, vectors=vectors)
+        except DeviseError as exc:
+            raise HTTPException(400, str(exc)) from None
 
     @app.get("/api/image")
     def image_file(path: str = Query(..., description="an image path from a search result")):
