@@ -40,7 +40,7 @@ from devise.assets import atomic_save_npz
 from devise.errors import DeviseError
 from devise.vectors import unit_rows
 
-VOCAB_VERSION = "1"
+VOCAB_VERSION = "2"  # 2: label-file words and ImageNet names are embedded linked to their synsets
 VOCABS = ("wordnet", "imagenet1k")
 HUBNESS = ("csls", "center")
 CSLS_K = 10
@@ -314,13 +314,19 @@ def _build_vocab(vocab: str, vectors, drop_missing: bool = False) -> tuple[np.nd
     if vocab == "imagenet1k":
         from devise.assets import imagenet1k_classes
         classes = imagenet1k_classes()
-        emb = embed_labels([c["name"] for c in classes], vectors, drop_missing=True)
+        # linked to their synsets: a sentence encoder embeds them as it embeds ConSE's classes
+        emb = embed_labels([c["name"] for c in classes], vectors, drop_missing=True,
+                           synsets=[c["wnid"] for c in classes])
         wnid = {c["name"]: c["wnid"] for c in classes}
         labels, synsets = list(emb.labels), [wnid[n] for n in emb.labels]
     else:
         from devise.wordnet import load_wordnet
         wordnet = load_wordnet()
-        emb = embed_labels(_read_label_file(Path(vocab)), vectors, wordnet=wordnet, drop_missing=drop_missing)
+        names = _read_label_file(Path(vocab))
+        # A word stands for its most frequent noun sense (a sentence encoder reads that sense's hypernym).
+        first_sense = {n: (wordnet.synsets_for(n) or [None])[0] for n in names if not SYNSET_ID.match(n)}
+        emb = embed_labels(names, vectors, wordnet=wordnet, drop_missing=drop_missing,
+                           synsets=[first_sense.get(n) for n in names])
         if not emb.labels:
             raise DeviseError(f"{vocab}: none of its labels has a vector in {vectors.name}")
         labels, synsets = [], []
@@ -329,9 +335,8 @@ def _build_vocab(vocab: str, vectors, drop_missing: bool = False) -> tuple[np.nd
                 labels.append(wordnet.name(label))
                 synsets.append(label)
             else:
-                senses = wordnet.synsets_for(label)
                 labels.append(label)
-                synsets.append(senses[0] if senses else None)
+                synsets.append(first_sense[label])
     return np.asarray(emb.matrix, np.float32), labels, synsets, np.arange(len(labels), dtype=np.int64)
 
 
