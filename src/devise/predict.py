@@ -24,10 +24,8 @@ The reference set is `reference=` (image embeddings, or a search index folder), 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,7 +36,7 @@ from tqdm.auto import tqdm
 from devise import defaults
 from devise.assets import atomic_save_npz
 from devise.errors import DeviseError
-from devise.vectors import unit_rows
+from devise.vectors import quiet_dropped_labels, unit_rows
 
 VOCAB_VERSION = "2"  # 2: label-file words and ImageNet names are embedded linked to their synsets
 VOCABS = ("wordnet", "imagenet1k")
@@ -56,17 +54,6 @@ def _bucket(n: int, batch_size: int) -> int:
     while size < n and size < batch_size:
         size *= 2
     return min(size, batch_size)
-
-
-@contextmanager
-def _quiet_vectors_log():
-    logger = logging.getLogger("devise.vectors")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 # ---------------------------------------------------------------- embedders
@@ -159,7 +146,7 @@ class ConseEmbedder(Embedder):
         self.backbone = load_backbone(backbone) if isinstance(backbone, str) else backbone
         if self.backbone.classifier is None:
             raise DeviseError(f"backbone '{self.backbone.name}' has no ImageNet classifier: ConSE needs one")
-        with _quiet_vectors_log():  # the few ImageNet names without a vector are expected, not news
+        with quiet_dropped_labels():  # the few ImageNet names without a vector are expected, not news
             self.kept, self.class_vectors = cached_imagenet1k_class_vectors(vectors_spec)
         self.dim = self.class_vectors.shape[1]
         self.cache_key = f"conse-T{T}-{self.backbone.cache_key}-{vectors_spec}"
@@ -284,7 +271,7 @@ def _build_wordnet_vocab(vectors) -> tuple[np.ndarray, list[str], list[str | Non
     from devise.wordnet import load_wordnet
 
     wordnet = load_wordnet()
-    with _quiet_vectors_log():  # synsets without a vector simply are not in this vocabulary
+    with quiet_dropped_labels():  # synsets without a vector simply are not in this vocabulary
         emb = embed_labels(wordnet.all_noun_ids(), vectors, wordnet=wordnet, drop_missing=True)
     matrix = np.ascontiguousarray(emb.matrix, np.float32)
     # Identical rows come from the same term: score it once, expand it to its synsets (appendix A.2).

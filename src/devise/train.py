@@ -505,21 +505,14 @@ def class_label_vectors(dataset, vectors, drop_missing: bool = False):
     synset's first lemma with a vector, else its nearest hypernym's). A class with neither is an error
     unless drop_missing, which drops it (and reports it). Never a random vector.
     """
-    from devise.vectors import SentenceEncoder, embed_labels
-
-    import logging
+    from devise.vectors import embed_labels, quiet_dropped_labels
 
     names = list(dataset.classes)
     wnids = list(getattr(dataset, "wnids", None) or [None] * len(names))
-    # A sentence encoder reads the class's synset too (its hypernym: vectors.sentence_label_text).
-    linked = {"synsets": wnids} if isinstance(vectors, SentenceEncoder) else {}
-    quiet = logging.getLogger("devise.vectors")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # names without a vector may still get one by synset; the report says
-    try:
-        by_name = embed_labels(names, vectors, drop_missing=True, **linked)
-    finally:
-        quiet.setLevel(level)
+    # A sentence encoder reads the class's synset too (vectors.sentence_label_text); names without a
+    # word vector may still get one by synset below, and the report says so.
+    with quiet_dropped_labels():
+        by_name = embed_labels(names, vectors, drop_missing=True, synsets=wnids)
     rows = dict(zip(by_name.labels, by_name.matrix))
     fallback = [(n, w) for n, w in zip(names, wnids) if n not in rows and w]
     if fallback:

@@ -44,6 +44,7 @@ import re
 import shutil
 import struct
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,6 +154,17 @@ class LabelEmbedding:
         if self.dropped:
             lines.append(f"{len(self.dropped)} dropped (no vector): " + _shortlist(self.dropped))
         return "\n".join(lines)
+
+
+@contextmanager
+def quiet_dropped_labels():
+    """Silence the 'dropped N labels' warning for callers that expect drops and report them themselves."""
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _shortlist(items: list[str]) -> str:
