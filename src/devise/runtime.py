@@ -148,7 +148,6 @@ def predict_in_batches(model: keras.Model, x, batch_size: int = 1024):
     Unlike model.predict, it also runs when a distribution spans devices or hosts: every batch, the
     last one padded, splits evenly across the devices and the outputs are readable on every host.
     """
-    import keras
     import numpy as np
 
     forward = cached_forward(model)
