@@ -470,3 +470,52 @@ def load_backbone(name: str = defaults.BACKBONE, weights: str | os.PathLike | No
 
         precision = "float32" if platform() == "cpu" else "bfloat16"
     return _build(name, weights, _weights_id(weights), formulation, precision)
+
+
+# ---------------------------------------------------------------- fine-tuned weights (devise finetune)
+
+def weighted_layers(model):
+    """Every layer with weights, descending into nested models (ResNet-50's trunk), input to output."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from weighted_layers(layer)
+        elif layer.weights:
+            yield layer
+
+
+def _load_layer_weights(features_model, path: Path) -> None:
+    with np.load(path) as data:
+        for layer in weighted_layers(features_model):
+            keys = [f"{layer.name}/{i}" for i in range(len(layer.get_weights()))]
+            if any(k not in data for k in keys):
+                raise DeviseError(f"{path}: no weights for backbone layer '{layer.name}' (a different backbone?)")
+            layer.set_weights([data[k] for k in keys])
+
+
+def fresh_features_model(backbone: Backbone) -> keras.Model:
+    """A new features_model with the backbone's weights (load_backbone's models are shared and cached)."""
+    copy = keras.models.clone_model(backbone.features_model)
+    copy.set_weights(backbone.features_model.get_weights())
+    return copy
+
+
+@lru_cache(maxsize=4)
+def _finetuned(name: str, weights_path: str, size: int, mtime_ns: int, digest: str) -> Backbone:
+    base = load_backbone(name)
+    features_model = fresh_features_model(base)
+    _load_layer_weights(features_model, Path(weights_path))
+    # No ImageNet classifier: the fine-tuned features no longer match its weights.
+    return Backbone(name=name, image_size=base.image_size, feature_dim=base.feature_dim,
+                    features_model=features_model, classifier=None, class_names=[], class_wnids=[],
+                    cache_key=f"{base.cache_key}-finetuned-{digest[:16]}")
+
+
+def load_finetuned_backbone(name: str, weights_path: str | os.PathLike) -> Backbone:
+    """A backbone with fine-tuned weights (a layer-name -> arrays .npz written by devise finetune);
+    its cache_key hashes the file, so cached features never mix with the pretrained backbone's."""
+    path = Path(weights_path).resolve()
+    if not path.is_file():
+        raise DeviseError(f"{path}: the run's fine-tuned backbone weights are missing")
+    stat = path.stat()
+    return _finetuned(name, str(path), stat.st_size, stat.st_mtime_ns,
+                      _file_digest(str(path), stat.st_size, stat.st_mtime_ns))

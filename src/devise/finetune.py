@@ -26,11 +26,11 @@ import os
 import re
 import shutil
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from devise.backbones import fresh_features_model, weighted_layers
 from devise.errors import DeviseError
 
 WEIGHTS_FILE = "backbone.weights.npz"
@@ -38,17 +38,6 @@ DEFAULT_BLOCKS = 2  # EfficientNet-Lite0: the head conv and the last MBConv bloc
 
 
 # ---------------------------------------------------------------- backbone layers and blocks
-
-def _weighted_layers(model):
-    """(layer) for every layer with weights, descending into nested models (ResNet-50's trunk)."""
-    import keras
-
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _weighted_layers(layer)
-        elif layer.weights:
-            yield layer
-
 
 def _block_of(layer_name: str) -> str:
     """The block a layer belongs to: "blocks_15_expand" -> "blocks_15", "conv5_block3_2_conv" -> "conv5_block3"."""
@@ -59,7 +48,7 @@ def _block_of(layer_name: str) -> str:
 def backbone_blocks(features_model) -> list[str]:
     """The backbone's blocks with weights, input to output (e.g. stem, blocks_0, ..., blocks_15, head)."""
     blocks = []
-    for layer in _weighted_layers(features_model):
+    for layer in weighted_layers(features_model):
         block = _block_of(layer.name)
         if block not in blocks:
             blocks.append(block)
@@ -74,77 +63,17 @@ def freeze_below(features_model, blocks: int) -> list[str]:
     if not 1 <= blocks <= len(names):
         raise DeviseError(f"blocks must be between 1 and {len(names)} for this backbone, not {blocks}")
     top = set(names[-blocks:])
-    for layer in _weighted_layers(features_model):
+    for layer in weighted_layers(features_model):
         # Batch norm in training mode would re-estimate its statistics from a few small batches.
         layer.trainable = _block_of(layer.name) in top and not isinstance(layer, keras.layers.BatchNormalization)
     return names[-blocks:]
 
 
 def _save_weights(features_model, path: Path) -> None:
-    arrays = {f"{layer.name}/{i}": np.asarray(w) for layer in _weighted_layers(features_model)
+    arrays = {f"{layer.name}/{i}": np.asarray(w) for layer in weighted_layers(features_model)
               for i, w in enumerate(layer.get_weights())}
     with open(path, "wb") as f:
         np.savez(f, **arrays)
-
-
-def _load_weights(features_model, path: Path) -> None:
-    with np.load(path) as data:
-        for layer in _weighted_layers(features_model):
-            count = len(layer.get_weights())
-            keys = [f"{layer.name}/{i}" for i in range(count)]
-            missing = [k for k in keys if k not in data]
-            if missing:
-                raise DeviseError(f"{path}: no weights for backbone layer '{layer.name}' (a different backbone?)")
-            layer.set_weights([data[k] for k in keys])
-
-
-def _fresh_copy(backbone):
-    """A new features_model with the backbone's weights (load_backbone's models are shared and cached)."""
-    import keras
-
-    copy = keras.models.clone_model(backbone.features_model)
-    copy.set_weights(backbone.features_model.get_weights())
-    return copy
-
-
-# ---------------------------------------------------------------- the backbone a run embeds with
-
-@lru_cache(maxsize=4)
-def _finetuned_backbone(name: str, weights_path: str, size: int, mtime_ns: int, digest: str):
-    from devise.backbones import Backbone, load_backbone
-
-    base = load_backbone(name)
-    features_model = _fresh_copy(base)
-    _load_weights(features_model, Path(weights_path))
-    # No ImageNet classifier: the fine-tuned features no longer match its weights.
-    return Backbone(name=name, image_size=base.image_size, feature_dim=base.feature_dim,
-                    features_model=features_model, classifier=None, class_names=[], class_wnids=[],
-                    cache_key=f"{base.cache_key}-finetuned-{digest[:16]}")
-
-
-def load_backbone_from_run(run_or_dir):
-    """The Backbone a run embeds images with: its fine-tuned one (settings["backbone_weights"]) or the
-    pretrained backbone it names. Accepts a run folder or a devise.train.Run."""
-    from devise.backbones import _file_digest, load_backbone
-
-    if isinstance(run_or_dir, (str, os.PathLike)):
-        folder = Path(run_or_dir)
-        settings_path = folder / "settings.json"
-        if not settings_path.is_file():
-            raise DeviseError(f"{folder}: not a training run (missing settings.json)")
-        settings = json.loads(settings_path.read_text())
-    else:
-        folder, settings = Path(run_or_dir.path or "."), run_or_dir.settings
-    name = settings.get("backbone") or "efficientnet_lite0"
-    weights = settings.get("backbone_weights")
-    if not weights:
-        return load_backbone(name)
-    path = (folder / weights).resolve()
-    if not path.is_file():
-        raise DeviseError(f"{path}: the run's fine-tuned backbone weights are missing")
-    stat = path.stat()
-    digest = _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
-    return _finetuned_backbone(name, str(path), stat.st_size, stat.st_mtime_ns, digest)
 
 
 # ---------------------------------------------------------------- the end-to-end model
@@ -251,7 +180,7 @@ def finetune_run(run_dir, out_dir, *, blocks: int = DEFAULT_BLOCKS, epochs: int 
         raise DeviseError(f"{run_dir}: no readable training images to fine-tune on")
 
     keras.utils.set_random_seed(int(seed))
-    features_model = _fresh_copy(backbone)
+    features_model = fresh_features_model(backbone)
     trainable_blocks = freeze_below(features_model, int(blocks))
     model = end_to_end_model(features_model, run.model, seed)
     loss_fn = _run_loss(run)
