@@ -4,6 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
+from devise import datasets
 from devise.datasets import (ImageDataset, load_dataset, match_class_name, validation_split, wordnet_lookup,
                              zero_shot_split)
 from devise.errors import DeviseError
@@ -66,6 +67,25 @@ def test_head_noun_and_no_match(wordnet):
 def test_missing_folder_error(tmp_path):
     with pytest.raises(DeviseError, match="no such folder"):
         load_dataset(tmp_path / "nope")
+
+
+def test_registry_names_datasets_and_their_defaults(tmp_path, monkeypatch):
+    """Built-in datasets register themselves on `import devise`; datasets.py names none of them."""
+    assert "emoji" in datasets.list_datasets() and datasets.default_holdout_unseen("emoji") == 0.25
+    assert datasets.default_holdout_unseen(str(tmp_path)) == 0.0  # a folder trains on all its classes
+    assert "emoji" not in open(datasets.__file__).read()
+    tiny = ImageDataset("tiny", str(tmp_path), [], np.zeros(0, np.int32), [], [])
+    built = []
+    monkeypatch.setattr(datasets, "DATASETS", dict(datasets.DATASETS))  # registered for this test only
+    datasets.register_dataset("tiny", lambda: tiny, prepare=lambda: built.append(1), holdout_unseen=0.5)
+    assert load_dataset("tiny") is tiny and datasets.default_holdout_unseen("tiny") == 0.5
+    monkeypatch.setattr(datasets, "DATASETS", {"tiny": datasets.DATASETS["tiny"]})
+    datasets.prepare_assets()
+    assert built == [1]
+    with pytest.raises(DeviseError, match="expected 'tiny' or a folder"):
+        load_dataset(tmp_path / "nope")
+    with pytest.raises(DeviseError, match="holdout_unseen=1"):
+        datasets.register_dataset("bad", lambda: tiny, holdout_unseen=1)
 
 
 def test_empty_class_folder_error_names_it(tmp_path, foolbox_photos):

@@ -11,7 +11,8 @@ import pytest
 
 from devise.backbones import load_backbone
 from devise.errors import DeviseError
-from devise.features import build_image_store, extract_features
+from devise.features import backbone_forward, build_image_store, extract_features
+from devise.runtime import cached_forward
 from devise.images import load_image
 
 
@@ -38,6 +39,18 @@ def test_features_match_direct_forward_and_are_reused(home, foolbox_photos):
     os.utime(changed, ns=(1, 1))
     assert extract_features([str(changed)] + paths[1:], chunk_size=4, batch_size=4, progress=False).folder != other.folder
 
+
+
+def test_backbone_forward_is_the_cached_forward_of_one_model(home, foolbox_photos):
+    """features + logits in one compiled program, kept on the backbone's forward_model (built once)."""
+    bb = load_backbone("efficientnet_lite0")
+    images = np.stack([load_image(p, 224) for p in foolbox_photos[:4]])
+    features, logits = backbone_forward(bb)(images)
+    assert bb.forward_model is bb.forward_model
+    assert cached_forward(bb.forward_model) is cached_forward(bb.forward_model)
+    np.testing.assert_allclose(np.asarray(features), bb.features_model.predict_on_batch(images), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(logits), bb.classifier.predict_on_batch(np.asarray(features)),
+                               rtol=1e-4, atol=1e-3)
 
 
 def test_features_from_a_prebuilt_store_match_the_pipelined_run(home, foolbox_photos, tmp_path):

@@ -6,8 +6,9 @@ import devise  # noqa: F401  (sets the Keras backend)
 import keras
 from keras import ops
 
-from devise.losses import CosineLoss, HingeRankLoss, hinge_rank_loss, unit_rows
+from devise.losses import CosineLoss, HingeRankLoss, hinge_rank_loss
 from devise.errors import DeviseError
+from devise.vectors import unit_rows
 
 WORDS = ["cat", "dog", "truck", "pizza", "violin", "tiger", "bus", "apple"]
 
@@ -108,7 +109,7 @@ def test_seed_state_advances_inside_jitted_fit(label_vectors):
 
 def test_bad_label_vectors():
     with pytest.raises(DeviseError, match="all zeros"):
-        unit_rows(np.zeros((3, 4)))
+        unit_rows(np.zeros((3, 4)), strict=True)  # as the losses call it
     with pytest.raises(DeviseError, match="2-d"):
         HingeRankLoss(np.ones(4))
     assert np.allclose(np.linalg.norm(np.asarray(ops.convert_to_numpy(

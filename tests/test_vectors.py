@@ -147,6 +147,19 @@ def test_forced_wrong_format_and_bad_specs_are_errors(raw_rows, tmp_path, home):
         V.load_vectors(path, format="xml")
     with pytest.raises(DeviseError, match="nope.vec: no such vectors file"):
         V.load_vectors(tmp_path / "nope.vec")
+    with pytest.raises(DeviseError, match="one of: minilm, glove-6b-50d"):  # unknown names list the sources
+        V.load_vectors("glove-6b-51d")
+
+
+def test_vector_sources_registry_and_unit_rows():
+    assert V.list_vectors() == ["minilm", "glove-6b-50d"] and V.GLOVE_SPEC in V.VECTOR_SOURCES
+    assert all(source.description for source in V.VECTOR_SOURCES.values())
+    rows = V.unit_rows([[3.0, 4.0], [0.0, 0.0]])  # zero rows stay zero...
+    np.testing.assert_allclose(rows, [[0.6, 0.8], [0.0, 0.0]])
+    with pytest.raises(DeviseError, match="row 1 .*all zeros"):  # ...unless strict
+        V.unit_rows([[3.0, 4.0], [0.0, 0.0]], strict=True)
+    with pytest.raises(DeviseError, match="2-d"):
+        V.unit_rows([3.0, 4.0])
 
 
 # ---------------------------------------------------------------- garbled and truncated files

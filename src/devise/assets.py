@@ -11,6 +11,8 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from devise.errors import DeviseError
 
 WORDNET_DIRS = ("/usr/share/wordnet", "/usr/local/share/wordnet", "/usr/share/wordnet-3.0/dict")
@@ -52,8 +54,6 @@ def atomic_write_json(path: str | os.PathLike, obj, **dumps_kwargs) -> None:
 
 
 def atomic_save_npz(path: str | os.PathLike, **arrays) -> None:
-    import numpy as np
-
     def write(tmp):
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)

@@ -23,7 +23,7 @@ import inspect
 import math
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -33,8 +33,10 @@ import keras
 from keras import ops
 
 from devise import defaults
-from devise.assets import efficientnet_lite0_checkpoint, efficientnet_lite2_checkpoint
+from devise.assets import efficientnet_lite0_checkpoint, efficientnet_lite2_checkpoint, imagenet1k_classes
 from devise.errors import DeviseError
+from devise.runtime import platform, to_tensor
+from devise.torch_checkpoint import load_state_dict
 
 # Bump when the preprocessing or the graph changes in a way that changes features (invalidates caches).
 PREPROCESSING_VERSION = "1"
@@ -68,13 +70,22 @@ class Backbone:
     class_wnids: list[str] = field(repr=False)
     cache_key: str = ""
 
+    @cached_property
+    def forward_model(self) -> keras.Model:
+        """The whole forward in one Keras model, built once: uint8 images -> [features, logits] (features
+        alone without a classifier). features.backbone_forward compiles it (runtime.cached_forward)."""
+        if self.classifier is None:
+            return self.features_model
+        images = keras.Input(self.features_model.input_shape[1:], dtype="uint8", name="images")
+        features = self.features_model(images)
+        # Named, not numbered: the name is part of the exported program's key (runtime._exported_forward).
+        return keras.Model(images, [features, self.classifier(features)], name=f"{self.name}_forward")
+
 
 # ---------------------------------------------------------------- platform choice
 
 def default_depthwise() -> str:
     """'shifted' on CPU (XLA's grouped convolution is slow there), 'grouped' on accelerators."""
-    from devise.runtime import platform
-
     return "shifted" if platform() == "cpu" else "grouped"
 
 
@@ -221,8 +232,6 @@ def _lite_shapes(variant: LiteVariant) -> dict[str, tuple]:
 
 def _lite_state(path: Path, variant: LiteVariant) -> dict:
     """The checkpoint's state dict, checked tensor by tensor against the variant's architecture."""
-    from devise.torch_checkpoint import load_state_dict
-
     state = load_state_dict(path)
     for key, shape in _lite_shapes(variant).items():
         if key not in state:
@@ -253,8 +262,6 @@ class _Given(keras.initializers.Initializer):
         self.value = value
 
     def __call__(self, shape, dtype=None):
-        from devise.runtime import to_tensor
-
         if tuple(shape) != self.value.shape:
             raise ValueError(f"weight of shape {tuple(shape)} given an array of shape {self.value.shape}")
         return to_tensor(np.ascontiguousarray(self.value, dtype=dtype))
@@ -395,8 +402,8 @@ def _lite_entry(variant: LiteVariant, locator: Callable[[], Path]) -> BackboneSp
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "efficientnet_lite0": _lite_entry(LITE0, efficientnet_lite0_checkpoint),
-    "efficientnet_lite2": _lite_entry(LITE2, efficientnet_lite2_checkpoint),
+    LITE0.name: _lite_entry(LITE0, efficientnet_lite0_checkpoint),
+    LITE2.name: _lite_entry(LITE2, efficientnet_lite2_checkpoint),
     "resnet50": BackboneSpec(224, 2048, _resnet50_weights, lambda weights, formulation: _build_resnet50(weights)),
 }
 
@@ -426,8 +433,6 @@ def _weights_id(weights: str) -> str:
 
 @lru_cache(maxsize=4)
 def _build(name: str, weights: str, weights_id: str, formulation: str, precision: str = "float32") -> Backbone:
-    from devise.assets import imagenet1k_classes
-
     spec = BACKBONES[name]
     previous = keras.config.dtype_policy()
     # bfloat16: layers built now compute in bf16 with float32 weights (Keras' mixed_bfloat16 policy).
@@ -466,8 +471,6 @@ def load_backbone(name: str = defaults.BACKBONE, weights: str | os.PathLike | No
         raise DeviseError(f"precision must be 'float32' or 'bfloat16', not '{precision}'")
     formulation = depthwise or default_depthwise()
     if precision is None:
-        from devise.runtime import platform
-
         precision = "float32" if platform() == "cpu" else "bfloat16"
     return _build(name, weights, _weights_id(weights), formulation, precision)
 

@@ -8,9 +8,14 @@ Predict by cosine between f(x) and the candidate label vectors.
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 
+from devise.assets import atomic_save_npz, data_home, imagenet1k_classes
 from devise.errors import DeviseError
+from devise.vectors import LABEL_RULE_VERSION, embed_labels, load_vectors
 
 
 def softmax(logits, axis: int = -1) -> np.ndarray:
@@ -50,9 +55,6 @@ def imagenet1k_class_vectors(vectors, wordnet=None):
     with a vector, as in the paper). Classes with no vector are dropped (and reported by the returned
     LabelEmbedding): ConSE then mixes only the classes it can place in the word space.
     """
-    from devise.assets import imagenet1k_classes
-    from devise.vectors import embed_labels
-
     wnids = [c["wnid"] for c in imagenet1k_classes()]
     embedding = embed_labels(wnids, vectors, wordnet=wordnet, drop_missing=True)
     position = {wnid: i for i, wnid in enumerate(wnids)}
@@ -64,12 +66,6 @@ def cached_imagenet1k_class_vectors(vectors_spec: str) -> tuple[np.ndarray, np.n
     """imagenet1k_class_vectors(load_vectors(vectors_spec))[:2], kept in the data home: a cold start then
     neither loads the word vectors nor looks up 1000 synsets (~1 s on 2 cores). Keyed like the
     vocabulary cache: the spec, and a vectors file's path, size and mtime."""
-    import hashlib
-    from pathlib import Path
-
-    from devise.assets import atomic_save_npz, data_home
-    from devise.vectors import LABEL_RULE_VERSION, load_vectors
-
     key = f"v1|{LABEL_RULE_VERSION}|{vectors_spec}"
     if Path(vectors_spec).is_file():
         st = Path(vectors_spec).stat()

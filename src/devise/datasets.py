@@ -1,9 +1,12 @@
-"""Labelled image collections: class-per-folder trees and the built-in emoji benchmark, and their splits.
+"""Labelled image collections: the dataset registry, class-per-folder trees, and their splits.
 
-`load_dataset("emoji" | folder)` -> `ImageDataset`. A folder holds one sub-folder per class, optionally
-below split folders (train/val/test). A class folder is named by a word or phrase ("water buffalo",
-"tabby_cat") or by a WordNet noun id ("n02123045", as ImageNet does), which is resolved to the synset's
-first lemma. Every class is linked to a WordNet noun synset where one matches (`match_class_name`).
+`load_dataset(name | folder)` -> `ImageDataset`. A name is looked up in the registry (`DATASETS`,
+`list_datasets()`): a built-in dataset module registers itself with `register_dataset` when the package
+is imported, as timm's model modules do with `register_model`. Anything else is a folder holding one
+sub-folder per class, optionally below split folders (train/val/test). A class folder is named by a word
+or phrase ("water buffalo", "tabby_cat") or by a WordNet noun id ("n02123045", as ImageNet does), which is
+resolved to the synset's first lemma. Every class is linked to a WordNet noun synset where one matches
+(`match_class_name`).
 
 `zero_shot_split` divides the classes into seen (trained on) and unseen (zero-shot) ones and holds one
 style of the seen classes out as the seen-class test set (unseen_fraction=0: every class is seen, only
@@ -23,6 +26,7 @@ import numpy as np
 
 from devise.errors import DeviseError
 from devise.images import scan_image_files, warn_skipped
+from devise.wordnet import load_wordnet
 
 SPLIT_NAMES = ("train", "val", "test")
 # Other spellings of the split folders, mapped to the names above.
@@ -43,8 +47,8 @@ class ImageDataset:
     paths: one file per image; labels: int32 index into `classes` per image; classes: display names
     ("water buffalo"); wnids: WordNet noun id per class or None; match: how each class's synset was found
     ("wnid": the folder was named by it, "exact": the whole name is a lemma, "head": the head noun or a
-    trailing part of the name is, "none"); styles: per-image drawing style (emoji) or None; splits:
-    per-image "train"/"val"/"test" when the folder had split sub-folders, else None.
+    trailing part of the name is, "none"); styles: per-image drawing style (styled datasets) or None;
+    splits: per-image "train"/"val"/"test" when the folder had split sub-folders, else None.
     """
 
     name: str
@@ -63,6 +67,54 @@ class ImageDataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+# ------------------------------------------------------------------ the registry
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One registered dataset.
+
+    load() -> the ImageDataset (building it first if needed); prepare() builds its heavy data into the
+    data home (`devise setup-assets`; None: nothing to build); holdout_unseen: the fraction of classes a
+    training run holds out as unseen unless told otherwise; check() -> where its built data is, or a
+    DeviseError saying how to build it (`devise doctor`; None: nothing to check); description: one line.
+    """
+
+    name: str
+    load: Callable[[], ImageDataset]
+    prepare: Callable[[], object] | None = None
+    holdout_unseen: float = 0.25
+    check: Callable[[], str] | None = None
+    description: str = ""
+
+
+DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(name: str, load: Callable[[], ImageDataset], prepare: Callable[[], object] | None = None,
+                     holdout_unseen: float = 0.25, check: Callable[[], str] | None = None,
+                     description: str = "") -> DatasetEntry:
+    """Make `name` a dataset that load_dataset, `devise train/features/benchmark` and setup-assets know.
+
+    A dataset module calls this at import; registering a name again replaces its entry."""
+    if not 0 <= holdout_unseen < 1:
+        raise DeviseError(f"holdout_unseen={holdout_unseen}: must be at least 0 and below 1")
+    entry = DatasetEntry(name, load, prepare, float(holdout_unseen), check, description)
+    DATASETS[name] = entry
+    return entry
+
+
+def list_datasets() -> list[str]:
+    """The dataset names load_dataset accepts besides folders."""
+    return list(DATASETS)
+
+
+def default_holdout_unseen(spec) -> float:
+    """The fraction of classes held out as unseen by default: the registered value for a dataset name,
+    0 for anything else (a user's folder trains on all its classes)."""
+    entry = DATASETS.get(str(spec))
+    return entry.holdout_unseen if entry is not None else 0.0
 
 
 # ------------------------------------------------------------------ WordNet matching
@@ -146,7 +198,6 @@ def wordnet_lookup(prefer: tuple[str, ...] = (), wordnet=None) -> Callable[[str]
     person" (tiger.n.01), and "saw" the tool, not the proverb. A lemma with one sense gets that sense.
     """
     if wordnet is None:
-        from devise.wordnet import load_wordnet
         wordnet = load_wordnet()
     ancestors: dict[str, set[str]] = {}
 
@@ -187,7 +238,9 @@ def load_folder_dataset(root: str | os.PathLike, lookup: Callable[[str], list[st
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DeviseError(f"{root}: no such folder (expected 'emoji' or a folder with one sub-folder per class)")
+        names = ", ".join(repr(name) for name in DATASETS)
+        raise DeviseError(f"{root}: no such folder (expected {names + ' or ' if names else ''}a folder with one "
+                          "sub-folder per class)")
     top = _visible_dirs(root)
     split_dirs = [d for d in top if d.name.lower() in SPLIT_ALIASES]
     if split_dirs and len(split_dirs) == len(top):
@@ -214,7 +267,6 @@ def load_folder_dataset(root: str | os.PathLike, lookup: Callable[[str], list[st
     for folder_name in folder_names:
         if WNID_PATTERN.match(folder_name):
             if wordnet is None:
-                from devise.wordnet import load_wordnet
                 wordnet = load_wordnet()
             if folder_name not in wordnet:
                 raise DeviseError(f"{root / folder_name}: folder is named like a WordNet id but {folder_name} "
@@ -246,17 +298,16 @@ def load_folder_dataset(root: str | os.PathLike, lookup: Callable[[str], list[st
 
 
 def load_dataset(spec: str | os.PathLike) -> ImageDataset:
-    """'emoji' -> the built-in emoji benchmark (built on first use); anything else -> a class-per-folder tree."""
-    if str(spec) == "emoji":
-        from devise.emoji import load_emoji_dataset
-        return load_emoji_dataset()
-    return load_folder_dataset(spec)
+    """A registered dataset by name (list_datasets(); built on first use), else a class-per-folder tree."""
+    entry = DATASETS.get(str(spec))
+    return entry.load() if entry is not None else load_folder_dataset(spec)
 
 
 def prepare_assets() -> None:
-    """Build the heavy offline data into the data home (the emoji benchmark); quick when already built."""
-    from devise.emoji import build_emoji_benchmark
-    build_emoji_benchmark()
+    """Build the heavy offline data of every registered dataset into the data home; quick when built."""
+    for entry in DATASETS.values():
+        if entry.prepare is not None:
+            entry.prepare()
 
 
 # ------------------------------------------------------------------ zero-shot splits
@@ -311,8 +362,8 @@ def zero_shot_split(dataset: ImageDataset, seed: int = 0, unseen_fraction: float
     """A seeded seen/unseen class split (default 75% / 25%), deterministic given the seed.
 
     unseen_fraction=0: no unseen classes (every class is seen; a user's folder trained on all its classes).
-    Seen-class test images: for a styled dataset (emoji), every image of the held-out `test_style`
-    (default "twitter", a style every emoji class has); for a folder with split sub-folders, its "test"
+    Seen-class test images: for a styled dataset, every image of the held-out `test_style`
+    (default DEFAULT_TEST_STYLE, "twitter"); for a folder with split sub-folders, its "test"
     (or, without one, "val") images; otherwise a seeded 20% of each seen class's images.
     """
     if not 0 <= unseen_fraction < 1:

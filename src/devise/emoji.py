@@ -37,9 +37,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from devise.assets import data_home
-from devise.datasets import ARTIFACT, FOOD, NATURAL_OBJECT, ORGANISM, ImageDataset, match_class_name, wordnet_lookup
+from devise.datasets import (ARTIFACT, FOOD, NATURAL_OBJECT, ORGANISM, ImageDataset, match_class_name, register_dataset,
+                             wordnet_lookup)
 from devise.errors import DeviseError
+from devise.wordnet import load_wordnet
 
+NAME = "emoji"  # the dataset's registered name (load_dataset("emoji"), `devise train emoji`)
 STYLES = ("google", "twitter", "fluent_flat", "fluent_3d", "openmoji", "noto")
 NPM_PACKAGES = {
     "emoji-datasource-google": "16.0.0",
@@ -62,7 +65,7 @@ FLUENT_FLAT_ALIASES = {"stuffed flatbread": "flatbread"}
 
 def emoji_dir() -> Path:
     """Where the built benchmark lives: data_home()/emoji."""
-    return data_home() / "emoji"
+    return data_home() / NAME
 
 
 def _read_manifest(folder: Path) -> dict | None:
@@ -286,8 +289,6 @@ def build_emoji_benchmark(force: bool = False, workers: int | None = None) -> Pa
 def _build(target: Path, workers: int | None) -> Path:
     from tqdm import tqdm
 
-    from devise.wordnet import load_wordnet
-
     start = time.time()
     modules = install_npm_packages()
     if not NOTO_FONT.is_file():
@@ -376,7 +377,18 @@ def load_emoji_dataset() -> ImageDataset:
             labels.append(label)
             styles.append(style)
     return ImageDataset(
-        name="emoji", root=str(root), paths=paths, labels=np.asarray(labels, np.int32),
+        name=NAME, root=str(root), paths=paths, labels=np.asarray(labels, np.int32),
         classes=[c["name"] for c in classes], wnids=[c["wnid"] for c in classes],
         styles=np.asarray(styles), splits=None, match=[c["match"] for c in classes],
     )
+
+
+def built_location() -> str:
+    """The folder of the built benchmark (`devise doctor`); DeviseError saying how to build it if missing."""
+    if not is_built():
+        raise DeviseError(f"emoji benchmark not built in {emoji_dir()}: run 'devise setup-assets'")
+    return str(emoji_dir())
+
+
+register_dataset(NAME, load_emoji_dataset, prepare=build_emoji_benchmark, holdout_unseen=0.25, check=built_location,
+                 description="about 850 object emoji in six drawing styles: the built-in zero-shot benchmark")

@@ -31,7 +31,9 @@ from devise.assets import atomic_write_json, data_home
 from devise.errors import DeviseError
 # The decode/resize policy is versioned where it lives (images.py): when it changes, old stores stop matching.
 from devise.images import POLICY_VERSION as IMAGE_POLICY_VERSION
-from devise.images import _load_or_none
+from devise.images import _load_or_none, load_images
+from devise.runtime import (cached_forward, default_batch_size, device_count, gather_from_hosts, pad_batch,
+                            process_index_and_count)
 
 # Bump when the feature cache's layout changes (v2: its own valid mask, so the store may be deleted).
 FEATURES_VERSION = "v2"
@@ -233,29 +235,13 @@ def build_image_store(paths: list[str], size: int = 224, *, chunk_size: int = 51
 def backbone_forward(backbone):
     """One compiled function: uint8 batch -> (features, logits or None), sharded when several devices are in use.
 
-    Kept on the backbone for the current distribution, so later calls in the process reuse the compiled
-    program (not in a module dict keyed by id: a freed fine-tuned backbone's id can be reused).
+    runtime.cached_forward of the backbone's forward_model (built once per backbone): the compiled program
+    is kept on that model for the current distribution, so it goes away with the backbone (a freed
+    fine-tuned backbone's id may be reused: never a module dict keyed by id).
     """
-    import keras
-
-    distribution = keras.distribution.distribution()
-    cached = backbone.__dict__.get("_forward")
-    if cached is None or cached[0] is not distribution:
-        cached = backbone.__dict__["_forward"] = (distribution, _build_forward(backbone))
-    return cached[1]
-
-
-def _build_forward(backbone):
-    import keras
-
-    from devise.runtime import compiled_forward
-
+    forward = cached_forward(backbone.forward_model)
     if backbone.classifier is None:
-        forward = compiled_forward(backbone.features_model)
         return lambda x, **kwargs: (forward(x, **kwargs), None)
-    inputs = keras.Input(backbone.features_model.input_shape[1:], dtype="uint8")
-    features = backbone.features_model(inputs)
-    forward = compiled_forward(keras.Model(inputs, [features, backbone.classifier(features)]))
     return lambda x, **kwargs: tuple(forward(x, **kwargs))
 
 
@@ -287,6 +273,7 @@ def extract_features(dataset_or_paths, backbone=defaults.BACKBONE, *, batch_size
     valid mask); a killed run resumes at the first unfinished chunk of either. decode: as in
     build_image_store.
     """
+    # Here, not at the top: decoding processes import this module, and must not start Keras and JAX.
     from devise.backbones import load_backbone
 
     paths = [str(p) for p in getattr(dataset_or_paths, "paths", dataset_or_paths)]
@@ -307,8 +294,6 @@ def extract_features(dataset_or_paths, backbone=defaults.BACKBONE, *, batch_size
 
 
 def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decode, progress) -> None:
-    from devise.runtime import default_batch_size, device_count, pad_batch, process_index_and_count
-
     n = len(paths)
     n_chunks = -(-n // chunk_size)
     shapes = {"features": (n, bb.feature_dim), "valid": (n,)}
@@ -356,8 +341,6 @@ def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, d
 def _host_share(paths, size, lo, hi, batch_size, process, processes):
     """This host's slice of every batch of rows lo:hi, decoded: uint8 (batches, per_host, S, S, 3) and
     its valid mask (batches, per_host). Rows past hi (the last batch's padding) are 0 and invalid."""
-    from devise.images import load_images
-
     per_host = batch_size // processes
     rows = np.concatenate([np.arange(start + process * per_host, start + (process + 1) * per_host)
                            for start in range(lo, hi, batch_size)])
@@ -370,8 +353,6 @@ def _host_share(paths, size, lo, hi, batch_size, process, processes):
 
 
 def _done_on_every_host(done: set[int], n_chunks: int) -> set[int]:
-    from devise.runtime import gather_from_hosts
-
     mine = np.zeros(n_chunks, bool)
     mine[sorted(done)] = True
     return set(np.flatnonzero(gather_from_hosts(mine).all(axis=0)).tolist())
@@ -380,8 +361,6 @@ def _done_on_every_host(done: set[int], n_chunks: int) -> set[int]:
 def _host_chunks(paths, size, chunk_size, batch_size, process, processes, done):
     """(lo, hi, this host's batch slices, valid[lo:hi]) per chunk, the next chunk decoding while this one
     runs; chunks in `done` (done on every host) yield None."""
-    from devise.runtime import gather_from_hosts
-
     n = len(paths)
     starts = list(range(0, n, chunk_size))
     with ThreadPoolExecutor(1) as ahead:

@@ -12,22 +12,10 @@ the one "met first". The draw is vectorised (no Python loop per sample).
 """
 from __future__ import annotations
 
-import numpy as np
 import keras
 from keras import ops
 
-from devise.errors import DeviseError
-
-
-def unit_rows(matrix) -> np.ndarray:
-    """float32 copy of `matrix` with every row scaled to unit L2 norm (zero rows are an error)."""
-    matrix = np.asarray(matrix, dtype=np.float32)
-    if matrix.ndim != 2:
-        raise DeviseError(f"label vectors must be a 2-d (labels, dim) matrix, got shape {matrix.shape}")
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    if not np.all(norms > 0):
-        raise DeviseError(f"label vectors: row {int(np.argmin(norms[:, 0]))} is all zeros")
-    return matrix / norms
+from devise.vectors import unit_rows
 
 
 def _l2_normalize(x):
@@ -91,7 +79,7 @@ class HingeRankLoss(keras.losses.Loss):
     def __init__(self, label_vectors, margin=0.1, truncated=True, normalize_output=False, seed=None,
                  name="hinge_rank_loss", reduction="sum_over_batch_size", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.label_vectors_np = unit_rows(label_vectors)
+        self.label_vectors_np = unit_rows(label_vectors, strict=True)
         self.label_vectors = ops.convert_to_tensor(self.label_vectors_np)
         self.margin = float(margin)
         self.truncated = bool(truncated)
@@ -126,7 +114,7 @@ class CosineLoss(keras.losses.Loss):
 
     def __init__(self, label_vectors, name="cosine_loss", reduction="sum_over_batch_size", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.label_vectors_np = unit_rows(label_vectors)
+        self.label_vectors_np = unit_rows(label_vectors, strict=True)
         self.label_vectors = ops.convert_to_tensor(self.label_vectors_np)
         self.seed_generator = None
 
@@ -155,7 +143,7 @@ class SoftmaxRankLoss(keras.losses.Loss):
     def __init__(self, label_vectors, temperature=0.1, name="softmax_rank_loss",
                  reduction="sum_over_batch_size", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.label_vectors_np = unit_rows(label_vectors)
+        self.label_vectors_np = unit_rows(label_vectors, strict=True)
         self.label_vectors = ops.convert_to_tensor(self.label_vectors_np)
         self.temperature = float(temperature)
         self.seed_generator = None

