@@ -8,9 +8,11 @@ import pytest
 from PIL import Image
 
 from devise.errors import DeviseError
-from devise.predict import (
-    ConseEmbedder, expand_image_paths, label_statistics, load_vocabulary, predict, rank_labels, score_labels,
-)
+from devise.images import expand_image_paths
+from devise.model import load
+from devise.predict import predict
+from devise.ranking import label_statistics, rank_labels, score_labels
+from devise.vocabulary import load_vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_label_file_with_unknown_words_is_an_error(photos, tmp_path):
     vocab = tmp_path / "labels.txt"
     vocab.write_text("cat\nqzxvbnmw\n")
     with pytest.raises(DeviseError, match="qzxvbnmw"):  # word vectors have no vector for it
-        predict([photos / "chelsea.jpg"], model=ConseEmbedder(vectors_spec="glove-6b-50d"), vocab=vocab)
+        predict([photos / "chelsea.jpg"], model=load("conse", vectors="glove-6b-50d"), vocab=vocab)
 
 
 def test_default_wordnet_vocabulary_is_every_noun_synset_and_senses_differ():

@@ -7,7 +7,12 @@ import warnings
 import numpy as np
 
 from devise import defaults
+from devise.conse import softmax
 from devise.errors import DeviseError
+from devise.features import backbone_forward
+from devise.images import load_images, scan_image_files
+from devise.metrics import top_k_indices
+from devise.runtime import pad_batch
 
 DECODE_CHUNK = 256  # images decoded at a time (150 KB each at 224 px)
 
@@ -15,10 +20,7 @@ DECODE_CHUNK = 256  # images decoded at a time (150 KB each at 224 px)
 def classify_arrays(images: np.ndarray, backbone=defaults.BACKBONE, top_k: int = 5,
                     batch_size: int = 32) -> list[list[dict]]:
     """uint8 (N, S, S, 3) images -> per image the top_k [{"label", "synset", "score"}] in rank order."""
-    from devise.backbones import Backbone, load_backbone
-    from devise.conse import softmax
-    from devise.features import backbone_forward
-    from devise.runtime import pad_batch
+    from devise.backbones import Backbone, load_backbone  # Keras: only when images are classified
 
     model = backbone if isinstance(backbone, Backbone) else load_backbone(backbone)
     forward = backbone_forward(model)
@@ -30,8 +32,7 @@ def classify_arrays(images: np.ndarray, backbone=defaults.BACKBONE, top_k: int =
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         probs = softmax(np.asarray(forward(pad_batch(chunk, batch_size))[1])[:len(chunk)])
-        for row in probs:
-            top = np.argsort(-row, kind="stable")[:top_k]
+        for row, top in zip(probs, top_k_indices(probs, top_k)):
             results.append([{"label": model.class_names[i], "synset": model.class_wnids[i], "score": float(row[i])}
                             for i in top])
     return results
@@ -46,8 +47,7 @@ def classify(paths: list[str | os.PathLike], backbone=defaults.BACKBONE, top_k: 
     files and images that fail to decode are left out and listed in one warning; none readable is a
     DeviseError naming them. backbone: a name or a Backbone; weights: passed to load_backbone with a name.
     """
-    from devise.backbones import Backbone, load_backbone
-    from devise.images import load_images, scan_image_files
+    from devise.backbones import Backbone, load_backbone  # Keras: only when images are classified
 
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not paths:
@@ -73,9 +73,3 @@ def classify(paths: list[str | os.PathLike], backbone=defaults.BACKBONE, top_k: 
                       + "; ".join(skipped + unreadable), stacklevel=2)
     return results
 
-
-def format_table(results: list[dict]) -> str:
-    """Readable text: per image its path, then one line per prediction (rank, probability, label, synset)."""
-    from devise.predict import format_table as table
-
-    return table(results, score_format="{:6.1%}")

@@ -20,6 +20,7 @@ subject off-centre on a wide canvas is kept whole instead of losing its sides to
 Walking: `scan_image_files` is the one place that decides which entries are image files; broken or
 looping symbolic links, permission denied, FIFOs, sockets, devices and links to folders are skipped
 and listed (`warn_skipped`: one warning), never opened (opening a FIFO blocks forever).
+`expand_image_paths` is that walk as predict and index take their arguments (files and folders).
 """
 from __future__ import annotations
 
@@ -127,6 +128,23 @@ def warn_skipped(skipped: list[str], stacklevel: int = 2) -> None:
     if skipped:
         warnings.warn(f"skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} that are not "
                       "readable image files: " + "; ".join(skipped), stacklevel=stacklevel + 1)
+
+
+def expand_image_paths(paths, skipped: list[str] | None = None) -> list[str]:
+    """Files as given; folders replaced by the image files below them (sorted), by scan_image_files.
+    Entries that are not readable files (broken or looping links, FIFOs, sockets...) are left out and
+    listed in one warning, or appended to `skipped` for a caller that reports them in its own warning.
+    No image file at all is a DeviseError naming the paths (and what was skipped)."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    out, bad = scan_image_files(paths)
+    if not out:
+        raise DeviseError("no image files found in: " + ", ".join(str(p) for p in paths)
+                          + (f" (skipped: {'; '.join(bad)})" if bad else ""))
+    if skipped is None:
+        warn_skipped(bad)
+    else:
+        skipped.extend(bad)
+    return out
 
 
 def list_image_files(folder: str | os.PathLike) -> list[str]:

@@ -1,8 +1,9 @@
 """Image search in the label space: a FAISS index of image embeddings, queried by text or by image.
 
-`build_index(folder_or_paths, model, out)` embeds images with an Embedder (devise.predict) and stores, in
-the folder `out`:
-- meta.json: model, vectors, index kind, the image paths with their size and mtime, and the generation;
+`build_index(folder_or_paths, model, out)` embeds images with a DeviseModel (devise.model: a preset, a run
+folder or a loaded model) and stores, in the folder `out`:
+- meta.json: the model (a preset's name, or a run's resolved folder), its vectors, the index kind, the
+  image paths with their size and mtime, and the generation;
 - index-<gen>.faiss and embeddings-<gen>.npy (the unit embeddings, kept so adding images never
   re-embeds the old ones).
 meta.json is replaced last (atomically), so a killed run leaves the previous index intact.
@@ -22,6 +23,10 @@ import numpy as np
 
 from devise.assets import atomic_write
 from devise.errors import DeviseError
+from devise.images import expand_image_paths, load_image
+from devise.model import DeviseModel, load
+from devise.presets import DEFAULT_MODEL, PRESETS
+from devise.vectors import embed_labels, load_vectors
 
 INDEX_VERSION = 1
 # Measured on the shared 2-core CPU, one FAISS thread, 50-d unit vectors in 2000 clusters, one query at a
@@ -75,11 +80,11 @@ def _faiss_index(embeddings: np.ndarray, kind: str):
 
 
 def _model_id(model) -> str:
-    from devise.predict import Embedder
-
-    if isinstance(model, Embedder):
+    """What an index records as its model: a preset's name, or a run folder resolved."""
+    if isinstance(model, DeviseModel):
         return model.name
-    return "conse" if str(model) == "conse" else str(Path(model).resolve())
+    name = str(model)
+    return name if name in PRESETS and not Path(name).is_dir() else str(Path(name).resolve())
 
 
 def _read_meta(folder: Path) -> dict | None:
@@ -117,17 +122,15 @@ def load_index(folder: str | os.PathLike) -> ImageIndex:
                       meta["stamps"])
 
 
-def build_index(folder_or_paths, model="conse", out: str | os.PathLike = "devise.index", *,
+def build_index(folder_or_paths, model=DEFAULT_MODEL, out: str | os.PathLike = "devise.index", *,
                 approx_threshold: int = APPROX_THRESHOLD, progress: bool = True,
                 vectors: str | None = None) -> ImageIndex:
     """Embed images (a folder, searched recursively, or a list of files) into an index folder `out`.
 
     If `out` already holds an index of the same model, only files that are new or changed since are
     embedded; files that no longer exist are dropped. Removed and unreadable files are reported in one
-    warning. model: 'conse', a trained run folder or an Embedder; vectors: ConSE's label space.
+    warning. model: a preset name, a trained run folder or a DeviseModel; vectors: a preset's label space.
     """
-    from devise.predict import expand_image_paths, load_embedder
-
     out = Path(out)
     _check_out(out)  # before any embedding: a bad --out must not cost the whole run
     sources = [folder_or_paths] if isinstance(folder_or_paths, (str, os.PathLike)) else list(folder_or_paths)
@@ -140,7 +143,8 @@ def build_index(folder_or_paths, model="conse", out: str | os.PathLike = "devise
         if old.model != model_id:
             raise DeviseError(f"{out}: index was built with model '{old.model}', not '{model_id}'; "
                               "use another --out or the same --model")
-    embedder = load_embedder(model, vectors)
+    model = load(model, vectors)
+    model.check_open_vocabulary()
 
     # Keep old rows whose file still exists unchanged; embed the rest.
     keep_paths, keep_rows, keep_stamps, removed = [], [], [], []
@@ -157,13 +161,13 @@ def build_index(folder_or_paths, model="conse", out: str | os.PathLike = "devise
     todo = list(dict.fromkeys(p for p in listing if p not in known))
     with warnings.catch_warnings(record=True):  # load_images' own warning: reported below in one line
         warnings.simplefilter("always")
-        new_emb, valid = embedder.embed_paths(todo, progress=progress, cache=True) if todo else \
-            (np.zeros((0, embedder.dim), np.float32), np.zeros(0, bool))
+        new_emb, valid = model.encode_paths(todo, progress=progress, cache=True) if todo else \
+            (np.zeros((0, model.dim), np.float32), np.zeros(0, bool))
     unreadable = [p for p, ok in zip(todo, valid) if not ok]
     new_paths = [p for p, ok in zip(todo, valid) if ok]
 
     paths = keep_paths + new_paths
-    old_emb = old.embeddings[keep_rows] if old is not None else np.zeros((0, embedder.dim), np.float32)
+    old_emb = old.embeddings[keep_rows] if old is not None else np.zeros((0, model.dim), np.float32)
     embeddings = np.concatenate([old_emb, new_emb[valid]]).astype(np.float32)
     stamps = keep_stamps + [_stamp(p) for p in new_paths]
     kind = "flat" if len(paths) < approx_threshold else "hnsw"
@@ -179,8 +183,8 @@ def build_index(folder_or_paths, model="conse", out: str | os.PathLike = "devise
 
     atomic_write(out / f"embeddings-{gen}.npy", save_embeddings)
     atomic_write(out / f"index-{gen}.faiss", lambda tmp: faiss.write_index(index, tmp))
-    meta = {"version": INDEX_VERSION, "generation": gen, "model": model_id, "vectors": embedder.vectors_spec,
-            "dim": int(embedder.dim), "kind": kind, "count": len(paths), "paths": paths, "stamps": stamps}
+    meta = {"version": INDEX_VERSION, "generation": gen, "model": model_id, "vectors": model.vectors_spec,
+            "dim": int(model.dim), "kind": kind, "count": len(paths), "paths": paths, "stamps": stamps}
     atomic_write(out / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
     for stale in (f"embeddings-{gen - 1}.npy", f"index-{gen - 1}.faiss"):
         (out / stale).unlink(missing_ok=True)
@@ -195,7 +199,7 @@ def build_index(folder_or_paths, model="conse", out: str | os.PathLike = "devise
         problems.append(f"{len(unreadable)} unreadable file(s) skipped: {', '.join(unreadable)}")
     if problems:
         warnings.warn("; ".join(problems), stacklevel=2)
-    result = ImageIndex(out, paths, embeddings, index, model_id, embedder.vectors_spec, kind, stamps)
+    result = ImageIndex(out, paths, embeddings, index, model_id, model.vectors_spec, kind, stamps)
     result.added, result.removed, result.unreadable, result.skipped = new_paths, removed, unreadable, skipped
     return result
 
@@ -217,8 +221,6 @@ def embed_text(text: str, vectors) -> np.ndarray:
     """A text query -> unit (1, D) vector by the label rule (multi-word queries as phrases).
 
     vectors: a vectors spec, or vectors already loaded (a server keeps them instead of loading per query)."""
-    from devise.vectors import embed_labels, load_vectors
-
     text = " ".join(str(text).split())
     if not text:
         raise DeviseError("empty text query")
@@ -231,14 +233,13 @@ def embed_text(text: str, vectors) -> np.ndarray:
 
 
 def search(index, text: str | None = None, image: str | os.PathLike | None = None, top_k: int = 10,
-           embedder=None, vectors=None) -> dict:
+           model=None, vectors=None) -> dict:
     """Nearest images to a text or an image query: {"query": .., "results": [{"image": PATH, "score": ..}]}.
 
-    index: an ImageIndex or its folder; embedder: reuse a loaded one for image queries (else the index's);
-    vectors: reuse the index's label vectors, loaded, for text queries (else loaded for this query).
+    index: an ImageIndex or its folder; model: a DeviseModel for image queries (default: the index's own,
+    in the label space it was built in); vectors: the index's label vectors, loaded, for text queries
+    (else loaded for this query).
     """
-    from devise.predict import load_embedder
-
     if (text is None) == (image is None):
         raise DeviseError("give exactly one query: a text or an image")
     if top_k < 1:
@@ -247,13 +248,12 @@ def search(index, text: str | None = None, image: str | os.PathLike | None = Non
     if text is not None:
         query, vector = text, embed_text(text, vectors if vectors is not None else index.vectors_spec)
     else:
-        embedder = embedder or load_embedder(index.model, index.vectors_spec)  # the space it was built in
+        model = load(model if model is not None else index.model, index.vectors_spec)  # the space it was built in
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            vector, valid = embedder.embed_paths([str(image)])
+            vector, valid = model.encode_paths([str(image)])
         if not valid[0]:
-            from devise.images import load_image
-            load_image(image, embedder.backbone.image_size)  # raises the DeviseError naming the problem
+            load_image(image, model.backbone.image_size)  # raises the DeviseError naming the problem
         query = str(image)
     if vector.shape[1] != index.embeddings.shape[1]:
         raise DeviseError(f"query is {vector.shape[1]}-d but the index is {index.embeddings.shape[1]}-d")

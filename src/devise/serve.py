@@ -13,10 +13,13 @@ pixel limit (decompression bombs), 415 for files that are not images, 400 for da
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import io
 import mimetypes
 import os
+import platform
 import socket
 import stat
 import threading
@@ -25,11 +28,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+
 # Module level (not inside create_app): FastAPI resolves the endpoints' annotations in these globals.
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from devise.errors import DeviseError
+from devise.images import CROP_FRACTION, to_rgb_array
+from devise.model import load
+from devise.predict import predict_arrays
+from devise.presets import DEFAULT_MODEL
+from devise.search import load_index, search
+from devise.vectors import load_vectors
+from devise.vocabulary import load_vocabulary
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -40,10 +52,6 @@ IMAGE_CHUNK = 256 * 1024  # /api/image streams files in pieces: a large photo ne
 
 def decode_upload(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Uploaded bytes -> uint8 (size, size, 3), or fastapi.HTTPException (4xx) saying what is wrong."""
-    from PIL import Image, UnidentifiedImageError
-
-    from devise.images import CROP_FRACTION, to_rgb_array
-
     if not data:
         raise HTTPException(400, "empty upload: choose an image file")
     try:
@@ -143,26 +151,25 @@ def _stream(file, size: int):
             yield piece
 
 
-def create_app(model="conse", index: str | os.PathLike | None = None, vocab="wordnet", *, top_k: int = 5,
+def create_app(model=DEFAULT_MODEL, index: str | os.PathLike | None = None, vocab="wordnet", *, top_k: int = 5,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, drop_missing: bool = False,
                vectors: str | None = None):
-    """The FastAPI app with the model, vocabulary and optional search index loaded once."""
-    from devise.predict import load_embedder, load_vocabulary, predict_arrays
-    from devise.search import load_index, search
-    from devise.vectors import load_vectors
+    """The FastAPI app with the model, vocabulary and optional search index loaded once.
 
-    embedder = load_embedder(model, vectors)
-    vocabulary = load_vocabulary(vocab, embedder.vectors_spec, drop_missing=drop_missing)
+    model: a preset name, a run folder or a DeviseModel; vectors: a preset's label space."""
+    model = load(model, vectors)
+    model.check_open_vocabulary()
+    vocabulary = load_vocabulary(vocab, model.vectors_spec, drop_missing=drop_missing)
     image_index = load_index(index) if index else None
-    if image_index is not None and image_index.embeddings.shape[1] != embedder.dim:
-        raise DeviseError(f"{index}: index is {image_index.embeddings.shape[1]}-d but the model is {embedder.dim}-d")
+    if image_index is not None and image_index.embeddings.shape[1] != model.dim:
+        raise DeviseError(f"{index}: index is {image_index.embeddings.shape[1]}-d but the model is {model.dim}-d")
     # The index's word vectors, loaded ONCE: search.search() loads them on every call (a 400K-word list
     # and a dict over it, ~140 ms and ~100 MB of short-lived objects a query; 'minilm' a whole encoder),
     # which under concurrent requests left each thread's malloc arena holding its own fragmented copy.
     vectors = load_vectors(image_index.vectors_spec) if image_index is not None else None
     indexed = IndexedFiles(image_index.paths, image_index.stamps) if image_index is not None else IndexedFiles([], [])
-    size = embedder.backbone.image_size
-    embedder.embed_images(np.zeros((1, size, size, 3), np.uint8))  # compile now, not on the first request
+    size = model.backbone.image_size
+    model.encode_images(np.zeros((1, size, size, 3), np.uint8))  # compile now, not on the first request
 
     app = FastAPI(title="devise", version="0.1.0",
                   description="DeViSE open-vocabulary prediction and image search (Frome et al. 2013)")
@@ -184,7 +191,7 @@ def create_app(model="conse", index: str | os.PathLike | None = None, vocab="wor
     @app.get("/api/info")
     def info() -> dict:
         """What the server has loaded."""
-        return {"model": embedder.name, "vectors": embedder.vectors_spec, "vocab": vocabulary.name,
+        return {"model": model.name, "vectors": model.vectors_spec, "vocab": vocabulary.name,
                 "labels": len(vocabulary), "index": len(image_index) if image_index is not None else None,
                 "max_upload_bytes": max_upload_bytes}
 
@@ -197,7 +204,7 @@ def create_app(model="conse", index: str | os.PathLike | None = None, vocab="wor
             raise HTTPException(413, f"upload is over the limit of {max_upload_bytes:,} bytes")
         array = decode_upload(data, size, max_pixels)
         return {"image": image.filename or "upload",
-                "predictions": predict_arrays(array[None], embedder, vocabulary, k)[0]}
+                "predictions": predict_arrays(array[None], model, vocabulary, k)[0]}
 
     @app.get("/api/search")
     def search_text(q: str = Query(..., min_length=1, max_length=200, description="words or a phrase"),
@@ -255,10 +262,6 @@ def limit_heap_growth() -> bool:
     128 KiB threshold returns every large buffer to the system on free; two arenas bound the rest.
     Settings the user made (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_) are left alone; not glibc: nothing.
     """
-    import ctypes
-    import ctypes.util
-    import platform
-
     if platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -297,7 +300,7 @@ def bind_port(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
     return sock
 
 
-def serve(model="conse", index=None, vocab="wordnet", host: str = "127.0.0.1", port: int = 8000,
+def serve(model=DEFAULT_MODEL, index=None, vocab="wordnet", host: str = "127.0.0.1", port: int = 8000,
           max_upload_mb: float = 10.0, drop_missing: bool = False, vectors: str | None = None) -> None:
     """Run the app with uvicorn until interrupted. The port is claimed before the model loads (a busy one
     is a one-line DeviseError); the line printed names the port really bound (port 0: a free one)."""
