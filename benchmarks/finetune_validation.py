@@ -10,7 +10,7 @@ Per seed:
    classes).
 3. Both runs score the validation classes' images zero-shot against the validation classes' label
    vectors. Both embed the same uint8 images (the decoded-once store) through their own backbone
-   (predict.RunEmbedder.embed_images: the fine-tuned run uses backbone.weights.npz). The "before"
+   (DeviseModel.encode_images: the fine-tuned run uses backbone.weights.npz). The "before"
    scores are checked against the run's cached-feature scores and its recorded best validation hit@5.
 
 Unseen classes and the seen-class test style are never read. Nothing is chosen here on any data:
@@ -45,6 +45,7 @@ def unit(m):
 def validation_data(run):
     """(uint8 images, labels into val_classes, image indices, class-vector matrix, dataset) of the run's
     validation classes, rebuilt from its recorded split."""
+    from devise import defaults
     from devise.datasets import load_dataset, validation_split, zero_shot_split
     from devise.features import build_image_store, extract_features
     from devise.train import VALIDATION_FRACTION, class_label_vectors
@@ -65,7 +66,7 @@ def validation_data(run):
     labels = np.asarray(dataset.labels)
     position = np.full(len(dataset.classes), -1)
     position[val_classes] = np.arange(len(val_classes))
-    fs = extract_features(dataset, s.get("backbone") or "efficientnet_lite0", progress=False)  # cached
+    fs = extract_features(dataset, s.get("backbone") or defaults.BACKBONE, progress=False)  # cached
     idx = np.asarray([i for i in val.val if fs.valid[i] and position[labels[i]] >= 0], np.int64)
     assert not np.isin(idx, split.unseen).any() and not np.isin(idx, split.seen_test).any()
     store, valid, _ = build_image_store(list(dataset.paths), 224, progress=False)
@@ -83,7 +84,7 @@ def hits(emb, y, class_vectors):
 
 def one_seed(seed, args, work: Path):
     from devise.finetune import finetune_run, training_images
-    from devise.predict import RunEmbedder
+    from devise.model import load_model_folder
     from devise.train import train_dataset
 
     t0 = time.perf_counter()
@@ -103,7 +104,7 @@ def one_seed(seed, args, work: Path):
     print(f"validation: {len(y)} images of {len(class_vectors)} classes (chance hit@5 "
           f"{5 / len(class_vectors):.3f}); fine-tuning pool: {len(train_idx)} training images", flush=True)
 
-    before = RunEmbedder(run_dir).embed_images(images)
+    before = load_model_folder(run_dir).encode_images(images)
     hb1, hb5 = hits(before, y, class_vectors)
     cb1, cb5 = hits(run.embed(cached), y, class_vectors)
     print(f"before: hit@1 {hb1:.4f} hit@5 {hb5:.4f} (from the cached features: {cb1:.4f} / {cb5:.4f}; "
@@ -111,8 +112,7 @@ def one_seed(seed, args, work: Path):
 
     t1 = time.perf_counter()
     if (ft_dir / "settings.json").is_file():  # finished by an earlier call with the same --work
-        from devise.train import load_run
-        ft = load_run(ft_dir)
+        ft = load_model_folder(ft_dir)
     else:
         ft = finetune_run(run_dir, ft_dir, blocks=args.blocks, epochs=args.epochs,
                           learning_rate=args.learning_rate, batch_size=args.batch_size,
@@ -122,9 +122,8 @@ def one_seed(seed, args, work: Path):
           f"{args.epochs} epoch(s), lr {args.learning_rate:g}, batch {args.batch_size}: {t_ft:.0f} s; "
           f"loss per epoch {ft.history['finetune_loss']}", flush=True)
 
-    embedder = RunEmbedder(ft_dir)
-    assert "finetuned" in embedder.backbone.cache_key
-    after = embedder.embed_images(images)
+    assert "finetuned" in ft.backbone.cache_key
+    after = ft.encode_images(images)
     ha1, ha5 = hits(after, y, class_vectors)
     # Which half moved the needle: the fine-tuned head on the ORIGINAL backbone's features.
     hh1, hh5 = hits(ft.embed(cached), y, class_vectors)

@@ -25,18 +25,19 @@ import sys
 import numpy as np
 
 import devise  # noqa: F401  (sets the Keras backend)
-from devise.benchmark import METHODS, _calibration_holdout
+from devise.benchmark import _calibration_holdout
 from devise.datasets import load_dataset, validation_split, zero_shot_split
 from devise.evaluate import relabel
 from devise.features import extract_features
 from devise.metrics import flat_hit_at_k
+from devise.presets import recipe_settings
 from devise.train import train
 from devise.vectors import load_vectors, unit_rows
 from devise.wordnet import load_wordnet
 
 SETTINGS = {
-    "hinge": {k: v for k, v in METHODS["devise_hinge_mlp"].items() if k != "method"},
-    "softmax": {k: v for k, v in METHODS["devise_softmax_mlp"].items() if k != "method"},
+    "hinge": {k: v for k, v in recipe_settings("devise_hinge_mlp").items() if k != "method"},
+    "softmax": {k: v for k, v in recipe_settings("devise_softmax_mlp").items() if k != "method"},
 }
 CANDIDATES = ["name@hinge", "gloss@hinge", "hyper@hinge", "name+gloss@hinge", "name+hyper@hinge",
               "name+gloss+hyper@hinge", "name@softmax", "gloss@softmax", "hyper@softmax", "combo@softmax",

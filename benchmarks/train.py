@@ -46,11 +46,11 @@ def emoji_training_set():
     """(paths, labels, label vectors) of the emoji benchmark's training images (seen classes, split seed 0)."""
     from devise.datasets import load_dataset, zero_shot_split
     from devise.train import class_label_vectors
-    from devise.vectors import load_vectors
+    from devise.vectors import GLOVE_SPEC, load_vectors
 
     dataset = load_dataset("emoji")
     split = zero_shot_split(dataset, seed=0)
-    vectors, kept, _ = class_label_vectors(dataset, load_vectors("glove-6b-50d"), drop_missing=True)
+    vectors, kept, _ = class_label_vectors(dataset, load_vectors(GLOVE_SPEC), drop_missing=True)
     train_images = split.train[kept[dataset.labels[split.train]]]
     classes = np.unique(dataset.labels[train_images])
     labels = np.searchsorted(classes, dataset.labels[train_images])

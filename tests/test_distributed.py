@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     import json, os, sys
     import numpy as np
     import devise, keras
-    from devise import runtime
+    from devise import defaults, runtime
     from devise.backbones import load_backbone
     from devise.features import backbone_forward, extract_features
     from devise.images import load_image
@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent("""
         assert runtime.process_index_and_count()[1] == 2 and runtime.device_count() == 2
     elif shards > 1:
         assert runtime.use_devices(shards) is not None
-    backbone = load_backbone("efficientnet_lite0")
+    backbone = load_backbone(defaults.BACKBONE)
     features, logits = backbone_forward(backbone)(images)
     sharding = str(getattr(features, "sharding", ""))
     features = np.asarray(features)

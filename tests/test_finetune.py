@@ -14,11 +14,13 @@ import pytest
 
 import devise  # noqa: F401
 import keras
-from devise.backbones import load_backbone
+from devise import defaults
+from devise.backbones import load_backbone, weighted_layers
 from devise.errors import DeviseError
 from devise.features import extract_features
-from devise.finetune import _weighted_layers, end_to_end_model, finetune_run, load_backbone_from_run
-from devise.train import load_run
+from devise.finetune import end_to_end_model, finetune_run
+from devise.model import load_model_folder
+from devise.vectors import GLOVE_SPEC
 
 N_CLASSES = 40
 
@@ -34,7 +36,7 @@ def runs(tmp_path_factory):
     from devise.vectors import load_vectors
 
     emoji = load_dataset("emoji")
-    _, kept, _ = class_label_vectors(emoji, load_vectors("glove-6b-50d"), drop_missing=True)
+    _, kept, _ = class_label_vectors(emoji, load_vectors(GLOVE_SPEC), drop_missing=True)
     simple = [c for c in np.flatnonzero(kept) if re.fullmatch(r"[a-z]+( [a-z]+)?", emoji.classes[c])]
     classes = np.random.default_rng(0).choice(simple, N_CLASSES, replace=False)
     root = tmp_path_factory.mktemp("finetune")
@@ -66,16 +68,17 @@ def test_only_the_top_blocks_change(runs):
     assert len(runs["steps"]) == 8                                # 64 images at batch 8
     settings = json.loads((runs["ft"] / "settings.json").read_text())
     assert settings["finetune"]["blocks"] == ["blocks_15", "head"] and settings["finetune"]["images"] == 64
-    pretrained = {layer.name: layer.get_weights() for layer in _weighted_layers(load_backbone().features_model)}
-    tuned = load_backbone_from_run(runs["ft"])
+    pretrained = {layer.name: layer.get_weights() for layer in weighted_layers(load_backbone().features_model)}
+    tuned = load_model_folder(runs["ft"]).backbone
     changed = set()
-    for layer in _weighted_layers(tuned.features_model):
+    for layer in weighted_layers(tuned.features_model):
         before, after = pretrained[layer.name], layer.get_weights()
         if any(not np.array_equal(a, b) for a, b in zip(before, after)):
             changed.add(layer.name)
     assert changed == {"blocks_15_expand", "blocks_15_depthwise", "blocks_15_project", "head"}
     # the head trained on too, and the pretrained backbone of this process was left untouched
-    old_head, new_head = load_run(runs["run"]).model.get_weights(), load_run(runs["ft"]).model.get_weights()
+    old_head = load_model_folder(runs["run"]).model.get_weights()
+    new_head = load_model_folder(runs["ft"]).model.get_weights()
     assert any(not np.array_equal(a, b) for a, b in zip(old_head, new_head))
     assert not np.array_equal(load_backbone().features_model.get_layer("head").get_weights()[0],
                               tuned.features_model.get_layer("head").get_weights()[0])
@@ -85,11 +88,11 @@ def test_fresh_process_embeds_with_the_finetuned_backbone(runs):
     out = runs["root"] / "embeddings.npz"
     code = f"""
         import numpy as np, devise
-        from devise.predict import RunEmbedder
+        from devise.model import load
         paths = {runs["paths"][:6]!r}
-        tuned, original = RunEmbedder({str(runs["ft"])!r}), RunEmbedder({str(runs["run"])!r})
+        tuned, original = load({str(runs["ft"])!r}), load({str(runs["run"])!r})
         assert "finetuned" in tuned.backbone.cache_key and "finetuned" not in original.backbone.cache_key
-        np.savez({str(out)!r}, tuned=tuned.embed_paths(paths)[0], original=original.embed_paths(paths)[0])
+        np.savez({str(out)!r}, tuned=tuned.encode_paths(paths)[0], original=original.encode_paths(paths)[0])
     """
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                             timeout=300)
@@ -99,14 +102,14 @@ def test_fresh_process_embeds_with_the_finetuned_backbone(runs):
     np.testing.assert_allclose(np.linalg.norm(tuned, axis=1), 1, rtol=1e-5)
     assert np.abs(tuned - original).max() > 1e-3
     # the same embeddings as this process computes from the fine-tuned backbone's features
-    features = extract_features(runs["paths"][:6], load_backbone_from_run(runs["ft"]), progress=False).features
-    np.testing.assert_allclose(load_run(runs["ft"]).embed(np.asarray(features)), tuned, atol=1e-4)
+    features = extract_features(runs["paths"][:6], load_model_folder(runs["ft"]).backbone, progress=False).features
+    np.testing.assert_allclose(load_model_folder(runs["ft"]).embed(np.asarray(features)), tuned, atol=1e-4)
 
 
 def test_finetuned_features_have_their_own_cache(runs):
     paths = runs["paths"][:8]
-    pretrained = extract_features(paths, "efficientnet_lite0", progress=False)
-    tuned = extract_features(paths, load_backbone_from_run(runs["ft"]), progress=False)
+    pretrained = extract_features(paths, defaults.BACKBONE, progress=False)
+    tuned = extract_features(paths, load_model_folder(runs["ft"]).backbone, progress=False)
     assert tuned.folder != pretrained.folder and tuned.logits is None
     assert np.abs(np.asarray(tuned.features) - np.asarray(pretrained.features)).max() > 1e-3
 
@@ -115,8 +118,8 @@ def test_augmentation_only_while_training(runs):
     from devise.features import build_image_store
 
     images = np.asarray(build_image_store(runs["paths"][:8], 224, progress=False)[0])
-    backbone = load_backbone_from_run(runs["ft"])
-    head = load_run(runs["ft"]).model
+    backbone = load_model_folder(runs["ft"]).backbone
+    head = load_model_folder(runs["ft"]).model
     model = end_to_end_model(backbone.features_model, head, seed=3)
     first, second = model.predict(images, verbose=0), model.predict(images, verbose=0)
     np.testing.assert_array_equal(first, second)
@@ -161,7 +164,7 @@ def test_resumes_after_sigkill(runs, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming the fine-tuning" in again.stdout and "after epoch 1" in again.stdout
     assert not checkpoint.parent.exists()
-    resumed = load_run(tmp_path / "resumed")
+    resumed = load_model_folder(tmp_path / "resumed")
     assert len(resumed.history["finetune_loss"]) == 3
     np.testing.assert_allclose(resumed.history["finetune_loss"], whole.history["finetune_loss"], rtol=1e-4)
     for a, b in zip(resumed.model.get_weights(), whole.model.get_weights()):

@@ -4,7 +4,8 @@ import pytest
 
 import devise  # noqa: F401
 from devise.errors import DeviseError
-from devise.heads import build_head, linear_head, mlp_head, softmax_head
+from devise.heads import HEAD_BUILDERS, build_head, linear_head, mlp_head, softmax_head
+from devise.train import HEADS
 
 
 def test_linear_head_is_a_bias_free_matrix():
@@ -39,3 +40,8 @@ def test_build_head_by_name():
     assert build_head("mlp", 8, 4).output_shape == (None, 4)
     with pytest.raises(DeviseError, match="unknown head 'conv'"):
         build_head("conv", 8, 4)
+
+
+def test_every_training_head_is_registered():
+    assert set(HEADS) | {"softmax"} == set(HEAD_BUILDERS)   # train's choices (and its classifier) build by name
+    assert build_head("softmax", 8, 3).output_shape == (None, 3)

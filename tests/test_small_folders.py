@@ -21,10 +21,11 @@ import devise  # noqa: F401
 from devise.assets import data_home
 from devise.datasets import ImageDataset, load_dataset, validation_split, zero_shot_split
 from devise.train import MIN_SEEN_VAL_IMAGES, MIN_ZERO_SHOT_VAL_CLASSES, choose_validation
+from devise.vectors import GLOVE_SPEC
 
 ANIMALS = ["cat", "dog", "horse", "pig", "cow", "rabbit", "mouse"]
 NONSENSE = "zqxjvk wbfq"  # a class name no word-vector file has
-GLOVE = ("--vectors", "glove-6b-50d")  # labels without a vector exist only in word-vector spaces
+GLOVE = ("--vectors", GLOVE_SPEC)  # labels without a vector exist only in word-vector spaces
 
 
 def emoji_tree(root: Path, names) -> Path:
@@ -82,6 +83,20 @@ def test_evaluate_all_classes_run_reports_seen_only(seven):
     assert "hit@1" in result.stdout and reported_ks(result.stdout) and max(reported_ks(result.stdout)) < 7
 
 
+def test_preset_sets_the_recipe_and_flags_win(seven):
+    """`devise train --preset NAME` trains a benchmark recipe; a flag given explicitly overrides it."""
+    out = seven["root"] / "preset-run"
+    result = devise_cli("train", seven["tree"], "--preset", "devise_hinge_mlp", "--head", "linear",
+                        "--epochs", "2", "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["preset"] == "devise_hinge_mlp" and settings["method"] == "devise" and settings["loss"] == "hinge"
+    assert settings["margin"] == 0.3 and settings["truncated"] is False and settings["normalize_output"] is True
+    assert settings["head"] == "linear"  # the flag, not the recipe's mlp
+    failed = devise_cli("train", seven["tree"], "--preset", "conse", "--out", seven["root"] / "x")
+    assert failed.returncode == 2 and "invalid choice" in failed.stderr  # a model preset is not a recipe
+
+
 def test_three_classes_learn_and_hints_work(tmp_path):
     """3 real classes and one with no vector: the error's --drop-missing hint trains on the 3 (this
     crashed with an IndexError), the loss is never exactly 0, no hit@k with k >= 3 is printed."""
@@ -129,10 +144,10 @@ def test_validation_mode_follows_the_data(n_classes, per_class, mode):
 
 def test_emoji_keeps_its_benchmark_split():
     """`devise train emoji` still holds 25% of the classes out and validates zero-shot, as before."""
-    from devise.train import DEFAULT_HOLDOUT_UNSEEN
+    from devise.datasets import default_holdout_unseen
 
     ds = load_dataset("emoji")
-    split = zero_shot_split(ds, seed=0, unseen_fraction=DEFAULT_HOLDOUT_UNSEEN["emoji"])
+    split = zero_shot_split(ds, seed=0, unseen_fraction=default_holdout_unseen("emoji"))
     assert np.array_equal(split.unseen_classes, zero_shot_split(ds, seed=0).unseen_classes)
     kept, usable = np.ones(ds.num_classes, bool), np.ones(len(ds), bool)
     mode, val, _ = choose_validation(split, kept, usable, seed=0)

@@ -11,7 +11,9 @@ import pytest
 import devise  # noqa: F401
 from devise.errors import DeviseError
 from devise.metrics import flat_hit_at_k
-from devise.train import load_run, random_label_vectors, train
+from devise.model import load, random_label_vectors
+from devise.train import train
+from devise.vectors import GLOVE_SPEC
 
 
 def hit_at_k(scores, labels, k):
@@ -32,7 +34,7 @@ def emoji_subset():
     from devise.vectors import load_vectors
 
     dataset = load_dataset("emoji")
-    vectors, kept, _ = class_label_vectors(dataset, load_vectors("glove-6b-50d"), drop_missing=True)
+    vectors, kept, _ = class_label_vectors(dataset, load_vectors(GLOVE_SPEC), drop_missing=True)
     rng = np.random.default_rng(0)
     classes = np.sort(rng.choice(np.flatnonzero(kept), N_CLASSES, replace=False))
     images = np.flatnonzero(np.isin(dataset.labels, classes))
@@ -139,8 +141,8 @@ def test_saved_run_predicts_the_same_in_a_fresh_process(emoji_subset, tmp_path):
         expected = run.predict_scores(data["unseen"][0], data["unseen_vectors"])
         result = _python(f"""
             import numpy as np, devise
-            from devise.train import load_run
-            run = load_run({str(tmp_path / method)!r})
+            from devise.model import load
+            run = load({str(tmp_path / method)!r})
             np.save({str(tmp_path / (method + '_scores.npy'))!r},
                     run.predict_scores(np.load({str(tmp_path / 'unseen_x.npy')!r}), np.load({str(tmp_path / 'unseen_v.npy')!r})))
             print(run.method, run.settings["epochs"], len(run.class_names))
@@ -149,7 +151,7 @@ def test_saved_run_predicts_the_same_in_a_fresh_process(emoji_subset, tmp_path):
         assert result.stdout.split() == [method, "5", str(len(data["seen_names"]))]
         np.testing.assert_allclose(np.load(tmp_path / (method + "_scores.npy")), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(DeviseError, match="not a finished training run"):
-        load_run(tmp_path)
+        load(tmp_path)
 
 
 RESUMABLE_TRAINING = """

@@ -17,72 +17,43 @@ from pathlib import Path
 import numpy as np
 
 from devise import defaults
-from devise.evaluate import HIT_KS, HP_KS, LabelSpace, evaluate_split, format_table, label_space, relabel
+from devise.datasets import load_dataset, validation_split, zero_shot_split
+from devise.evaluate import (HIT_KS, HP_KS, LabelSpace, calibration_gamma, evaluate_split, metrics_table,
+                             label_space, relabel)
+from devise.features import extract_features
+from devise.model import conse_model
+from devise.presets import PRESETS
+from devise.train import train
+from devise.vectors import unit_rows
+from devise.wordnet import load_wordnet
 
-# name -> train() settings; conse_t10 reuses the softmax model, conse_imagenet1k needs no training.
-# devise_hinge_linear is the paper's exact setting (linear M, margin 0.1 on dot products, truncated sum).
-METHODS = {
-    "softmax": {"method": "softmax"},
-    "devise_hinge_linear": {"method": "devise", "loss": "hinge", "head": "linear"},
-    # Chosen on the validation classes of seeds 0-2 (hit@5 .296 -> .338 against the paper's margin 0.1 on
-    # raw dot products, truncated): the hinge on cosines, margin 0.3, full sum over negatives.
-    "devise_hinge_mlp": {"method": "devise", "loss": "hinge", "head": "mlp",
-                         "normalize_output": True, "margin": 0.3, "truncated": False},
-    "devise_cosine_mlp": {"method": "devise", "loss": "cosine", "head": "mlp"},
-    # Cross-entropy over cosines to the training labels, temperature 0.1: chosen on the validation classes of
-    # seeds 0-2 with MiniLM label vectors (zero-shot hit@5 .467 for the hinge MLP -> .482; temperature 0.03
-    # .444, 0.2 .482 with a weaker held-out style; a linear head .461). benchmarks/label_text.py.
-    "devise_softmax_mlp": {"method": "devise", "loss": "softmax", "head": "mlp", "temperature": 0.1},
-    "random_hinge_linear": {"method": "random", "loss": "hinge", "head": "linear"},
-    "conse_t10": {"from": "softmax", "T": 10},
-    # The mean of two methods' image embeddings (weight on the first): chosen on the validation classes of
-    # seeds 0-2 (hit@1 .234 DeViSE / .233 ConSE -> .255 at 0.5; 0.3 and 0.7 .249 / .251; hit@5 .473 ->
-    # .473 at 0.5, .477 at 0.7). Each part keeps its own training; nothing new is fit.
-    "devise_conse_mean": {"mean_of": ("devise_softmax_mlp", "conse_t10"), "weight": 0.5},
-    "conse_imagenet1k": {"imagenet": True, "T": 10},
-}
+# Benchmark method name -> its recipe (devise.presets, kind "recipe"), in the presets' order: train()
+# settings ({"method": ..., ...}), or a composition: {"from": "softmax", "T": 10} (ConSE over the softmax
+# recipe's classifier), {"mean_of": (a, b), "weight": w} (the unit mean of two methods' image embeddings),
+# {"imagenet": True, "T": 10} (ConSE over the backbone's own ImageNet-1K classifier: no training).
+METHODS = {name: dict(preset["train"]) if "train" in preset
+           else {k: v for k, v in preset.items() if k not in ("kind", "description")}
+           for name, preset in PRESETS.items() if preset["kind"] == "recipe"}
 MAIN_METHOD = "devise_hinge_mlp"
 CALIBRATION_STYLE = "noto"  # near-duplicate of google's artwork: the cheapest style to hold out
 
 
 @dataclasses.dataclass
 class EmbeddingMean:
-    """Two trained methods as one: the unit mean of their image embeddings (weight on the first), scored
-    by cosine like every method. Label vectors are the shared label space's, so both agree on them."""
+    """Two trained models as one: the unit mean of their image embeddings (weight on the first), scored
+    by cosine like every model. Label vectors are the shared label space's, so both agree on them."""
 
     first: object
     second: object
     weight: float = 0.5
     method = "mean"
 
-    def embed(self, features) -> np.ndarray:
-        from devise.vectors import unit_rows
+    def encode_features(self, features, logits=None) -> np.ndarray:
+        return unit_rows(self.weight * self.first.encode_features(features, logits)
+                         + (1 - self.weight) * self.second.encode_features(features, logits))
 
-        return unit_rows(self.weight * self.first.embed(features) + (1 - self.weight) * self.second.embed(features))
-
-    def predict_scores(self, features, label_vectors, names=None) -> np.ndarray:
-        from devise.vectors import unit_rows
-
-        return self.embed(features) @ unit_rows(label_vectors).T
-
-
-class ImageNetConSE:
-    """ConSE over the backbone's own ImageNet-1K classifier: scores images from their ImageNet logits."""
-
-    method = "conse"
-
-    def __init__(self, vectors, T: int = 10):
-        from devise.conse import imagenet1k_class_vectors
-
-        self.kept, self.class_vectors, _ = imagenet1k_class_vectors(vectors)
-        self.T = T
-
-    def predict_scores(self, logits, label_vectors, names=None):
-        from devise.conse import conse_from_logits
-
-        embedded = conse_from_logits(logits, self.class_vectors, self.kept, self.T)
-        label_vectors = label_vectors / np.maximum(np.linalg.norm(label_vectors, axis=1, keepdims=True), 1e-12)
-        return embedded @ label_vectors.T
+    def predict_scores(self, features, label_vectors, names=None, logits=None) -> np.ndarray:
+        return self.encode_features(features, logits) @ unit_rows(label_vectors).T
 
 
 def _calibration_holdout(dataset, train_images: np.ndarray, seed: int) -> np.ndarray:
@@ -94,7 +65,7 @@ def _calibration_holdout(dataset, train_images: np.ndarray, seed: int) -> np.nda
 
 
 def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, methods, wordnet,
-             word_vectors, train_kwargs: dict, log=print) -> tuple[dict, dict]:
+             vectors: str, train_kwargs: dict, log=print, backbone: str = defaults.BACKBONE) -> tuple[dict, dict]:
     """Train and evaluate every method on one seed's split -> ({method: metrics}, {method: model}).
 
     Each trained method is fit twice, as in Xian et al.'s protocol: first on the training classes with
@@ -103,9 +74,6 @@ def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, me
     epochs. On nested validation splits of the seen classes the refit on 24% more classes gained about
     2 points zero-shot hit@5 for 8 of 9 method/seed pairs.
     """
-    from devise.datasets import validation_split, zero_shot_split
-    from devise.evaluate import calibration_gamma
-
     split = zero_shot_split(dataset, seed=seed)
     val = validation_split(split, seed=seed)
     labels = np.asarray(dataset.labels)
@@ -147,10 +115,10 @@ def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, me
     for name in methods:
         spec = METHODS[name]
         t0 = time.perf_counter()
-        if spec.get("imagenet"):
-            model = ImageNetConSE(word_vectors, spec["T"])
-            gamma = calibration_gamma(model, logits, labels, space, **calibration)
-            results[name] = evaluate_split(model, logits, labels, space, gamma=gamma, **evaluation)
+        if spec.get("imagenet"):  # scored from the backbone's ImageNet logits
+            model = conse_model(backbone, vectors, spec["T"], name=name)
+            gamma = calibration_gamma(model, features, labels, space, logits=logits, **calibration)
+            results[name] = evaluate_split(model, features, labels, space, gamma=gamma, logits=logits, **evaluation)
         elif "from" in spec:
             if spec["from"] not in models:
                 stage1[spec["from"]], models[spec["from"]] = fit_twice("softmax", (x_cal, y_cal))
@@ -183,8 +151,6 @@ def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, me
 
 
 def _fit(kind, x, y, names, vectors, validation, seed, train_kwargs, **kwargs):
-    from devise.train import train
-
     return train(kind, x, y, names, vectors, val=validation, seed=seed, verbose=0, **{**train_kwargs, **kwargs})
 
 
@@ -208,11 +174,6 @@ def run_benchmark(dataset_spec: str = "emoji", seeds: int | list[int] = 3, vecto
 
     dataset_spec: "emoji", a class-per-folder tree, or an ImageDataset (e.g. a subset of the benchmark).
     """
-    from devise.datasets import load_dataset
-    from devise.features import extract_features
-    from devise.vectors import load_vectors
-    from devise.wordnet import load_wordnet
-
     started = time.perf_counter()
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     methods = list(methods or METHODS)
@@ -226,14 +187,13 @@ def run_benchmark(dataset_spec: str = "emoji", seeds: int | list[int] = 3, vecto
     logits = np.asarray(fs.logits, np.float32) if fs.logits is not None else None
     if logits is None:
         methods = [m for m in methods if not METHODS[m].get("imagenet")]
-    word_vectors = load_vectors(vectors)
     space = label_space(dataset, vectors)
     usable = np.asarray(fs.valid) & space.has_vector[np.asarray(dataset.labels)]
     wordnet = load_wordnet()
     per_seed, first_models = [], None
     for seed in seeds:
         results, models = run_seed(dataset, features, logits, usable, space, seed, methods, wordnet,
-                                   word_vectors, train_kwargs or {}, log)
+                                   str(vectors), train_kwargs or {}, log, backbone=backbone)
         per_seed.append(results)
         first_models = first_models or models
     means, stds = aggregate(per_seed)
@@ -272,11 +232,11 @@ def render_tables(report: dict, stds: dict | None = None) -> str:
     n = len(report["seeds"])
     return "\n\n".join([
         f"Zero-shot, unseen classes only ({n} seed(s), mean ± std; hit@k in %, hp@k as fractions)",
-        format_table(zsl, hit_cols + ["per_class_top1"] + hp_cols, s("zsl")),
+        metrics_table(zsl, hit_cols + ["per_class_top1"] + hp_cols, s("zsl")),
         "Seen classes, held-out style",
-        format_table(seen, hit_cols + hp_cols, s("seen")),
+        metrics_table(seen, hit_cols + hp_cols, s("seen")),
         "Generalized zero-shot (u, s, H in %; raw and with calibrated stacking, gamma chosen on validation)",
-        format_table(gzsl, ["raw u", "raw s", "raw H", "cal u", "cal s", "cal H", "cal gamma"],
+        metrics_table(gzsl, ["raw u", "raw s", "raw H", "cal u", "cal s", "cal H", "cal gamma"],
                      percent=("raw", "cal u", "cal s", "cal H")),
     ])
 
@@ -323,8 +283,6 @@ def _plots(report, dataset, fs, features, space, models, seed, out: Path) -> Non
     model = (models or {}).get(MAIN_METHOD)
     if model is None:
         return
-    from devise.datasets import zero_shot_split
-
     split = zero_shot_split(dataset, seed=seed)
     unseen = np.asarray([c for c in split.unseen_classes if space.has_vector[c]])
     names, vectors, _ = space.subset(unseen)

@@ -15,6 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from devise import metrics
+from devise.datasets import load_dataset, validation_split, zero_shot_split
+from devise.errors import DeviseError
+from devise.features import extract_features
+from devise.model import load_model_folder
+from devise.train import class_label_vectors, reportable_ks
+from devise.vectors import load_vectors
+from devise.wordnet import load_wordnet
 
 HIT_KS = (1, 2, 5, 10)
 HP_KS = (2, 5, 10, 20)
@@ -46,8 +53,6 @@ def ranking_metrics(scores: np.ndarray, true: np.ndarray, label_wnids, wordnet, 
 
     A k at or above the number of labels is left out: every label is then in the top k (hit@k = 1.0).
     """
-    from devise.train import reportable_ks
-
     n_labels = scores.shape[1]
     hit_ks = reportable_ks(HIT_KS, n_labels)
     out = {f"hit@{k}": v for k, v in metrics.flat_hit_at_k(scores, true, hit_ks).items()} if hit_ks else {}
@@ -63,8 +68,9 @@ def ranking_metrics(scores: np.ndarray, true: np.ndarray, label_wnids, wordnet, 
 
 def evaluate_split(model, features: np.ndarray, labels: np.ndarray, space: LabelSpace, *, train_classes,
                    unseen_classes, seen_test, unseen_images, gamma: float | None = None, wordnet=None,
-                   softmax_only: bool = False) -> dict:
-    """All metrics of one model. Image index arrays refer to rows of `features` / `labels`.
+                   softmax_only: bool = False, logits: np.ndarray | None = None) -> dict:
+    """All metrics of one model. Image index arrays refer to rows of `features` / `labels` (and `logits`,
+    the backbone's ImageNet logits, which ConSE over the backbone's own classifier scores from).
 
     train_classes: the seen classes the model was fit on (its seen label space).
     gamma: the calibrated-stacking constant, chosen beforehand on validation data (`calibration_gamma`).
@@ -73,29 +79,34 @@ def evaluate_split(model, features: np.ndarray, labels: np.ndarray, space: Label
     train_classes = np.asarray(train_classes)
     unseen_classes = np.asarray(unseen_classes)
     result: dict = {}
-    seen_x, seen_y = features[seen_test], relabel(labels[seen_test], train_classes)
-    keep = seen_y >= 0
-    seen_x, seen_y = seen_x[keep], seen_y[keep]
+    rows = lambda index: None if logits is None else logits[index]  # noqa: E731
+    seen_test = np.asarray(seen_test, dtype=np.int64)
+    seen_y = relabel(labels[seen_test], train_classes)
+    seen_test, seen_y = seen_test[seen_y >= 0], seen_y[seen_y >= 0]
+    seen_x = features[seen_test]
     names_tr, vec_tr, wn_tr = space.subset(train_classes)
     if softmax_only:
         result["seen"] = ranking_metrics(model.predict_proba(seen_x), seen_y, wn_tr, wordnet)
         return result
-    result["seen"] = ranking_metrics(model.predict_scores(seen_x, vec_tr, names_tr), seen_y, wn_tr, wordnet)
+    result["seen"] = ranking_metrics(model.predict_scores(seen_x, vec_tr, names_tr, logits=rows(seen_test)),
+                                     seen_y, wn_tr, wordnet)
     if len(unseen_classes) == 0:  # a run trained on every class: nothing to score zero-shot
         return result
 
     names_un, vec_un, wn_un = space.subset(unseen_classes)
     un_x, un_y = features[unseen_images], relabel(labels[unseen_images], unseen_classes)
-    result["zsl"] = ranking_metrics(model.predict_scores(un_x, vec_un, names_un), un_y, wn_un, wordnet, per_class=True)
+    result["zsl"] = ranking_metrics(model.predict_scores(un_x, vec_un, names_un, logits=rows(unseen_images)),
+                                    un_y, wn_un, wordnet, per_class=True)
 
     # GZSL: every test image (seen held-out style + unseen) against training + unseen classes.
     all_classes = np.concatenate([train_classes, unseen_classes])
     names_all, vec_all, _ = space.subset(all_classes)
     test_x = np.concatenate([seen_x, un_x])
+    test_logits = None if logits is None else np.concatenate([logits[seen_test], logits[unseen_images]])
     test_y = np.concatenate([seen_y, un_y + len(train_classes)])
     is_unseen = np.arange(len(test_y)) >= len(seen_y)
     seen_mask = np.arange(len(all_classes)) < len(train_classes)
-    test_scores = model.predict_scores(test_x, vec_all, names_all)
+    test_scores = model.predict_scores(test_x, vec_all, names_all, logits=test_logits)
     result["gzsl"] = {k: float(v) for k, v in metrics.generalized_zero_shot(test_scores, test_y, seen_mask, is_unseen).items()}
     if gamma is not None:
         calibrated = metrics.generalized_zero_shot(test_scores, test_y, seen_mask, is_unseen, gamma=gamma)
@@ -104,9 +115,10 @@ def evaluate_split(model, features: np.ndarray, labels: np.ndarray, space: Label
 
 
 def calibration_gamma(model, features: np.ndarray, labels: np.ndarray, space: LabelSpace, *, train_classes,
-                      val_classes, seen_images, val_images) -> float:
+                      val_classes, seen_images, val_images, logits: np.ndarray | None = None) -> float:
     """The calibrated-stacking constant chosen on VALIDATION data: images of held-out validation classes
-    play the unseen ones, held-out images of the training classes the seen ones (never test images)."""
+    play the unseen ones, held-out images of the training classes the seen ones (never test images).
+    logits: the backbone's ImageNet logits, indexed like features (ConSE over its own classifier)."""
     train_classes, val_classes = np.asarray(train_classes), np.asarray(val_classes)
     classes = np.concatenate([train_classes, val_classes])
     names, vectors, _ = space.subset(classes)
@@ -114,33 +126,28 @@ def calibration_gamma(model, features: np.ndarray, labels: np.ndarray, space: La
     v_y = relabel(labels[val_images], val_classes)
     ok_s, ok_v = s_y >= 0, v_y >= 0
     x = np.concatenate([features[seen_images][ok_s], features[val_images][ok_v]])
+    x_logits = None if logits is None else np.concatenate([logits[seen_images][ok_s], logits[val_images][ok_v]])
     y = np.concatenate([s_y[ok_s], v_y[ok_v] + len(train_classes)])
     is_unseen = np.arange(len(y)) >= ok_s.sum()
     seen_mask = np.arange(len(classes)) < len(train_classes)
-    return float(metrics.choose_calibration(model.predict_scores(x, vectors, names), y, seen_mask, is_unseen))
+    return float(metrics.choose_calibration(model.predict_scores(x, vectors, names, logits=x_logits), y,
+                                               seen_mask, is_unseen))
 
 
 def evaluate_run(run_dir, dataset=None) -> dict:
     """`devise evaluate`: the metrics of a run folder written by `devise train`, on its own split."""
-    from devise.datasets import load_dataset, validation_split, zero_shot_split
-    from devise.errors import DeviseError
-    from devise.features import extract_features
-    from devise.train import load_run
-    from devise.wordnet import load_wordnet
-
-    run = load_run(run_dir)
+    run = load_model_folder(run_dir)
     settings = run.settings
     spec = dataset or settings.get("dataset")
     if spec is None:
         raise DeviseError(f"{run_dir}: the run does not record its dataset; pass DATASET")
     ds = load_dataset(spec)
-    space = label_space(ds, settings.get("vectors") or "glove-6b-50d")
+    space = label_space(ds, run.vectors_spec)
     # Runs from before unseen_fraction was recorded all held out 25% of the classes.
     split = zero_shot_split(ds, seed=int(settings.get("split_seed", settings.get("seed", 0))),
                             unseen_fraction=float(settings.get("unseen_fraction", 0.25)))
     val = validation_split(split, seed=int(settings.get("split_seed", settings.get("seed", 0))))
-    from devise.finetune import load_backbone_from_run  # the run's backbone, fine-tuned or pretrained
-    fs = extract_features(ds, load_backbone_from_run(run))
+    fs = extract_features(ds, run.backbone)  # the run's backbone, fine-tuned or pretrained
     usable = np.asarray(fs.valid) & space.has_vector[np.asarray(ds.labels)]
     features = np.asarray(fs.features, np.float32)
     labels = np.asarray(ds.labels)
@@ -160,16 +167,13 @@ def evaluate_run(run_dir, dataset=None) -> dict:
 
 def label_space(dataset, vectors_spec: str) -> LabelSpace:
     """Vectors for every class of a dataset (by name, else its synset); classes with neither are dropped."""
-    from devise.train import class_label_vectors
-    from devise.vectors import load_vectors
-
     matrix, kept, report = class_label_vectors(dataset, load_vectors(vectors_spec), drop_missing=True)
     print(report, flush=True)
     wnids = list(dataset.wnids) if dataset.wnids is not None else [None] * len(dataset.classes)
     return LabelSpace(list(dataset.classes), matrix, wnids, np.asarray(kept, bool))
 
 
-def format_table(rows: dict[str, dict], columns: list[str], stds: dict[str, dict] | None = None,
+def metrics_table(rows: dict[str, dict], columns: list[str], stds: dict[str, dict] | None = None,
                  percent: tuple[str, ...] = ("hit@", "per_class", "u", "s", "H")) -> str:
     """A markdown table: one row per method, mean (± std) per column; flat hit@k in %, hp@k as fractions."""
     def cell(method, col):

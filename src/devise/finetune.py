@@ -1,7 +1,7 @@
 """End-to-end fine-tuning of a trained run's backbone top blocks from images (the paper's later stage).
 
     new = finetune_run("runs/x", "runs/x-ft", blocks=2, epochs=2)   # = devise finetune runs/x --out runs/x-ft
-    backbone = load_backbone_from_run("runs/x-ft")                 # the fine-tuned backbone, any process
+    backbone = devise.load("runs/x-ft").backbone                   # the fine-tuned backbone, any process
 
 A run trained on cached features (devise.train) is a head over a frozen backbone. Here one Keras model
 is built: uint8 images -> augmentation (horizontal flip, random zoom-in = a random crop resized back;
@@ -30,8 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
+from devise.assets import atomic_save_npz
 from devise.backbones import fresh_features_model, weighted_layers
+from devise.datasets import load_dataset, seen_validation_split, zero_shot_split
 from devise.errors import DeviseError
+from devise.features import build_image_store
+from devise.model import DeviseModel, load_model_folder
+from devise.train import make_loss, optimizer_arrays, restore_optimizer, shuffled_batches
 
 WEIGHTS_FILE = "backbone.weights.npz"
 DEFAULT_BLOCKS = 2  # EfficientNet-Lite0: the head conv and the last MBConv block
@@ -112,8 +117,6 @@ def end_to_end_model(features_model, head, seed: int = 0):
 
 def _run_loss(run):
     """The loss the run was trained with, over its own training label vectors."""
-    from devise.train import make_loss
-
     s = run.settings
     return make_loss(run.method, s.get("loss") or "hinge", run.label_vectors, margin=s.get("margin", 0.1),
                      truncated=s.get("truncated", True), normalize_output=s.get("normalize_output", False),
@@ -123,8 +126,6 @@ def _run_loss(run):
 def training_images(settings) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The run's training images: (all dataset paths, indices of its training images, their labels
     into settings["train_classes"]), rebuilt from the split seed as devise.train.train_dataset does."""
-    from devise.datasets import load_dataset, seen_validation_split, zero_shot_split
-
     if not settings.get("dataset") or settings.get("train_classes") is None:
         raise DeviseError("this run does not record its dataset and training classes (train it with devise train)")
     dataset = load_dataset(settings["dataset"])
@@ -146,8 +147,8 @@ def training_images(settings) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 def finetune_run(run_dir, out_dir, *, blocks: int = DEFAULT_BLOCKS, epochs: int = 1, learning_rate: float = 1e-4,
                  batch_size: int = 32, max_images: int | None = None, seed: int = 0, verbose: int = 1,
-                 callbacks=()):
-    """Fine-tune a run's backbone top `blocks` blocks and head end to end; write and return the new Run.
+                 callbacks=()) -> DeviseModel:
+    """Fine-tune a run's backbone top `blocks` blocks and head end to end; write and return the new model.
 
     run_dir: a run folder from devise train (its dataset, split and training classes are reused).
     out_dir: the new run folder (must not exist yet; written atomically). Each epoch ends with a
@@ -155,10 +156,8 @@ def finetune_run(run_dir, out_dir, *, blocks: int = DEFAULT_BLOCKS, epochs: int 
     max_images: a seeded random subset of the training images (quick trials); None = all of them.
     """
     import keras
-    from devise.features import build_image_store
-    from devise.train import _save_model, _write_json, load_run, shuffled_batches
 
-    run = load_run(run_dir)
+    run = load_model_folder(run_dir)
     out = Path(out_dir)
     if out.exists():
         raise DeviseError(f"{out} already exists: choose another folder for the fine-tuned run")
@@ -172,7 +171,7 @@ def finetune_run(run_dir, out_dir, *, blocks: int = DEFAULT_BLOCKS, epochs: int 
     if max_images is not None and max_images < len(indices):
         chosen = np.sort(np.random.default_rng(seed).choice(len(indices), int(max_images), replace=False))
         indices, labels = indices[chosen], labels[chosen]
-    backbone = load_backbone_from_run(run)
+    backbone = run.backbone  # the run's own: fine-tuning a fine-tuned run starts from its weights
     images, valid, _ = build_image_store(paths, backbone.image_size, progress=verbose > 0)
     keep = np.asarray(valid, bool)[indices]
     indices, labels = indices[keep], labels[keep]
@@ -211,30 +210,26 @@ def finetune_run(run_dir, out_dir, *, blocks: int = DEFAULT_BLOCKS, epochs: int 
                              "epochs": int(epochs), "learning_rate": float(learning_rate),
                              "batch_size": int(batch_size), "images": int(len(indices)), "seed": int(seed)}}
     history = {"finetune_loss": state["loss"], "source_history": run.history}
+    tuned = DeviseModel(run.method, run.model, run.class_names, run.label_vectors, settings, history,
+                        class_columns=run.class_columns)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a run folder is an ordinary folder
     try:
-        shutil.copy2(Path(run_dir) / "labels.npz", tmp / "labels.npz")
         _save_weights(features_model, tmp / WEIGHTS_FILE)
-        _save_model(run.model, tmp / "model.keras")
-        _write_json(tmp / "settings.json", settings)
-        _write_json(tmp / "history.json", history)
+        tuned.save(tmp)  # model.keras (the fine-tuned head), labels.npz, history.json, settings.json
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(partial, ignore_errors=True)
-    return load_run(out)
+    return load_model_folder(out)
 
 
 def _write_finetune_checkpoint(partial: Path, options, model, state) -> None:
     """One atomic file: every variable of the end-to-end model (the augmentation seeds and the loss's random
     state, attached as model.hinge_loss_seed, included), the optimizer and the epoch count, beside the
     options it belongs to."""
-    from devise.assets import atomic_save_npz
-    from devise.train import optimizer_arrays
-
     # model.variables, not get_weights(): the augmentation layers' seed states are variables, not weights
     arrays = {f"variable_{i}": np.asarray(v.value) for i, v in enumerate(model.variables)}
     arrays.update(optimizer_arrays(model))
@@ -244,8 +239,6 @@ def _write_finetune_checkpoint(partial: Path, options, model, state) -> None:
 def _load_finetune_checkpoint(partial: Path, options, model) -> dict:
     """The state after the last finished epoch of an interrupted fine-tuning with the same options
     (its variables and optimizer restored into model), else a fresh state."""
-    from devise.train import restore_optimizer
-
     path = partial / "checkpoint.npz"
     if not path.is_file():
         return {"epoch": 0, "loss": []}

@@ -12,6 +12,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from devise.errors import DeviseError
+
 
 def _normalized(inputs, input_dim: int, scale: bool):
     """Unit-length features (times sqrt(input_dim) when `scale`, so entries stay near 1 for the MLP's
@@ -55,10 +57,14 @@ def softmax_head(input_dim: int, num_classes: int, hidden: int = 0, dropout: flo
     return keras.Model(inputs, outputs, name=name)
 
 
-def build_head(kind: str, input_dim: int, output_dim: int) -> keras.Model:
-    """Head by name: "linear" or "mlp" (projection to output_dim), "softmax" (output_dim classes)."""
-    from devise.errors import DeviseError
-    builders = {"linear": linear_head, "mlp": mlp_head, "softmax": softmax_head}
-    if kind not in builders:
-        raise DeviseError(f"unknown head '{kind}': choose one of {', '.join(builders)}")
-    return builders[kind](input_dim, output_dim)
+# name -> builder(input_dim, output_dim, **options): what devise.train builds a head from by name.
+# "linear" and "mlp" project to the label space (output_dim = its dimension); "softmax" classifies
+# (output_dim = the number of classes). A new head is one more entry (and one more name in train.HEADS).
+HEAD_BUILDERS = {"linear": linear_head, "mlp": mlp_head, "softmax": softmax_head}
+
+
+def build_head(kind: str, input_dim: int, output_dim: int, **options) -> keras.Model:
+    """Head by name (HEAD_BUILDERS): "linear" or "mlp" (projection to output_dim), "softmax" (output_dim classes)."""
+    if kind not in HEAD_BUILDERS:
+        raise DeviseError(f"unknown head '{kind}': choose one of {', '.join(HEAD_BUILDERS)}")
+    return HEAD_BUILDERS[kind](input_dim, output_dim, **options)

@@ -1,9 +1,9 @@
 """Phases 2-3 on cached features: the softmax baseline, DeViSE, the random-vector control and ConSE.
 
-    run = train("devise", features, labels, class_names, label_vectors, val=(vf, vl, vvectors, vnames),
-                out_dir="runs/x")
-    run = load_run("runs/x")                     # in any process
-    scores = run.predict_scores(features, vectors_of_any_labels, names)   # cosine (N, L), zero-shot
+    model = train("devise", features, labels, class_names, label_vectors, val=(vf, vl, vvectors, vnames),
+                  out_dir="runs/x")                 # a devise.model.DeviseModel
+    model = devise.load("runs/x")                   # in any process (devise.model.load_model_folder)
+    scores = model.predict_scores(features, vectors_of_any_labels, names)   # cosine (N, L), zero-shot
 
 Methods:
 - softmax: a classifier over the training classes (phase 2); predict_proba gives class probabilities.
@@ -32,16 +32,21 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from devise import defaults
 from devise.assets import atomic_save_npz, atomic_write_json
+from devise.datasets import (default_holdout_unseen, load_dataset, seen_validation_split, validation_split,
+                             zero_shot_split)
 from devise.errors import DeviseError
+from devise.features import extract_features
 from devise.metrics import flat_hit_at_k
-from devise.vectors import unit_rows
+from devise.model import DeviseModel, load_model_folder, random_label_vectors, save_keras_model
+from devise.presets import recipe_settings
+from devise.runtime import device_count, process_index_and_count
+from devise.vectors import embed_labels, load_vectors, quiet_dropped_labels, unit_rows
 
 METHODS = ("softmax", "devise", "random", "conse")
 LOSSES = ("hinge", "cosine", "softmax")
@@ -51,19 +56,6 @@ DEFAULT_LEARNING_RATES = {"adam": 1e-3, "adagrad": 0.05}
 
 
 # ---------------------------------------------------------------- small helpers
-
-def random_label_vectors(names, dim: int, seed: int = 0) -> np.ndarray:
-    """The random control's vectors: one seeded random unit vector per label NAME, (L, dim) float32.
-
-    A label gets the same vector wherever it appears (training, validation, test) for a given seed.
-    """
-    rows = []
-    for name in names:
-        digest = int.from_bytes(hashlib.sha256(str(name).encode("utf-8")).digest()[:8], "little")
-        vector = np.random.default_rng([int(seed), digest]).standard_normal(dim)
-        rows.append(vector / np.linalg.norm(vector))
-    return np.asarray(rows, dtype=np.float32).reshape(len(rows), dim)
-
 
 def _write_json(path: Path, obj) -> None:
     atomic_write_json(path, obj, indent=2, sort_keys=True)
@@ -76,97 +68,6 @@ def _fingerprint(*arrays) -> str:
         digest.update(str(array.shape).encode())
         digest.update(array.tobytes())
     return digest.hexdigest()[:16]
-
-
-# ---------------------------------------------------------------- the trained run
-
-@dataclass
-class Run:
-    """A trained model and everything needed to predict with it."""
-    method: str
-    model: object                      # keras.Model: features -> projection (devise/random) or probabilities
-    class_names: list[str]             # the training labels, in model output / label_vectors order
-    label_vectors: np.ndarray | None   # (C, D) unit training label vectors (the random ones for "random")
-    settings: dict
-    history: dict = field(default_factory=dict)
-    path: Path | None = None
-
-    @property
-    def T(self) -> int:
-        return int(self.settings.get("T", 10))
-
-    def _predict(self, features) -> np.ndarray:
-        features = np.asarray(features, dtype=np.float32)
-        if features.ndim != 2 or features.shape[1] != self.settings["feature_dim"]:
-            raise DeviseError(f"features of shape {features.shape} do not match this run's "
-                              f"feature dimension {self.settings['feature_dim']}")
-        from devise.runtime import predict_in_batches
-
-        return np.asarray(predict_in_batches(self.model, features), dtype=np.float32)
-
-    def predict_proba(self, features) -> np.ndarray:
-        """(N, C) probabilities over the training classes (softmax and conse runs)."""
-        if self.method not in ("softmax", "conse"):
-            raise DeviseError(f"a {self.method} run has no class probabilities; use predict_scores")
-        return self._predict(features)
-
-    def embed(self, features) -> np.ndarray:
-        """(N, D) unit vectors in the label space (devise/random: the head's output; conse: ConSE)."""
-        if self.method in ("devise", "random"):
-            return unit_rows(self._predict(features))
-        if self.label_vectors is None:
-            raise DeviseError("this softmax run was trained without label vectors: it cannot embed images")
-        from devise.conse import conse_embed
-        return conse_embed(self._predict(features), self.label_vectors, self.T)
-
-    def vectors_for(self, label_vectors, names=None) -> np.ndarray:
-        """The vectors this run scores labels with: the given ones, or the random control's (by name)."""
-        if self.method == "random":
-            if names is None:
-                raise DeviseError("a random-control run scores labels by name: pass the label names")
-            return random_label_vectors(names, self.label_vectors.shape[1], self.settings["seed"])
-        label_vectors = np.asarray(label_vectors, dtype=np.float32)
-        if self.label_vectors is not None and label_vectors.shape[-1] != self.label_vectors.shape[1]:
-            raise DeviseError(f"label vectors have dimension {label_vectors.shape[-1]}, this run was trained "
-                              f"with {self.label_vectors.shape[1]} (vectors {self.settings.get('vectors')})")
-        return unit_rows(label_vectors)
-
-    def predict_scores(self, features, label_vectors, names=None) -> np.ndarray:
-        """(N, L) cosine scores of every image against any label set (zero-shot).
-
-        label_vectors: (L, D) vectors from the run's vectors spec; names: the L label names (required
-        for the random control, whose labels get seeded random vectors by name).
-        Softmax runs score by ConSE (they need their training label vectors).
-        """
-        return self.embed(features) @ self.vectors_for(label_vectors, names).T
-
-
-def _save_model(model, path: Path) -> None:
-    """model.keras written atomically (Keras wants the .keras suffix, so write in a temp folder)."""
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-model-") as tmp:
-        tmp_path = Path(tmp) / "model.keras"
-        model.save(tmp_path)
-        os.replace(tmp_path, path)
-
-
-def load_run(path) -> Run:
-    """Load a run folder written by train() (in any process)."""
-    import keras
-    import devise.losses  # noqa: F401  (registers the custom losses)
-
-    folder = Path(path)
-    needed = [folder / n for n in ("settings.json", "labels.npz", "model.keras")]
-    missing = [p.name for p in needed if not p.is_file()]
-    if missing:
-        raise DeviseError(f"{folder}: not a finished training run (missing {', '.join(missing)})")
-    settings = json.loads((folder / "settings.json").read_text())
-    with np.load(folder / "labels.npz", allow_pickle=False) as data:
-        class_names = [str(n) for n in data["class_names"]]
-        label_vectors = data["label_vectors"] if data["label_vectors"].size else None
-    history_path = folder / "history.json"
-    history = json.loads(history_path.read_text()) if history_path.is_file() else {}
-    model = keras.saving.load_model(folder / "model.keras", compile=False)
-    return Run(settings["method"], model, class_names, label_vectors, settings, history, folder)
 
 
 # ---------------------------------------------------------------- training
@@ -221,8 +122,6 @@ def shuffled_batches(data, labels, batch_size, seed, rows=None, dtype="float32")
     own slice of every batch, and Keras assembles the global batch.
     """
     import keras
-
-    from devise.runtime import device_count, process_index_and_count
 
     rows = np.arange(len(labels)) if rows is None else np.asarray(rows)
     devices = device_count()
@@ -281,8 +180,8 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
           temperature: float = 0.1, patience: int = 8, top_k: int = 5, T: int = 10,
           vectors_spec: str | None = None,
           backbone_name: str | None = None, extra_settings: dict | None = None, callbacks=(),
-          verbose: int = 1) -> Run:
-    """Train one method on (features (N, F), labels (N,) into class_names) and return the Run.
+          verbose: int = 1) -> DeviseModel:
+    """Train one method on (features (N, F), labels (N,) into class_names) and return the DeviseModel.
 
     label_vectors: (C, D) vectors of class_names (needed by devise/random/conse; random uses only D).
     val: (features, labels) scored over the training classes, or (features, labels, label_vectors
@@ -293,7 +192,8 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
     callbacks: extra Keras callbacks, run after validation and checkpointing of each epoch.
     """
     import keras
-    from devise.heads import linear_head, mlp_head, softmax_head
+
+    from devise.heads import build_head
 
     for value, allowed, what in ((method, METHODS, "method"), (loss, LOSSES, "loss"), (head, HEADS, "head"),
                                  (optimizer, OPTIMIZERS, "optimizer")):
@@ -339,11 +239,7 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
     }
 
     keras.utils.set_random_seed(int(seed))
-    if classifies:
-        model = softmax_head(features.shape[1], len(class_names))
-    else:
-        builder = linear_head if head == "linear" else mlp_head
-        model = builder(features.shape[1], label_vectors.shape[1])
+    model = build_head(settings["head"], features.shape[1], len(class_names) if classifies else label_vectors.shape[1])
     loss_fn = make_loss(method, loss, label_vectors, margin=margin, truncated=truncated,
                         normalize_output=normalize_output, temperature=temperature, seed=int(seed))
     if getattr(loss_fn, "seed_generator", None) is not None:
@@ -352,7 +248,7 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
         model.hinge_loss_seed = loss_fn.seed_generator
     model.compile(optimizer=_make_optimizer(optimizer, learning_rate), loss=loss_fn)
 
-    run = Run(method, model, class_names, label_vectors, settings, {}, None)
+    run = DeviseModel(method, model, class_names, label_vectors, settings, {}, None, name=method)
     out = Path(out_dir) if out_dir is not None else None
     state = {"epoch": 0, "best_score": None, "best_epoch": None, "wait": 0, "history": {}}
     best_weights = None
@@ -415,9 +311,9 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
     run.history = {"epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
                    "best_" + monitor: state["best_score"], **state["history"]}
     if out is not None:
-        _save_model(model, out / "model.keras")
+        save_keras_model(model, out / "model.keras")
         _write_json(out / "history.json", run.history)
-        run.path = out
+        run.path, run.name = out, str(out)
     return run
 
 
@@ -433,7 +329,7 @@ def _prepare_run_folder(out: Path, settings, class_names, label_vectors, model, 
         if changed:
             raise DeviseError(f"{out} holds a run with other settings ({', '.join(changed)}): choose another folder")
         if (out / "model.keras").is_file() and (out / "history.json").is_file():
-            raise DeviseError(f"{out} already holds this finished run: load it with load_run or choose another folder")
+            raise DeviseError(f"{out} already holds this finished run: load it with devise.load or choose another folder")
     else:
         atomic_save_npz(out / "labels.npz", class_names=np.asarray(class_names, dtype=str),
                    label_vectors=np.zeros((0, 0), np.float32) if label_vectors is None else label_vectors)
@@ -505,8 +401,6 @@ def class_label_vectors(dataset, vectors, drop_missing: bool = False):
     synset's first lemma with a vector, else its nearest hypernym's). A class with neither is an error
     unless drop_missing, which drops it (and reports it). Never a random vector.
     """
-    from devise.vectors import embed_labels, quiet_dropped_labels
-
     names = list(dataset.classes)
     wnids = list(getattr(dataset, "wnids", None) or [None] * len(names))
     # A sentence encoder reads the class's synset too (vectors.sentence_label_text); names without a
@@ -542,16 +436,11 @@ MIN_ZERO_SHOT_VAL_CLASSES = 20
 MIN_SEEN_VAL_IMAGES = 20
 VALIDATION_FRACTION = 0.2     # of the classes (zero-shot) or of each class's training images (seen)
 FIXED_EPOCHS = 20             # no validation possible (tiny folders) and no --epochs given
-# Datasets whose default is the zero-shot protocol (unseen classes held out): the benchmark keeps its split.
-# A user's folder trains on all its classes unless holdout_unseen (--holdout-unseen) asks otherwise.
-DEFAULT_HOLDOUT_UNSEEN = {"emoji": 0.25}
 
 
 def choose_validation(split, kept, usable, seed: int = 0):
     """(mode, ValidationSplit or None, why) for the seen classes of a split: "zero-shot" (validation
     classes held out), "seen" (held-out images of the training classes) or "none" (fixed epochs)."""
-    from devise.datasets import seen_validation_split, validation_split
-
     by_class = validation_split(split, seed=seed, fraction=VALIDATION_FRACTION)
     n_classes = int(sum(kept[c] for c in by_class.val_classes))
     n_train = int(sum(kept[c] for c in by_class.train_classes))
@@ -569,10 +458,15 @@ def choose_validation(split, kept, usable, seed: int = 0):
                           f"at least {MIN_SEEN_VAL_IMAGES} held-out images, {n_images} possible)")
 
 
-def train_dataset(dataset_spec, method: str = "devise", *, out_dir=None, vectors: str = defaults.VECTORS,
-                  backbone: str = defaults.BACKBONE, seed: int = 0, split_seed: int | None = None,
-                  drop_missing: bool = False, holdout_unseen: float | None = None, **train_kwargs) -> Run:
-    """`devise train`: features from the cache, the dataset's split, then train().
+def train_dataset(dataset_spec, method: str | None = None, *, preset: str | None = None, out_dir=None,
+                  vectors: str = defaults.VECTORS, backbone: str = defaults.BACKBONE, seed: int = 0,
+                  split_seed: int | None = None, drop_missing: bool = False, holdout_unseen: float | None = None,
+                  **train_kwargs) -> DeviseModel:
+    """`devise train`: features from the cache, the dataset's split, then train() -> the DeviseModel.
+
+    method: "devise" unless a preset names another. preset: a training recipe of devise.presets (e.g.
+    "devise_softmax_mlp", the benchmark's methods): its method, loss, head and options, each overridden
+    by an explicit `method` or keyword argument.
 
     holdout_unseen: the fraction of classes held out as unseen (the zero-shot protocol, for evaluation).
     Default: 0.25 for the emoji benchmark (its split), 0 for a folder: it trains on all its classes.
@@ -584,13 +478,14 @@ def train_dataset(dataset_spec, method: str = "devise", *, out_dir=None, vectors
     for that many epochs (Xian et al.'s protocol, as the benchmark does). The held-out unseen classes are
     never touched; the run's settings record the split so evaluation can rebuild it.
     """
-    from devise.datasets import load_dataset, zero_shot_split
-    from devise.features import extract_features
-    from devise.vectors import load_vectors
-
+    recipe = recipe_settings(preset) if preset is not None else {}
+    method = method or recipe.pop("method", "devise")
+    recipe.pop("method", None)
+    train_kwargs = {**recipe, **train_kwargs}
     split_seed = seed if split_seed is None else split_seed
     if holdout_unseen is None:
-        holdout_unseen = DEFAULT_HOLDOUT_UNSEEN.get(str(dataset_spec), 0.0)
+        # A registered dataset's default (emoji: 0.25, the benchmark's split); a user's folder: 0, all classes.
+        holdout_unseen = default_holdout_unseen(str(dataset_spec))
     holdout_unseen = float(holdout_unseen)
     if not 0 <= holdout_unseen < 1:
         raise DeviseError(f"--holdout-unseen {holdout_unseen:g}: give the fraction of classes held out as "
@@ -631,7 +526,8 @@ def train_dataset(dataset_spec, method: str = "devise", *, out_dir=None, vectors
     if mode == "none" and "epochs" not in train_kwargs:
         train_kwargs = {**train_kwargs, "epochs": FIXED_EPOCHS}
     settings_extra = {"dataset": str(dataset_spec), "split_seed": int(split_seed),
-                      "unseen_fraction": holdout_unseen, "validation": mode, "unseen_classes": unseen_kept}
+                      "unseen_fraction": holdout_unseen, "validation": mode, "unseen_classes": unseen_kept,
+                      **({"preset": preset} if preset is not None else {})}
     fit = dict(seed=seed, vectors_spec=str(vectors), backbone_name=backbone, **train_kwargs)
 
     selection = None
@@ -650,7 +546,7 @@ def train_dataset(dataset_spec, method: str = "devise", *, out_dir=None, vectors
         # Stage 1 chooses the epoch count on the validation classes; stage 2 trains every class that long.
         sel_dir = None if out_dir is None else Path(out_dir) / "selection"
         if sel_dir is not None and (sel_dir / "model.keras").is_file() and (sel_dir / "history.json").is_file():
-            selection = load_run(sel_dir)  # finished before an interruption: reuse it
+            selection = load_model_folder(sel_dir)  # finished before an interruption: reuse it
         else:
             selection = train(method, train_x, train_y, [names[c] for c in train_classes], matrix[train_classes],
                               val=val, out_dir=sel_dir, **fit,
