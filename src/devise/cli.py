@@ -9,9 +9,13 @@ import json
 import re
 import sys
 import warnings
+from pathlib import Path
 
 from devise import defaults
+from devise.benchmark import METHODS as BENCHMARK_METHODS
 from devise.errors import DeviseError
+from devise.presets import DEFAULT_MODEL, PRESETS, list_presets
+from devise.train import HEADS, LOSSES, METHODS, OPTIMIZERS
 
 
 # ANSI escape sequences (colours, cursor moves) and backspaces: noise once output goes to a file or pipe.
@@ -55,8 +59,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"{start}devise: warning: {printable(message)}", file=file, flush=True)
 
 
-CONSE_VECTORS_HELP = (f"label space of the 'conse' model: minilm, glove-6b-50d or a vectors file (default "
-                      f"{defaults.VECTORS}); a run folder uses its own")
+CONSE_VECTORS_HELP = ("label space of a preset model: minilm, glove-6b-50d or a vectors file (default: the "
+                      "preset's own); a run folder uses its own")
+MODEL_HELP = (f"a model preset ({', '.join(list_presets('model'))}; default %(default)s, no training) or a run "
+              "folder made by 'devise train'")
 
 
 def _print_json(obj) -> None:
@@ -89,14 +95,15 @@ def cmd_features(args) -> int:
 
 
 def cmd_classify(args) -> int:
-    from devise.classify import classify, format_table
+    from devise.classify import classify
+    from devise.predict import format_predictions
 
     results = classify(args.images, backbone=args.backbone, top_k=args.top, weights=args.weights)
     if args.json:
         for result in results:  # one JSON object per image per line
             print(json.dumps(result))
     else:
-        print(format_table(results))
+        print(format_predictions(results, score_format="{:6.1%}"))  # probabilities
     return 0
 
 
@@ -106,9 +113,8 @@ def _read_labels(source: str) -> list[str]:
         from devise.assets import imagenet1k_classes
         key = "wnid" if source.endswith("wnids") else "name"
         return [c[key] for c in imagenet1k_classes()]
-    from pathlib import Path
 
-    from devise.predict import read_label_lines  # binary garbage -> an error with an escaped excerpt
+    from devise.vocabulary import read_label_lines  # binary garbage -> an error with an escaped excerpt
     return [line.strip() for line in read_label_lines(Path(source)) if line.strip()]
 
 
@@ -146,7 +152,7 @@ def cmd_vectors_train(args) -> int:
 # ---------------------------------------------------------------- predict / index / search / serve (issue 5)
 
 def cmd_predict(args) -> int:
-    from devise.predict import format_table, predict
+    from devise.predict import format_predictions, predict
 
     results = predict(args.images, model=args.model, vocab=args.vocab, top_k=args.top, hubness=args.hubness,
                       reference=args.reference, progress=len(args.images) > 1 or not args.json,
@@ -155,7 +161,7 @@ def cmd_predict(args) -> int:
         for result in results:
             print(json.dumps(result))
     else:
-        print(format_table(results))
+        print(format_predictions(results))
     return 0
 
 
@@ -199,9 +205,9 @@ def cmd_train(args) -> int:
     if args.full_sum:
         options["truncated"] = False
     # Keras' progress bar redraws one line with \r and colours: only for a terminal; else a line per epoch.
-    run = train_dataset(args.dataset, args.method, out_dir=args.out, vectors=args.vectors, backbone=args.backbone,
-                        seed=args.seed, drop_missing=args.drop_missing, holdout_unseen=args.holdout_unseen,
-                        verbose=1 if sys.stdout.isatty() else 2, **options)
+    run = train_dataset(args.dataset, args.method, preset=args.preset, out_dir=args.out, vectors=args.vectors,
+                        backbone=args.backbone, seed=args.seed, drop_missing=args.drop_missing,
+                        holdout_unseen=args.holdout_unseen, verbose=1 if sys.stdout.isatty() else 2, **options)
     history = run.history
     best_key = next((k for k in history if k.startswith("best_val")), None)
     selection = history.get("selection") or {}
@@ -224,12 +230,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from devise.evaluate import evaluate_run, format_table
+    from devise.evaluate import evaluate_run, metrics_table
 
     result = evaluate_run(args.run_dir, args.dataset)
     for group, values in result.items():
         print(f"\n{group}")
-        print(format_table({"run": values}, list(values)))
+        print(metrics_table({"run": values}, list(values)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
@@ -248,12 +254,12 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    from devise.benchmark import METHODS, run_benchmark
+    from devise.benchmark import run_benchmark
 
     methods = args.methods.split(",") if args.methods else None
-    unknown = [m for m in methods or [] if m not in METHODS]
+    unknown = [m for m in methods or [] if m not in BENCHMARK_METHODS]
     if unknown:
-        raise DeviseError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+        raise DeviseError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(BENCHMARK_METHODS)}")
     report = run_benchmark(args.dataset, seeds=args.seeds, vectors=args.vectors, backbone=args.backbone,
                            out_dir=args.out, methods=methods)
     if args.json:
@@ -310,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--vectors", default=defaults.VECTORS, help="label vectors: minilm, glove-6b-50d or a vectors file (default %(default)s)")
     p.add_argument("--backbone", default=defaults.BACKBONE)
-    p.add_argument("--methods", help="comma-separated subset of the methods")
+    p.add_argument("--methods", help="comma-separated subset of the methods: " + ", ".join(BENCHMARK_METHODS))
     p.add_argument("--json", metavar="FILE", help="also write metrics.json here")
     p.add_argument("--out", default="runs/benchmark-emoji", help="folder for report.md, metrics.json and plots")
     p.set_defaults(func=cmd_benchmark)
@@ -348,17 +354,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_vectors_train)
     p = sub.add_parser("train", help="train softmax / DeViSE / random control / ConSE on cached features")
     p.add_argument("dataset", help="'emoji' (trains on its seen classes) or a folder with one sub-folder per class")
-    p.add_argument("--method", choices=["softmax", "devise", "random", "conse"], default="devise")
-    p.add_argument("--loss", choices=["hinge", "cosine", "softmax"], default=None,
+    p.add_argument("--preset", choices=[n for n, p in PRESETS.items() if "train" in p], default=None,
+                   help="a training recipe (the benchmark's methods): its method, loss, head and options; "
+                        "flags given explicitly win")
+    p.add_argument("--method", choices=METHODS, default=None, help="default devise (or the preset's)")
+    p.add_argument("--loss", choices=LOSSES, default=None,
                    help="DeViSE loss: hinge (the paper's, default), cosine (the Keras blog's), softmax "
                         "(cross-entropy over cosines to the training labels)")
-    p.add_argument("--head", choices=["linear", "mlp"], default=None, help="DeViSE head (default linear)")
+    p.add_argument("--head", choices=HEADS, default=None, help="DeViSE head (default linear)")
     p.add_argument("--vectors", default=defaults.VECTORS, help="word vectors spec (see 'devise vectors info')")
     p.add_argument("--backbone", default=defaults.BACKBONE)
     p.add_argument("--epochs", type=int, default=None, help="most epochs (early stopping on validation classes)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--learning-rate", type=float, default=None)
-    p.add_argument("--optimizer", choices=["adam", "adagrad"], default=None)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
     p.add_argument("--patience", type=int, default=None, help="epochs without validation gain before stopping")
     p.add_argument("--T", type=int, default=None, help="ConSE: top classes mixed (default 10)")
     p.add_argument("--margin", type=float, default=None, help="hinge rank loss margin (default 0.1, the paper's)")
@@ -378,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="open-vocabulary labels for images (ConSE by default, or a trained run)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
-    p.add_argument("--model", default="conse", help="'conse' (default, no training) or a run folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--vectors", default=None, help=CONSE_VECTORS_HELP)
     p.add_argument("--vocab", default="wordnet", help="wordnet (default), imagenet1k, or a FILE of labels")
     p.add_argument("--top", type=int, default=5, metavar="K", help="labels per image (default 5)")
@@ -393,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("index", help="embed a folder of images into a FAISS search index (adds to an existing one)")
     p.add_argument("folders", nargs="+", metavar="FOLDER", help="image folders or files")
-    p.add_argument("--model", default="conse", help="'conse' (default) or a run folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--vectors", default=None, help=CONSE_VECTORS_HELP)
     p.add_argument("--out", required=True, metavar="INDEX", help="index folder")
     p.set_defaults(func=cmd_index)
@@ -407,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("serve", help="web page and JSON API for prediction and search")
-    p.add_argument("--model", default="conse", help="'conse' (default) or a run folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--vectors", default=None, help=CONSE_VECTORS_HELP)
     p.add_argument("--index", default=None, help="image index for text search")
     p.add_argument("--vocab", default="wordnet", help="wordnet (default), imagenet1k, or a FILE")

@@ -18,17 +18,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from devise import defaults
-from devise.assets import atomic_save_npz, atomic_write_json
+from devise.assets import atomic_save_npz, atomic_write_json, imagenet1k_classes
+from devise.conse import cached_imagenet1k_class_vectors, conse_embed, conse_from_logits
 from devise.errors import DeviseError
+from devise.features import backbone_forward, extract_features
+from devise.images import load_images
 from devise.presets import PRESETS
-from devise.vectors import GLOVE_SPEC, unit_rows
+from devise.ranking import rank_labels, score_labels
+from devise.runtime import pad_batch, predict_in_batches
+from devise.vectors import GLOVE_SPEC, embed_labels, load_vectors, quiet_dropped_labels, unit_rows
+from devise.vocabulary import Vocabulary, load_vocabulary
 
 LOAD_CHUNK = 256  # images decoded per chunk (bounds memory on big folders)
 BATCH_SIZE = 32  # images per backbone forward
@@ -49,8 +57,6 @@ def random_label_vectors(names, dim: int, seed: int = 0) -> np.ndarray:
 
 def save_keras_model(model, path: Path) -> None:
     """model.keras written atomically (Keras wants the .keras suffix, so write in a temp folder)."""
-    import tempfile
-
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-model-") as tmp:
         tmp_path = Path(tmp) / "model.keras"
         model.save(tmp_path)
@@ -101,7 +107,6 @@ class DeviseModel:
     @property
     def label_encoder(self):
         """The label space's encoder: a SentenceEncoder or WordVectors (devise.vectors.load_vectors)."""
-        from devise.vectors import load_vectors
         return load_vectors(self.vectors_spec)
 
     @property
@@ -145,8 +150,6 @@ class DeviseModel:
     # ------------------------------------------------------------ features -> the label space
 
     def _head(self, features) -> np.ndarray:
-        from devise.runtime import predict_in_batches
-
         features = np.asarray(features, dtype=np.float32)
         if features.ndim != 2 or features.shape[1] != self.settings["feature_dim"]:
             raise DeviseError(f"features of shape {features.shape} do not match this run's "
@@ -163,8 +166,6 @@ class DeviseModel:
     def encode_features(self, features, logits=None) -> np.ndarray:
         """Backbone features (N, F) (and ImageNet logits (N, 1000), which ConSE over the backbone's own
         classifier reads) -> (N, D) unit vectors in the label space. Cheap on cached features."""
-        from devise.conse import conse_embed, conse_from_logits
-
         if self.method in ("devise", "random"):
             return unit_rows(self._head(features))
         if self.label_vectors is None:
@@ -192,9 +193,6 @@ class DeviseModel:
 
     def _encode_arrays(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) -> unit (N, D), in padded power-of-two batches (never one image at a time)."""
-        from devise.features import backbone_forward
-        from devise.runtime import pad_batch
-
         images = np.asarray(images)
         size = self.backbone.image_size
         if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
@@ -218,14 +216,9 @@ class DeviseModel:
         """Image files -> (unit (N, D), valid (N,) bool). Unreadable files get zero rows, valid False, and
         one warning listing them. cache=True takes backbone features from the on-disk feature cache
         (devise.features: computed once, resumable), for collections that are embedded again (indexes)."""
-        from tqdm.auto import tqdm
-
-        from devise.images import load_images
 
         paths = [str(p) for p in paths]
         if cache and paths:
-            from devise.features import extract_features
-
             fs = extract_features(paths, self.backbone, progress=progress)
             rows = [self.encode_features(np.asarray(fs.features[i:i + 4096], np.float32),
                                          None if fs.logits is None else np.asarray(fs.logits[i:i + 4096], np.float32))
@@ -255,8 +248,6 @@ class DeviseModel:
         labels = [str(label) for label in labels]
         if self.method == "random":
             return random_label_vectors(labels, self.dim, self.settings["seed"])
-        from devise.vectors import embed_labels
-
         return embed_labels(labels, self.label_encoder, synsets=synsets, drop_missing=drop_missing).matrix
 
     def vectors_for(self, label_vectors, names=None) -> np.ndarray:
@@ -281,9 +272,6 @@ class DeviseModel:
     def predict(self, images, labels=None, top: int = 5, vocab: str = "wordnet") -> list[list[dict]]:
         """Per image its `top` labels [{"label", "synset", "score"}], best first: among `labels` (any
         words or phrases) or, when None, the vocabulary `vocab` ("wordnet", "imagenet1k" or a file)."""
-        from devise.ranking import rank_labels, score_labels
-        from devise.vocabulary import Vocabulary, load_vocabulary
-
         self.check_open_vocabulary()
         if labels is None:
             vocabulary = load_vocabulary(vocab, self.vectors_spec)
@@ -314,10 +302,6 @@ class DeviseModel:
 def conse_model(backbone: str = defaults.BACKBONE, vectors: str = defaults.VECTORS, T: int = 10,
                 name: str = "conse") -> DeviseModel:
     """ConSE over the backbone's ImageNet-1K classifier, in the label space of `vectors` (no training)."""
-    from devise.assets import imagenet1k_classes
-    from devise.conse import cached_imagenet1k_class_vectors
-    from devise.vectors import quiet_dropped_labels
-
     with quiet_dropped_labels():  # the few ImageNet names without a word vector are expected, not news
         kept, class_vectors = cached_imagenet1k_class_vectors(str(vectors))
     names = [imagenet1k_classes()[i]["name"] for i in kept]
@@ -377,7 +361,8 @@ def load(name_or_path: str | os.PathLike | DeviseModel = "conse", vectors: str |
         key = ("folder", str(folder), stamp)
     else:
         models = ", ".join(n for n, p in PRESETS.items() if p["kind"] == "model")
-        raise DeviseError(f"{name}: no such model (give a preset: {models}; or a folder made by 'devise train')")
+        raise DeviseError(f"{name}: no such model (give a preset: {models}; or a run folder made by "
+                          "'devise train')")
     with _load_lock:
         if key not in _loaded:
             if key[0] == "preset":
