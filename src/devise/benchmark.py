@@ -167,7 +167,7 @@ def aggregate(per_seed: list[dict]) -> tuple[dict, dict]:
     return means, stds
 
 
-def run_benchmark(dataset_spec: str = "emoji", seeds: int | list[int] = 3, vectors: str = defaults.VECTORS,
+def run_benchmark(dataset_spec: str = defaults.BENCHMARK, seeds: int | list[int] = 3, vectors: str = defaults.VECTORS,
                   backbone: str = defaults.BACKBONE, out_dir="runs/benchmark-emoji", methods=None,
                   train_kwargs: dict | None = None, log=print) -> dict:
     """The whole benchmark -> the metrics.json object (also written to out_dir with report.md and plots).

@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("benchmark", help="every method on the zero-shot benchmark, tables + report + plots")
-    p.add_argument("dataset", nargs="?", default="emoji", help="'emoji' (default) or a class-per-folder tree")
+    p.add_argument("dataset", nargs="?", default=defaults.BENCHMARK, help="'emoji' (default) or a class-per-folder tree")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--vectors", default=defaults.VECTORS, help="label vectors: minilm, glove-6b-50d or a vectors file (default %(default)s)")
     p.add_argument("--backbone", default=defaults.BACKBONE)

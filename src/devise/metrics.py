@@ -14,6 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from devise.errors import DeviseError
+from devise.wordnet import load_wordnet
 
 _CHUNK_ELEMENTS = 1 << 22  # scores processed per chunk (4M floats): bounds memory on 50K x 20K
 
@@ -188,7 +189,6 @@ def hcorrect_set_sizes(label_wnids: Sequence[str | None], ks: Iterable[int] = (2
     The paper's Table-5 check: 6.5 / 12.5 / 22.5 / 41.7 at k = 2 / 5 / 10 / 20 on ImageNet-1K.
     """
     if wordnet is None:
-        from devise.wordnet import load_wordnet
         wordnet = load_wordnet()
     sources = np.array([i for i, w in enumerate(label_wnids) if w is not None], np.int64)
     if len(sources) == 0:
@@ -209,7 +209,6 @@ def hierarchical_precision_at_k(scores_or_topk, true_labels, label_wnids: Sequen
     result is (hp, {k: mean |hCorrectSet| over the images}).
     """
     if wordnet is None:
-        from devise.wordnet import load_wordnet
         wordnet = load_wordnet()
     ks = sorted(set(int(k) for k in ks))
     topk = _as_topk(scores_or_topk, ks[-1])
