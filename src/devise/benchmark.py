@@ -18,6 +18,7 @@ import numpy as np
 
 from devise import defaults
 from devise.datasets import load_dataset, validation_split, zero_shot_split
+from devise.errors import DeviseError
 from devise.evaluate import (HIT_KS, HP_KS, LabelSpace, calibration_gamma, evaluate_split, metrics_table,
                              label_space, relabel)
 from devise.features import extract_features
@@ -177,6 +178,9 @@ def run_benchmark(dataset_spec: str = defaults.BENCHMARK, seeds: int | list[int]
     started = time.perf_counter()
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     methods = list(methods or METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise DeviseError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
     # A mean of two methods needs both (a subset run without them simply leaves it out).
     methods = [m for m in methods if all(part in methods for part in METHODS[m].get("mean_of", ()))]
     out = Path(out_dir)

@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 
 from devise import defaults
-from devise.benchmark import METHODS as BENCHMARK_METHODS
 from devise.errors import DeviseError
 from devise.presets import DEFAULT_MODEL, PRESETS, list_presets
 from devise.train import HEADS, LOSSES, METHODS, OPTIMIZERS
@@ -193,7 +192,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from devise.train import train_dataset
+    from devise.train import train_dataset, training_summary
 
     options = {k: v for k, v in {"loss": args.loss, "head": args.head, "epochs": args.epochs,
                                   "batch_size": args.batch_size, "learning_rate": args.learning_rate,
@@ -208,24 +207,7 @@ def cmd_train(args) -> int:
     run = train_dataset(args.dataset, args.method, preset=args.preset, out_dir=args.out, vectors=args.vectors,
                         backbone=args.backbone, seed=args.seed, drop_missing=args.drop_missing,
                         holdout_unseen=args.holdout_unseen, verbose=1 if sys.stdout.isatty() else 2, **options)
-    history = run.history
-    best_key = next((k for k in history if k.startswith("best_val")), None)
-    selection = history.get("selection") or {}
-    chosen = next((k for k in selection if k.startswith("best_val")), None)
-    if best_key and history.get(best_key) is not None:
-        kind = "validation classes" if run.settings.get("validation") == "zero-shot" else "held-out images"
-        best = f", best epoch {history['best_epoch']} ({kind} {best_key[5:]} {history[best_key]:.3f})"
-    elif chosen and selection.get(chosen) is not None:
-        best = (f" on all {len(run.class_names)} classes, the count chosen on validation classes "
-                f"({chosen[5:]} {selection[chosen]:.3f})")
-    else:
-        best = " (last epoch kept)"
-    print(f"{run.method}: {history['epochs_run']} epochs{best} -> {run.path}")
-    print(f"validation: {history.get('validation')}")
-    for part in ("seen_test", "unseen_zero_shot"):
-        if part in history:
-            print(f"{part}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                          for k, v in history[part].items()))
+    print(training_summary(run))
     return 0
 
 
@@ -256,12 +238,8 @@ def cmd_finetune(args) -> int:
 def cmd_benchmark(args) -> int:
     from devise.benchmark import run_benchmark
 
-    methods = args.methods.split(",") if args.methods else None
-    unknown = [m for m in methods or [] if m not in BENCHMARK_METHODS]
-    if unknown:
-        raise DeviseError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(BENCHMARK_METHODS)}")
     report = run_benchmark(args.dataset, seeds=args.seeds, vectors=args.vectors, backbone=args.backbone,
-                           out_dir=args.out, methods=methods)
+                           out_dir=args.out, methods=args.methods.split(",") if args.methods else None)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
@@ -316,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--vectors", default=defaults.VECTORS, help="label vectors: minilm, glove-6b-50d or a vectors file (default %(default)s)")
     p.add_argument("--backbone", default=defaults.BACKBONE)
-    p.add_argument("--methods", help="comma-separated subset of the methods: " + ", ".join(BENCHMARK_METHODS))
+    p.add_argument("--methods", help="comma-separated subset of the methods: " + ", ".join(list_presets("recipe")))
     p.add_argument("--json", metavar="FILE", help="also write metrics.json here")
     p.add_argument("--out", default="runs/benchmark-emoji", help="folder for report.md, metrics.json and plots")
     p.set_defaults(func=cmd_benchmark)

@@ -585,3 +585,27 @@ def train_dataset(dataset_spec, method: str | None = None, *, preset: str | None
     if run.path is not None:
         _write_json(run.path / "history.json", run.history)
     return run
+
+
+def training_summary(run: DeviseModel) -> str:
+    """What `devise train` prints when done: epochs and the validation behind them, then the first
+    look at held-out seen images and unseen classes."""
+    history = run.history
+    best_key = next((k for k in history if k.startswith("best_val")), None)
+    selection = history.get("selection") or {}
+    chosen = next((k for k in selection if k.startswith("best_val")), None)
+    if best_key and history.get(best_key) is not None:
+        kind = "validation classes" if run.settings.get("validation") == "zero-shot" else "held-out images"
+        best = f", best epoch {history['best_epoch']} ({kind} {best_key[5:]} {history[best_key]:.3f})"
+    elif chosen and selection.get(chosen) is not None:
+        best = (f" on all {len(run.class_names)} classes, the count chosen on validation classes "
+                f"({chosen[5:]} {selection[chosen]:.3f})")
+    else:
+        best = " (last epoch kept)"
+    lines = [f"{run.method}: {history['epochs_run']} epochs{best} -> {run.path}",
+             f"validation: {history.get('validation')}"]
+    for part in ("seen_test", "unseen_zero_shot"):
+        if part in history:
+            lines.append(f"{part}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in history[part].items()))
+    return "\n".join(lines)
