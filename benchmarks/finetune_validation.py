@@ -57,7 +57,7 @@ def validation_data(run):
     split_seed = int(s["split_seed"])
     split = zero_shot_split(dataset, seed=split_seed, unseen_fraction=float(s["unseen_fraction"]))
     val = validation_split(split, seed=split_seed, fraction=VALIDATION_FRACTION)
-    matrix, kept, _ = class_label_vectors(dataset, load_vectors(s["vectors"]))
+    matrix, kept, _ = class_label_vectors(dataset, load_vectors(s["vectors"]), texts=s.get("class_texts", "one"))
     val_classes = np.asarray(s["val_classes"], np.int64)
     train_classes = np.asarray(s["train_classes"], np.int64)
     assert set(val_classes.tolist()) == {int(c) for c in val.val_classes if kept[c]}

@@ -1,6 +1,7 @@
 """Training on real cached features of an emoji subset: every method learns, runs reload and resume."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -208,3 +209,36 @@ def test_bad_inputs(emoji_subset):
         train("devise", x, y, names, vectors[:-1])
     with pytest.raises(DeviseError, match="class names"):
         train("random", x, y, names, vectors, val=(x, y, vectors))
+
+
+def test_ensemble_is_the_unit_mean_of_its_members_and_resumes(emoji_subset, tmp_path):
+    """ensemble=3: three heads with seeds 0, 1000, 2000, each early-stopped on its own, saved as one model whose
+    embedding is the unit mean of theirs; a rerun after losing one member trains only that one."""
+    from devise.model import load_model_folder
+    from devise.train import chosen_epochs
+
+    data = emoji_subset
+    val = (*data["unseen"], data["unseen_vectors"], data["unseen_names"])
+    options = dict(val=val, loss="softmax", head="mlp", epochs=12, patience=2, ensemble=3)
+    run = _fit(data, "devise", out_dir=tmp_path / "ens", **options)
+    members = [load_model_folder(tmp_path / "ens" / "members" / str(k)) for k in range(3)]
+    assert [m.settings["seed"] for m in members] == [0, 1000, 2000]
+    x = data["unseen"][0]
+    mean = np.mean([m.embed(x) for m in members], axis=0)
+    expected = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+    np.testing.assert_allclose(run.embed(x), expected, atol=1e-5)
+    np.testing.assert_allclose(load(tmp_path / "ens").embed(x), expected, atol=1e-5)   # saved as one model
+    assert chosen_epochs(run.history) == [m.history["best_epoch"] or m.history["epochs_run"] for m in members]
+    single = hit_at_k(members[0].predict_scores(x, data["unseen_vectors"]), data["unseen"][1], 5)
+    assert hit_at_k(run.predict_scores(x, data["unseen_vectors"]), data["unseen"][1], 5) > single - 0.05
+
+    # An interruption after two members: only the third is trained again, the same result comes out.
+    kept = (tmp_path / "ens" / "members" / "0" / "model.keras").stat().st_mtime_ns
+    for name in ("model.keras", "history.json", "settings.json", "labels.npz"):
+        (tmp_path / "ens" / name).unlink()
+    shutil.rmtree(tmp_path / "ens" / "members" / "2")
+    again = _fit(data, "devise", out_dir=tmp_path / "ens", **options)
+    assert (tmp_path / "ens" / "members" / "0" / "model.keras").stat().st_mtime_ns == kept
+    np.testing.assert_allclose(again.embed(x), run.embed(x), atol=1e-5)
+    with pytest.raises(DeviseError, match="for the devise method"):
+        _fit(data, "random", epochs=2, ensemble=2)

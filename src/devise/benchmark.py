@@ -24,7 +24,7 @@ from devise.evaluate import (HIT_KS, HP_KS, LabelSpace, calibration_gamma, evalu
 from devise.features import extract_features
 from devise.model import conse_model
 from devise.presets import PRESETS
-from devise.train import train
+from devise.train import chosen_epochs, train
 from devise.vectors import unit_rows
 from devise.wordnet import load_wordnet
 
@@ -107,9 +107,8 @@ def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, me
     def fit_twice(kind, validation, **kwargs):
         """(stage-1 model on the training classes, stage-2 model refit on all seen classes)."""
         first = _fit(kind, x_fit, y_fit, names_tr, vec_tr, validation, seed, train_kwargs, **kwargs)
-        epochs = first.history.get("best_epoch") or first.history["epochs_run"]
         second = _fit(kind, x_refit, y_refit, names_seen, vec_seen, None, seed,
-                      {**train_kwargs, "epochs": int(epochs)}, **kwargs)
+                      {**train_kwargs, "epochs": chosen_epochs(first.history)}, **kwargs)
         return first, second
 
     results, models, stage1 = {}, {}, {}

@@ -197,7 +197,8 @@ def cmd_train(args) -> int:
     options = {k: v for k, v in {"loss": args.loss, "head": args.head, "epochs": args.epochs,
                                   "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                                   "optimizer": args.optimizer, "patience": args.patience, "T": args.T,
-                                  "margin": args.margin, "temperature": args.temperature}.items()
+                                  "margin": args.margin, "temperature": args.temperature,
+                                  "ensemble": args.ensemble}.items()
                if v is not None}
     if args.normalize_output:
         options["normalize_output"] = True
@@ -347,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
     p.add_argument("--patience", type=int, default=None, help="epochs without validation gain before stopping")
+    p.add_argument("--ensemble", type=int, default=None, metavar="K",
+                   help="train K heads (seeds SEED + 1000 k) and average their unit outputs (devise method)")
     p.add_argument("--T", type=int, default=None, help="ConSE: top classes mixed (default 10)")
     p.add_argument("--margin", type=float, default=None, help="hinge rank loss margin (default 0.1, the paper's)")
     p.add_argument("--temperature", type=float, default=None,

@@ -19,7 +19,7 @@ from devise.datasets import load_dataset, validation_split, zero_shot_split
 from devise.errors import DeviseError
 from devise.features import extract_features
 from devise.model import load_model_folder
-from devise.train import class_label_vectors, reportable_ks
+from devise.train import CLASS_TEXTS, class_label_vectors, reportable_ks
 from devise.vectors import load_vectors
 from devise.wordnet import load_wordnet
 
@@ -142,7 +142,7 @@ def evaluate_run(run_dir, dataset=None) -> dict:
     if spec is None:
         raise DeviseError(f"{run_dir}: the run does not record its dataset; pass DATASET")
     ds = load_dataset(spec)
-    space = label_space(ds, run.vectors_spec)
+    space = label_space(ds, run.vectors_spec, texts=settings.get("class_texts", "one"))
     # Runs from before unseen_fraction was recorded all held out 25% of the classes.
     split = zero_shot_split(ds, seed=int(settings.get("split_seed", settings.get("seed", 0))),
                             unseen_fraction=float(settings.get("unseen_fraction", 0.25)))
@@ -165,9 +165,10 @@ def evaluate_run(run_dir, dataset=None) -> dict:
                           wordnet=load_wordnet(), softmax_only=run.method == "softmax" and run.label_vectors is None)
 
 
-def label_space(dataset, vectors_spec: str) -> LabelSpace:
-    """Vectors for every class of a dataset (by name, else its synset); classes with neither are dropped."""
-    matrix, kept, report = class_label_vectors(dataset, load_vectors(vectors_spec), drop_missing=True)
+def label_space(dataset, vectors_spec: str, texts: str = CLASS_TEXTS) -> LabelSpace:
+    """Vectors for every class of a dataset (by name, else its synset); classes with neither are dropped.
+    texts: the class text rule (train.class_label_vectors) the model was trained with."""
+    matrix, kept, report = class_label_vectors(dataset, load_vectors(vectors_spec), drop_missing=True, texts=texts)
     print(report, flush=True)
     wnids = list(dataset.wnids) if dataset.wnids is not None else [None] * len(dataset.classes)
     return LabelSpace(list(dataset.classes), matrix, wnids, np.asarray(kept, bool))

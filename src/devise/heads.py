@@ -68,3 +68,16 @@ def build_head(kind: str, input_dim: int, output_dim: int, **options) -> keras.M
     if kind not in HEAD_BUILDERS:
         raise DeviseError(f"unknown head '{kind}': choose one of {', '.join(HEAD_BUILDERS)}")
     return HEAD_BUILDERS[kind](input_dim, output_dim, **options)
+
+
+def ensemble_head(members, name: str = "ensemble_head") -> keras.Model:
+    """Trained projection heads as one model: the mean of their unit-length outputs (the members were
+    trained alone, each with its own seed; averaging them smooths out which epoch early stopping hit)."""
+    inputs = keras.Input(members[0].input_shape[1:], name="features")
+    outputs = []
+    for i, member in enumerate(members):
+        # A new (uncompiled: its training loss is not saved with it) model over the member's layers,
+        # with a name of its own: nested models need distinct names in one functional model.
+        member = keras.Model(member.inputs[0], member.outputs[0], name=f"member_{i}")
+        outputs.append(layers.UnitNormalization(name=f"unit_{i}")(member(inputs)))
+    return keras.Model(inputs, layers.Average(name="mean")(outputs), name=name)

@@ -180,7 +180,7 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
           temperature: float = 0.1, patience: int = 8, top_k: int = 5, T: int = 10,
           vectors_spec: str | None = None,
           backbone_name: str | None = None, extra_settings: dict | None = None, callbacks=(),
-          verbose: int = 1) -> DeviseModel:
+          verbose: int = 1, ensemble: int = 1) -> DeviseModel:
     """Train one method on (features (N, F), labels (N,) into class_names) and return the DeviseModel.
 
     label_vectors: (C, D) vectors of class_names (needed by devise/random/conse; random uses only D).
@@ -190,7 +190,14 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
     out_dir: the run folder; an interrupted run with the same settings resumes from its last checkpoint.
     extra_settings: recorded in settings.json (e.g. the dataset split).
     callbacks: extra Keras callbacks, run after validation and checkpointing of each epoch.
+    ensemble: K > 1 trains K heads (seeds seed + 1000 k, each with its own early stopping; run folder
+        members/0..K-1) and returns them as one (heads.ensemble_head); epochs may then be a list of K.
     """
+    if int(ensemble) > 1:  # every argument but these passes on to each member unchanged
+        options = {k: v for k, v in locals().items() if k not in (
+            "method", "features", "labels", "class_names", "label_vectors", "epochs", "seed", "out_dir", "ensemble")}
+        return _train_ensemble(method, features, labels, class_names, label_vectors, int(ensemble), epochs,
+                               int(seed), out_dir, options)
     import keras
 
     from devise.heads import build_head
@@ -317,6 +324,51 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
     return run
 
 
+ENSEMBLE_SEED_STEP = 1000  # member k trains with seed + 1000 k (as chosen on validation; see presets.py)
+
+
+def _train_ensemble(method, features, labels, class_names, label_vectors, ensemble: int, epochs, seed: int,
+                    out_dir, options: dict) -> DeviseModel:
+    """train(..., ensemble=K): K members, resumable one by one, combined into one head."""
+    from devise.heads import ensemble_head
+
+    if method != "devise":  # the random control's vectors depend on the seed; classifiers have no projection
+        raise DeviseError(f"an ensemble of heads is for the devise method, not '{method}'")
+    per_member = list(epochs) if isinstance(epochs, (list, tuple)) else [epochs] * ensemble
+    if len(per_member) != ensemble:
+        raise DeviseError(f"{len(per_member)} epoch counts for an ensemble of {ensemble} heads")
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and (out / "model.keras").is_file() and (out / "history.json").is_file():
+        raise DeviseError(f"{out} already holds this finished run: load it with devise.load or choose another folder")
+    members = []
+    for k, member_epochs in enumerate(per_member):
+        folder = None if out is None else out / "members" / str(k)
+        if folder is not None and (folder / "model.keras").is_file() and (folder / "history.json").is_file():
+            members.append(load_model_folder(folder))  # finished before an interruption
+            continue
+        members.append(train(method, features, labels, class_names, label_vectors, epochs=int(member_epochs),
+                             seed=seed + ENSEMBLE_SEED_STEP * k, out_dir=folder, **options))
+    settings = {**members[0].settings, "seed": seed, "epochs": [int(e) for e in per_member], "ensemble": ensemble}
+    histories = [m.history for m in members]
+    history = {key: [h.get(key) for h in histories] for key in histories[0] if key.startswith(("best_", "epochs_run"))}
+    history["members"] = histories
+    run = DeviseModel(method, ensemble_head([m.model for m in members]), members[0].class_names,
+                      members[0].label_vectors, settings, history, name=method)
+    if out is not None:
+        run.save(out)
+        run.path, run.name = out, str(out)
+    return run
+
+
+def chosen_epochs(history: dict):
+    """The epoch count early stopping chose (the last epoch run where it chose none); a list for an
+    ensemble, one per member: what a refit on more classes trains for."""
+    best, ran = history.get("best_epoch"), history["epochs_run"]
+    if isinstance(ran, list):
+        return [int(b or r) for b, r in zip(best or [None] * len(ran), ran)]
+    return int(best or ran)
+
+
 # ---------------------------------------------------------------- run folder and checkpoints
 
 def _prepare_run_folder(out: Path, settings, class_names, label_vectors, model, loss_fn):
@@ -393,20 +445,24 @@ def _load_checkpoint(out: Path, model, loss_fn):
 
 # ---------------------------------------------------------------- datasets (what `devise train` runs)
 
-def class_label_vectors(dataset, vectors, drop_missing: bool = False):
+CLASS_TEXTS = "mean"  # recorded in a run's settings: runs from before it used one text ("one")
+
+
+def class_label_vectors(dataset, vectors, drop_missing: bool = False, texts: str = CLASS_TEXTS):
     """Vectors of a dataset's classes -> (unit (C, D) matrix with zero rows for dropped classes, kept mask, report).
 
-    A class is embedded by its display name (with a sentence encoder, as "name, a kind of <its synset's
-    hypernym>"); a name with no word vector falls back to its synset (the paper's rule: the
-    synset's first lemma with a vector, else its nearest hypernym's). A class with neither is an error
-    unless drop_missing, which drops it (and reports it). Never a random vector.
+    A class is embedded by its display name (with a sentence encoder, linked to its synset: the unit
+    mean of "name", "name: gloss" and "name, a kind of <hypernym>", vectors.sentence_label_texts; texts=
+    "one" for the last alone); a name with no word vector falls back to its synset (the paper's rule:
+    the synset's first lemma with a vector, else its nearest hypernym's). A class with neither is an
+    error unless drop_missing, which drops it (and reports it). Never a random vector.
     """
     names = list(dataset.classes)
     wnids = list(getattr(dataset, "wnids", None) or [None] * len(names))
     # A sentence encoder reads the class's synset too (vectors.sentence_label_text); names without a
     # word vector may still get one by synset below, and the report says so.
     with quiet_dropped_labels():
-        by_name = embed_labels(names, vectors, drop_missing=True, synsets=wnids)
+        by_name = embed_labels(names, vectors, drop_missing=True, synsets=wnids, texts=texts)
     rows = dict(zip(by_name.labels, by_name.matrix))
     fallback = [(n, w) for n, w in zip(names, wnids) if n not in rows and w]
     if fallback:
@@ -525,7 +581,7 @@ def train_dataset(dataset_spec, method: str | None = None, *, preset: str | None
           + f"; validation: {why}", flush=True)
     if mode == "none" and "epochs" not in train_kwargs:
         train_kwargs = {**train_kwargs, "epochs": FIXED_EPOCHS}
-    settings_extra = {"dataset": str(dataset_spec), "split_seed": int(split_seed),
+    settings_extra = {"dataset": str(dataset_spec), "split_seed": int(split_seed), "class_texts": CLASS_TEXTS,
                       "unseen_fraction": holdout_unseen, "validation": mode, "unseen_classes": unseen_kept,
                       **({"preset": preset} if preset is not None else {})}
     fit = dict(seed=seed, vectors_spec=str(vectors), backbone_name=backbone, **train_kwargs)
@@ -553,7 +609,7 @@ def train_dataset(dataset_spec, method: str | None = None, *, preset: str | None
                               extra_settings={**settings_extra, "stage": "selection",
                                               "train_classes": train_classes.tolist(),
                                               "val_classes": val_classes.tolist()})
-        epochs = int(selection.history.get("best_epoch") or selection.history["epochs_run"])
+        epochs = chosen_epochs(selection.history)
         train_x, train_y, train_classes = select(split.train, seen)
         val, val_classes = None, np.zeros(0, np.int64)
         fit["epochs"] = epochs
@@ -594,15 +650,20 @@ def training_summary(run: DeviseModel) -> str:
     best_key = next((k for k in history if k.startswith("best_val")), None)
     selection = history.get("selection") or {}
     chosen = next((k for k in selection if k.startswith("best_val")), None)
+    def show(value):  # a number, or one per member of an ensemble
+        return "/".join(show(v) for v in value) if isinstance(value, list) else \
+            f"{value:.3f}" if isinstance(value, float) else str(value)
+
     if best_key and history.get(best_key) is not None:
         kind = "validation classes" if run.settings.get("validation") == "zero-shot" else "held-out images"
-        best = f", best epoch {history['best_epoch']} ({kind} {best_key[5:]} {history[best_key]:.3f})"
+        best = f", best epoch {show(history['best_epoch'])} ({kind} {best_key[5:]} {show(history[best_key])})"
     elif chosen and selection.get(chosen) is not None:
         best = (f" on all {len(run.class_names)} classes, the count chosen on validation classes "
-                f"({chosen[5:]} {selection[chosen]:.3f})")
+                f"({chosen[5:]} {show(selection[chosen])})")
     else:
         best = " (last epoch kept)"
-    lines = [f"{run.method}: {history['epochs_run']} epochs{best} -> {run.path}",
+    heads = f" (an ensemble of {run.settings['ensemble']} heads)" if run.settings.get("ensemble", 1) > 1 else ""
+    lines = [f"{run.method}{heads}: {show(history['epochs_run'])} epochs{best} -> {run.path}",
              f"validation: {history.get('validation')}"]
     for part in ("seen_test", "unseen_zero_shot"):
         if part in history:
