@@ -349,8 +349,10 @@ def load(name_or_path: str | os.PathLike | DeviseModel = "conse", vectors: str |
     if isinstance(name_or_path, DeviseModel):
         return name_or_path
     name = str(name_or_path)
-    preset = PRESETS.get(name)
-    if preset is not None and not Path(name).is_dir():
+    # A preset name wins over a folder of that name in the working directory (the default model must not
+    # change with the cwd); such a folder loads as ./NAME or as a Path.
+    preset = None if isinstance(name_or_path, os.PathLike) else PRESETS.get(name)
+    if preset is not None and (preset["kind"] == "model" or not Path(name).is_dir()):
         if preset["kind"] != "model":
             raise DeviseError(f"'{name}' is a training recipe, not a model: train it first "
                               f"(devise train DATASET --preset {name} --out DIR) and load DIR")
