@@ -27,16 +27,14 @@ import numpy as np
 
 import devise  # noqa: F401
 from devise.benchmark import METHODS, _calibration_holdout
-from devise.datasets import load_dataset, validation_split, zero_shot_split
+from devise.datasets import validation_split, zero_shot_split
 from devise.evaluate import relabel
-from devise.features import extract_features
 from devise.metrics import choose_calibration, flat_hit_at_k, generalized_zero_shot
 from devise.train import class_label_vectors, train
 from devise.vectors import GLOVE_SPEC, load_vectors, unit_rows
-from devise.wordnet import load_wordnet
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from label_text import class_texts  # noqa: E402
+from label_text import benchmark_inputs, class_texts  # noqa: E402
 
 SEEDS = tuple(int(s) for s in os.environ.get("SEEDS", "0,1,2").split(","))
 BASE = {k: v for k, v in METHODS["devise_softmax_mlp"].items() if k not in ("method", "ensemble", "patience")}
@@ -53,12 +51,7 @@ def parse(candidate: str):
 
 
 def main(candidates):
-    dataset = load_dataset("emoji")
-    fs = extract_features(dataset)
-    features, valid = np.asarray(fs.features, np.float32), np.asarray(fs.valid)
-    labels = np.asarray(dataset.labels)
-    wordnet = load_wordnet()
-    encoder = load_vectors("minilm")
+    dataset, features, valid, labels, wordnet, encoder = benchmark_inputs()
     glove = None
     for candidate in candidates:
         t0 = time.time()

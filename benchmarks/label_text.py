@@ -62,13 +62,16 @@ def class_texts(dataset, wordnet, rule: str) -> list[str]:
     return out
 
 
-def main(candidates: list[str]) -> None:
+def benchmark_inputs():
+    """The emoji benchmark with its cached features: (dataset, features, valid, labels, wordnet, MiniLM)."""
     dataset = load_dataset("emoji")
     fs = extract_features(dataset)
     features, valid = np.asarray(fs.features, np.float32), np.asarray(fs.valid)
-    labels = np.asarray(dataset.labels)
-    wordnet = load_wordnet()
-    encoder = load_vectors("minilm")
+    return dataset, features, valid, np.asarray(dataset.labels), load_wordnet(), load_vectors("minilm")
+
+
+def main(candidates: list[str]) -> None:
+    dataset, features, valid, labels, wordnet, encoder = benchmark_inputs()
     rows = []
     for candidate in candidates:
         rule, setting = candidate.split("@")
