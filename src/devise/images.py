@@ -147,13 +147,6 @@ def expand_image_paths(paths, skipped: list[str] | None = None) -> list[str]:
     return out
 
 
-def list_image_files(folder: str | os.PathLike) -> list[str]:
-    """Image files below a folder (see scan_image_files); skipped entries are listed in one warning."""
-    files, skipped = scan_image_files([folder])
-    warn_skipped(skipped)
-    return files
-
-
 def _wide_to_8bit(image: Image.Image) -> Image.Image:
     """An integer ("I", "I;16*") or float ("F") single-channel image -> "L" or "LA" with faithful 8-bit values."""
     values = np.asarray(image)

@@ -106,22 +106,3 @@ def top_k_labels(queries: np.ndarray, label_vectors: np.ndarray, k: int, *, batc
         return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
     return (np.concatenate([np.asarray(i) for i in indices]).astype(np.int64),
             np.concatenate([np.asarray(s) for s in scores]))
-
-
-def full_sort_labels(queries: np.ndarray, label_vectors: np.ndarray, k: int, *, batch_size: int = 1024,
-                     normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The naive way (score everything, argsort every row, keep k): the baseline of benchmarks/ranking.py."""
-    from keras import ops  # Keras only where the device does the work (`import devise.ranking` stays light)
-
-    queries = np.asarray(queries, np.float32)
-    labels = np.asarray(label_vectors, np.float32)
-    if normalize:
-        queries, labels = unit_rows(queries), unit_rows(labels)
-    labels_t = ops.convert_to_tensor(labels.T)
-    indices, scores = [], []
-    for start in range(0, len(queries), batch_size):
-        block = ops.matmul(ops.convert_to_tensor(queries[start:start + batch_size]), labels_t)
-        order = ops.argsort(-block, axis=-1)[:, :k]
-        indices.append(np.asarray(order))
-        scores.append(np.asarray(ops.take_along_axis(block, order, axis=-1)))
-    return np.concatenate(indices).astype(np.int64), np.concatenate(scores)
