@@ -182,3 +182,12 @@ def test_index_out_that_is_a_file_fails_before_any_work(emoji_subset, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "taken.index: exists and is not a folder" in err
     assert taken.read_text() == "an ordinary file"
+
+
+def test_an_index_records_the_model_it_was_built_with_whatever_the_cwd_holds(emoji_subset, tmp_path, monkeypatch):
+    """The default model is the 'conse' preset even where a folder named 'conse' sits in the working
+    directory (devise.load's rule); the index must record the model it actually embedded with."""
+    (tmp_path / "conse").mkdir()
+    monkeypatch.chdir(tmp_path)
+    index = build_index(next(iter(emoji_subset.values()))[:4], out=tmp_path / "idx", progress=False)
+    assert index.model == load_index(tmp_path / "idx").model == "conse"

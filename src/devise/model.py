@@ -32,7 +32,7 @@ from devise.conse import cached_imagenet1k_class_vectors, conse_embed, conse_fro
 from devise.errors import DeviseError
 from devise.features import backbone_forward, extract_features
 from devise.images import load_images
-from devise.presets import PRESETS
+from devise.presets import DEFAULT_MODEL, PRESETS
 from devise.ranking import rank_labels, score_labels
 from devise.runtime import pad_batch, predict_in_batches
 from devise.vectors import GLOVE_SPEC, embed_labels, load_vectors, quiet_dropped_labels, unit_rows
@@ -127,14 +127,6 @@ class DeviseModel:
             self._backbone = load_finetuned_backbone(name, Path(self.path or ".") / weights) if weights \
                 else load_backbone(name)
         return self._backbone
-
-    @property
-    def cache_key(self) -> str:
-        """Changes when what the model computes changes (search indexes are keyed by it)."""
-        if self.path is None:
-            return f"{self.name}-T{self.T}-{self.settings.get('backbone')}-{self.vectors_spec}"
-        stamp = max((p.stat().st_mtime_ns for p in Path(self.path).iterdir() if p.is_file()), default=0)
-        return f"run-{Path(self.path).resolve()}-{stamp}"
 
     def check_open_vocabulary(self) -> None:
         """Refuse to name or search images where the scores would mean nothing."""
@@ -343,32 +335,40 @@ _loaded: dict[tuple, DeviseModel] = {}
 _load_lock = threading.Lock()
 
 
-def load(name_or_path: str | os.PathLike | DeviseModel = "conse", vectors: str | None = None) -> DeviseModel:
-    """A preset name (devise.list_presets(kind="model")) or a model folder -> DeviseModel, loaded once
-    per process. vectors: another label space for a preset (a run folder records its own)."""
+def model_name(name_or_path: str | os.PathLike | DeviseModel) -> str:
+    """What a model name means, without loading it: a model preset's name or a folder, resolved (the name
+    `load` gives the model). A preset name wins over a folder of that name in the working directory (the
+    default model must not change with the cwd); such a folder is ./NAME or a Path."""
     if isinstance(name_or_path, DeviseModel):
-        return name_or_path
+        return name_or_path.name
     name = str(name_or_path)
-    # A preset name wins over a folder of that name in the working directory (the default model must not
-    # change with the cwd); such a folder loads as ./NAME or as a Path.
     preset = None if isinstance(name_or_path, os.PathLike) else PRESETS.get(name)
     if preset is not None and (preset["kind"] == "model" or not Path(name).is_dir()):
         if preset["kind"] != "model":
             raise DeviseError(f"'{name}' is a training recipe, not a model: train it first "
                               f"(devise train DATASET --preset {name} --out DIR) and load DIR")
+        return name
+    if Path(name).is_dir():
+        return str(Path(name).resolve())
+    models = ", ".join(n for n, p in PRESETS.items() if p["kind"] == "model")
+    raise DeviseError(f"{name}: no such model (give a preset: {models}; or a run folder made by "
+                      "'devise train')")
+
+
+def load(name_or_path: str | os.PathLike | DeviseModel = DEFAULT_MODEL, vectors: str | None = None) -> DeviseModel:
+    """A preset name (devise.list_presets(kind="model")) or a model folder -> DeviseModel, loaded once
+    per process. vectors: another label space for a preset (a run folder records its own)."""
+    if isinstance(name_or_path, DeviseModel):
+        return name_or_path
+    name = model_name(name_or_path)
+    preset = PRESETS.get(name)
+    if preset is not None:
         key = ("preset", name, str(vectors or preset["vectors"]))
-    elif Path(name).is_dir():
-        folder = Path(name).resolve()
-        stamp = (folder / "settings.json").stat().st_mtime_ns if (folder / "settings.json").is_file() else 0
-        key = ("folder", str(folder), stamp)
     else:
-        models = ", ".join(n for n, p in PRESETS.items() if p["kind"] == "model")
-        raise DeviseError(f"{name}: no such model (give a preset: {models}; or a run folder made by "
-                          "'devise train')")
+        settings = Path(name) / "settings.json"
+        key = ("folder", name, settings.stat().st_mtime_ns if settings.is_file() else 0)
     with _load_lock:
         if key not in _loaded:
-            if key[0] == "preset":
-                _loaded[key] = conse_model(preset["backbone"], key[2], preset["T"], name=name)
-            else:
-                _loaded[key] = load_model_folder(key[1])
+            _loaded[key] = conse_model(preset["backbone"], key[2], preset["T"], name=name) if preset is not None \
+                else load_model_folder(name)
         return _loaded[key]

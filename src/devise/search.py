@@ -24,8 +24,8 @@ import numpy as np
 from devise.assets import atomic_write
 from devise.errors import DeviseError
 from devise.images import expand_image_paths, load_image
-from devise.model import DeviseModel, load
-from devise.presets import DEFAULT_MODEL, PRESETS
+from devise.model import load, model_name
+from devise.presets import DEFAULT_MODEL
 from devise.vectors import embed_labels, load_vectors
 
 INDEX_VERSION = 1
@@ -79,14 +79,6 @@ def _faiss_index(embeddings: np.ndarray, kind: str):
     return index
 
 
-def _model_id(model) -> str:
-    """What an index records as its model: a preset's name, or a run folder resolved."""
-    if isinstance(model, DeviseModel):
-        return model.name
-    name = str(model)
-    return name if name in PRESETS and not Path(name).is_dir() else str(Path(name).resolve())
-
-
 def _read_meta(folder: Path) -> dict | None:
     meta_file = folder / "meta.json"
     if not meta_file.is_file():
@@ -136,7 +128,7 @@ def build_index(folder_or_paths, model=DEFAULT_MODEL, out: str | os.PathLike = "
     sources = [folder_or_paths] if isinstance(folder_or_paths, (str, os.PathLike)) else list(folder_or_paths)
     skipped: list[str] = []  # entries the walker left out: reported in this function's one warning
     listing = [str(Path(p).resolve()) for p in expand_image_paths(sources, skipped)]
-    model_id = _model_id(model)
+    model_id = model_name(model)  # devise.load's meaning of the name: a preset's, or a resolved folder
     old = None
     if _read_meta(out) is not None:
         old = load_index(out)
