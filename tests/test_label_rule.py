@@ -20,3 +20,17 @@ def test_every_imagenet_class_gets_a_vector_with_glove():
     emb = embed_labels(wnids, load_vectors("glove-6b-50d"), wordnet=load_wordnet())
     assert emb.labels == wnids and not emb.dropped  # 15 were dropped before the hypernym fallback
     assert np.allclose(np.linalg.norm(emb.matrix, axis=1), 1.0, atol=1e-5)
+
+
+def test_a_class_has_three_texts_with_or_without_a_wordnet_given():
+    """Dataset classes are embedded from three texts (vectors.sentence_label_texts); reading WordNet
+    itself when none is passed, as the one-text rule does."""
+    from devise.vectors import sentence_label_texts
+
+    wordnet = load_wordnet()
+    texts = sentence_label_texts("tabby", wordnet, "n02123045")
+    assert texts == ["tabby", "tabby: a cat with a grey or tawny coat mottled with black",
+                     "tabby, a kind of domestic cat"]
+    assert sentence_label_texts("tabby", None, "n02123045") == texts
+    assert sentence_label_texts("n02123045") == texts
+    assert sentence_label_texts("foo bar") == ["foo bar"]

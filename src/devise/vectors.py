@@ -354,9 +354,11 @@ def sentence_label_texts(label: str, wordnet=None, synset: str | None = None) ->
     one = sentence_label_text(label, wordnet, synset)
     text = label.strip()
     synset = text if SYNSET_ID.match(text) else synset
-    graph = wordnet if hasattr(wordnet, "hypernyms") else None
-    if not one or synset is None or not SYNSET_ID.match(synset) or graph is None or synset not in graph:
+    if not one or synset is None or not SYNSET_ID.match(synset):
         return [one] if one else []
+    graph = wordnet if hasattr(wordnet, "hypernyms") else load_wordnet()  # as sentence_label_text reads it
+    if synset not in graph:
+        return [one]
     name = text if synset != text else graph.lemmas(synset)[0].replace("_", " ")
     gloss = graph.gloss(synset).split(";")[0].strip()
     return list(dict.fromkeys([name, f"{name}: {gloss}" if gloss else name, one]))
