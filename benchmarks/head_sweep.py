@@ -85,7 +85,7 @@ def main(candidates):
                     scale = (lam / lam.mean()) ** (-whiten / 2)
                     vectors = vectors + ((vectors @ vt.T) * (scale - 1)) @ vt
                 vectors = unit_rows(vectors)
-            held_style = _calibration_holdout(dataset, pick(val.train), seed)
+            held_style = _calibration_holdout(dataset, pick(val.train), seed, styles=("noto",))
             fit = np.setdiff1d(pick(val.train), held_style)
             val_images = pick(val.val)
             names = lambda classes: [dataset.classes[c] for c in classes]  # noqa: E731

@@ -82,7 +82,7 @@ def main(candidates: list[str]) -> None:
             val = validation_split(split, seed=seed)
             pick = lambda idx: np.asarray([i for i in idx if valid[i]], np.int64)  # noqa: E731
             train_c, val_c = np.asarray(val.train_classes), np.asarray(val.val_classes)
-            held_style = _calibration_holdout(dataset, pick(val.train), seed)
+            held_style = _calibration_holdout(dataset, pick(val.train), seed, styles=("noto",))
             fit = np.setdiff1d(pick(val.train), held_style)
             val_images = pick(val.val)
             names = lambda classes: [dataset.classes[c] for c in classes]  # noqa: E731

@@ -72,3 +72,29 @@ def test_train_then_evaluate_a_folder_tree_from_the_cli(subset, tmp_path, capsys
     assert "zsl" in printed and "| run |" in printed
     result = json.loads((tmp_path / "eval.json").read_text())
     assert set(result) == {"seen", "zsl", "gzsl"} and 0 <= result["zsl"]["hit@1"] <= 1
+
+
+def _pixels(path):
+    from PIL import Image
+    return np.asarray(Image.open(path).convert("RGBA").resize((64, 64)), np.float32)
+
+
+def test_the_calibration_style_has_no_twin_among_the_training_styles():
+    """GZSL's gamma is chosen on the calibration style as the seen images: like the test style (twitter) it
+    must have no near-duplicate among the styles trained on, or seen classes look easier than they are at
+    test time (google and noto share their artwork: 'noto' made gamma too large)."""
+    from devise.benchmark import CALIBRATION_STYLES, _calibration_holdout
+    emoji = load_dataset("emoji")
+    styles, labels = np.asarray(emoji.styles), np.asarray(emoji.labels)
+    held = _calibration_holdout(emoji, np.arange(len(emoji)), seed=0)
+    assert len(held) and set(styles[held]) == set(CALIBRATION_STYLES)
+
+    def nearest_other_style(i):  # mean abs pixel difference to the same class drawn in another style
+        others = [j for j in np.flatnonzero(labels == labels[i]) if styles[j] not in (*CALIBRATION_STYLES, "twitter")]
+        return min(np.abs(_pixels(emoji.paths[i]) - _pixels(emoji.paths[j])).mean() for j in others)
+
+    sample = np.random.default_rng(0).choice(held, 20, replace=False)
+    noto = [i for i in np.flatnonzero(styles == "noto") if labels[i] in set(labels[sample])]
+    twin = np.median([min(np.abs(_pixels(emoji.paths[i]) - _pixels(emoji.paths[j])).mean()
+                          for j in np.flatnonzero((labels == labels[i]) & (styles == "google"))) for i in noto])
+    assert np.median([nearest_other_style(i) for i in sample]) > 3 * twin  # the noto/google twins as the yardstick
