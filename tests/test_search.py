@@ -191,3 +191,55 @@ def test_an_index_records_the_model_it_was_built_with_whatever_the_cwd_holds(emo
     monkeypatch.chdir(tmp_path)
     index = build_index(next(iter(emoji_subset.values()))[:4], out=tmp_path / "idx", progress=False)
     assert index.model == load_index(tmp_path / "idx").model == "conse"
+
+
+def test_a_file_replaced_with_the_same_size_and_mtime_is_embedded_again(emoji_subset, tmp_path):
+    """A rename over a file (an atomic save, rsync -t, cp -p) can keep its size and mtime: the inode
+    still tells, so the index never keeps the old picture's embedding."""
+    import os
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    cat, guitar = emoji_subset["cat"][0], emoji_subset["guitar"][0]
+    big, small = sorted([cat, guitar], key=lambda p: os.path.getsize(p), reverse=True)
+    shutil.copy(big, folder / "a.png")
+    shutil.copy(big, folder / "b.png")
+    out = tmp_path / "idx"
+    build_index(folder, out=out, progress=False, vectors=GLOVE)
+    target = folder / "a.png"
+    before = os.stat(target)
+    data = open(small, "rb").read()  # PNG readers ignore bytes after IEND: pad to the old size
+    (tmp_path / "new.png").write_bytes(data + b"\0" * (before.st_size - len(data)))
+    os.replace(tmp_path / "new.png", target)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (os.stat(target).st_size, os.stat(target).st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    again = build_index(folder, out=out, progress=False, vectors=GLOVE)
+    assert again.added == [str(target)]
+    fresh = build_index([target], out=tmp_path / "fresh", progress=False, vectors=GLOVE)
+    np.testing.assert_allclose(again.embeddings[again.paths.index(str(target))], fresh.embeddings[0], atol=1e-5)
+
+
+def test_an_index_is_embedded_again_when_its_model_folder_is_saved_anew(emoji_subset, tmp_path):
+    """Retraining a run into the same folder changes every embedding: no old row may be kept."""
+    import dataclasses
+
+    from devise.model import load
+    folder = tmp_path / "run"
+    conse = load("conse", vectors=GLOVE)
+    conse.save(folder)
+    paths = emoji_subset["cat"][:2] + emoji_subset["dog"][:2]
+    first = build_index(paths, model=str(folder), out=tmp_path / "idx", progress=False)
+    dataclasses.replace(conse, settings={**conse.settings, "T": 1}).save(folder)  # "retrained": another T
+    with pytest.warns(UserWarning, match="every image embedded again .4.: the model folder's files"):
+        second = build_index(paths, model=str(folder), out=tmp_path / "idx", progress=False)
+    assert sorted(second.added) == sorted(first.paths)
+    fresh = build_index(paths, model=str(folder), out=tmp_path / "fresh", progress=False)
+    np.testing.assert_allclose(second.embeddings, fresh.embeddings, atol=1e-5)
+    assert not np.allclose(first.embeddings, fresh.embeddings, atol=1e-3)
+
+
+def test_an_index_refuses_another_label_space(emoji_subset, tmp_path):
+    """Adding images with another --vectors would put two spaces (50-d and 384-d) in one index."""
+    paths = emoji_subset["cat"][:2]
+    build_index(paths, out=tmp_path / "idx", progress=False, vectors=GLOVE)
+    with pytest.raises(DeviseError, match="built with vectors 'glove-6b-50d', not 'minilm'"):
+        build_index(paths + emoji_subset["dog"][:1], out=tmp_path / "idx", progress=False)

@@ -355,6 +355,18 @@ def model_name(name_or_path: str | os.PathLike | DeviseModel) -> str:
                       "'devise train')")
 
 
+def model_files_stamp(name: str) -> str | None:
+    """A digest of a model folder's files (name, size, mtime), None for a preset: it changes when a run is
+    retrained or re-saved in place, so what was computed with the old files (`load`'s cache, a search
+    index's embeddings) is not reused."""
+    folder = Path(name)
+    if name in PRESETS or not folder.is_dir():
+        return None
+    parts = [f"{f.name}:{st.st_size}:{st.st_mtime_ns}" for f in sorted(folder.iterdir()) if f.is_file()
+             for st in (f.stat(),)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
 def load(name_or_path: str | os.PathLike | DeviseModel = DEFAULT_MODEL, vectors: str | None = None) -> DeviseModel:
     """A preset name (devise.list_presets(kind="model")) or a model folder -> DeviseModel, loaded once
     per process. vectors: another label space for a preset (a run folder records its own)."""
@@ -365,8 +377,7 @@ def load(name_or_path: str | os.PathLike | DeviseModel = DEFAULT_MODEL, vectors:
     if preset is not None:
         key = ("preset", name, str(vectors or preset["vectors"]))
     else:
-        settings = Path(name) / "settings.json"
-        key = ("folder", name, settings.stat().st_mtime_ns if settings.is_file() else 0)
+        key = ("folder", name, model_files_stamp(name))
     with _load_lock:
         if key not in _loaded:
             _loaded[key] = conse_model(preset["backbone"], key[2], preset["T"], name=name) if preset is not None \

@@ -2,11 +2,14 @@
 
 `build_index(folder_or_paths, model, out)` embeds images with a DeviseModel (devise.model: a preset, a run
 folder or a loaded model) and stores, in the folder `out`:
-- meta.json: the model (a preset's name, or a run's resolved folder), its vectors, the index kind, the
-  image paths with their size and mtime, and the generation;
+- meta.json: the model (a preset's name, or a run's resolved folder, with a digest of its files), its
+  vectors, the image decode policy, the index kind, the image paths with their size, mtime, device and inode,
+  and the generation;
 - index-<gen>.faiss and embeddings-<gen>.npy (the unit embeddings, kept so adding images never
   re-embeds the old ones).
-meta.json is replaced last (atomically), so a killed run leaves the previous index intact.
+meta.json is replaced last (atomically), so a killed run leaves the previous index intact. Rebuilding into
+the same folder embeds only new or changed files, unless what the old embeddings came from changed (the
+model folder's files, the decode policy): then it embeds every file again and says why.
 
 Exact inner-product search (IndexFlatIP) below APPROX_THRESHOLD images, HNSW above it; see
 APPROX_THRESHOLD for what was measured. Scores are cosines (all vectors are unit-norm).
@@ -23,8 +26,9 @@ import numpy as np
 
 from devise.assets import atomic_write
 from devise.errors import DeviseError
+from devise.images import POLICY_VERSION as IMAGE_POLICY_VERSION
 from devise.images import expand_image_paths, load_image
-from devise.model import load, model_name
+from devise.model import load, model_files_stamp, model_name
 from devise.presets import DEFAULT_MODEL
 from devise.vectors import embed_labels, load_vectors
 
@@ -56,11 +60,13 @@ class ImageIndex:
 
 
 def _stamp(path: str) -> list[int] | None:
+    """Size, mtime, device and inode (the layout serve.IndexedFiles reads): a file replaced by another one
+    (a rename over it, `cp -p`, rsync -t) with the same size and mtime still counts as changed."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino]
 
 
 def _faiss_index(embeddings: np.ndarray, kind: str):
@@ -119,9 +125,10 @@ def build_index(folder_or_paths, model=DEFAULT_MODEL, out: str | os.PathLike = "
                 vectors: str | None = None) -> ImageIndex:
     """Embed images (a folder, searched recursively, or a list of files) into an index folder `out`.
 
-    If `out` already holds an index of the same model, only files that are new or changed since are
-    embedded; files that no longer exist are dropped. Removed and unreadable files are reported in one
-    warning. model: a preset name, a trained run folder or a DeviseModel; vectors: a preset's label space.
+    If `out` already holds an index of the same model and vectors, only files that are new or changed
+    since are embedded (all of them if the model folder's files or the decode policy changed); files that
+    no longer exist are dropped. Removed and unreadable files, and a full re-embedding, are reported in
+    one warning. model: a preset name, a trained run folder or a DeviseModel; vectors: a preset's label space.
     """
     out = Path(out)
     _check_out(out)  # before any embedding: a bad --out must not cost the whole run
@@ -129,28 +136,39 @@ def build_index(folder_or_paths, model=DEFAULT_MODEL, out: str | os.PathLike = "
     skipped: list[str] = []  # entries the walker left out: reported in this function's one warning
     listing = [str(Path(p).resolve()) for p in expand_image_paths(sources, skipped)]
     model_id = model_name(model)  # devise.load's meaning of the name: a preset's, or a resolved folder
-    old = None
-    if _read_meta(out) is not None:
+    old, old_meta = None, _read_meta(out)
+    if old_meta is not None:
         old = load_index(out)
         if old.model != model_id:
             raise DeviseError(f"{out}: index was built with model '{old.model}', not '{model_id}'; "
                               "use another --out or the same --model")
     model = load(model, vectors)
     model.check_open_vocabulary()
+    # What every embedding depends on besides its file: if any of it changed, no old row can be kept.
+    source = {"model_files": model_files_stamp(model_id), "image_policy": IMAGE_POLICY_VERSION}
+    stale_because = []
+    if old is not None:
+        if old.vectors_spec != model.vectors_spec:
+            raise DeviseError(f"{out}: index was built with vectors '{old.vectors_spec}', not "
+                              f"'{model.vectors_spec}'; use another --out or the same --vectors")
+        stale_because = [{"model_files": "the model folder's files", "image_policy": "the image decode policy"}[k]
+                         for k, v in source.items() if old_meta.get(k) != v]
 
-    # Keep old rows whose file still exists unchanged; embed the rest.
-    keep_paths, keep_rows, keep_stamps, removed = [], [], [], []
+    # Keep old rows whose file still exists unchanged; embed the rest (old files that changed included).
+    keep_paths, keep_rows, keep_stamps, removed, changed = [], [], [], [], []
     if old is not None:
         for i, (path, stamp) in enumerate(zip(old.paths, old.stamps)):
             now = _stamp(path)
             if now is None:
                 removed.append(path)
-            elif now == stamp:
+            elif now == stamp and not stale_because:
                 keep_paths.append(path)
                 keep_rows.append(i)
                 keep_stamps.append(stamp)
+            else:
+                changed.append(path)
     known = set(keep_paths)
-    todo = list(dict.fromkeys(p for p in listing if p not in known))
+    todo = list(dict.fromkeys([*changed, *(p for p in listing if p not in known)]))
     with warnings.catch_warnings(record=True):  # load_images' own warning: reported below in one line
         warnings.simplefilter("always")
         new_emb, valid = model.encode_paths(todo, progress=progress, cache=True) if todo else \
@@ -176,12 +194,15 @@ def build_index(folder_or_paths, model=DEFAULT_MODEL, out: str | os.PathLike = "
     atomic_write(out / f"embeddings-{gen}.npy", save_embeddings)
     atomic_write(out / f"index-{gen}.faiss", lambda tmp: faiss.write_index(index, tmp))
     meta = {"version": INDEX_VERSION, "generation": gen, "model": model_id, "vectors": model.vectors_spec,
-            "dim": int(model.dim), "kind": kind, "count": len(paths), "paths": paths, "stamps": stamps}
+            **source, "dim": int(model.dim), "kind": kind, "count": len(paths), "paths": paths, "stamps": stamps}
     atomic_write(out / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
     for stale in (f"embeddings-{gen - 1}.npy", f"index-{gen - 1}.faiss"):
         (out / stale).unlink(missing_ok=True)
 
     problems = []
+    if stale_because:
+        problems.append(f"every image embedded again ({len(new_paths)}): {' and '.join(stale_because)} "
+                        "differ from what the index recorded")
     if skipped:
         problems.append(f"{len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} that are not readable image "
                         f"files skipped: {'; '.join(skipped)}")

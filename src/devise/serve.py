@@ -74,9 +74,9 @@ def decode_upload(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.nd
 class IndexedFiles:
     """The image files of a loaded index, served only while each is still the file that was indexed.
 
-    The index stores every path resolved, with the file's size and modification time when it was embedded
-    (`search._stamp`); the device and inode are read when the server starts (or taken from the stamp if
-    the index has them). A request is refused when the path is now a symbolic link, resolves elsewhere
+    The index stores every path resolved, with the file's size, modification time, device and inode when it
+    was embedded (`search._stamp`; older indexes lack the last two, which are then read when the
+    server starts). A request is refused when the path is now a symbolic link, resolves elsewhere
     (a folder on the way was swapped), is another file (device/inode) or changed (size/mtime): the index
     describes that path's old contents, and a swapped link could point anywhere on the disk. The checks
     run on the opened file descriptor, and the bytes sent are read from that same descriptor.
