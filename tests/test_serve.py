@@ -275,3 +275,20 @@ def test_search_requests_allocate_little(client):
     finally:
         tracemalloc.stop()
     assert peak < 8 * 1024 * 1024, f"{peak / 1e6:.1f} MB allocated at peak by 20 searches"
+
+
+def test_text_queries_are_not_kept_in_the_encoding_cache(client):
+    """A sentence encoder caches the texts it encodes (label sets); a server must not keep every distinct
+    query it is sent, on disk or in memory."""
+    from devise.assets import data_home
+
+    def cache_files():
+        return sorted((p.name, p.stat().st_size) for p in (data_home() / "text-vectors").rglob("*.npz"))
+
+    client.get("/api/search", params={"q": "a warm-up query", "k": 1})
+    before = cache_files()
+    for i in range(20):
+        response = client.get("/api/search", params={"q": f"a tabby cat asleep on chair number {i}", "k": 1})
+        assert response.status_code == 200
+    assert cache_files() == before
+    assert client.get("/api/search", params={"q": "cat", "k": 1}).json()["results"][0]["image"].endswith("chelsea.jpg")

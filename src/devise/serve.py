@@ -40,7 +40,7 @@ from devise.model import load
 from devise.predict import predict_arrays
 from devise.presets import DEFAULT_MODEL
 from devise.search import load_index, search
-from devise.vectors import load_vectors
+from devise.vectors import SentenceEncoder, load_vectors
 from devise.vocabulary import load_vocabulary
 
 STATIC = Path(__file__).parent / "static"
@@ -167,6 +167,10 @@ def create_app(model=DEFAULT_MODEL, index: str | os.PathLike | None = None, voca
     # and a dict over it, ~140 ms and ~100 MB of short-lived objects a query; 'minilm' a whole encoder),
     # which under concurrent requests left each thread's malloc arena holding its own fragmented copy.
     vectors = load_vectors(image_index.vectors_spec) if image_index is not None else None
+    if isinstance(vectors, SentenceEncoder):
+        # Its cache keeps what it encodes, on disk and in memory: right for label sets, but a server would
+        # keep every distinct query it is ever sent. A query is encoded afresh instead (milliseconds).
+        vectors.cache = None
     indexed = IndexedFiles(image_index.paths, image_index.stamps) if image_index is not None else IndexedFiles([], [])
     size = model.backbone.image_size
     model.encode_images(np.zeros((1, size, size, 3), np.uint8))  # compile now, not on the first request
