@@ -264,7 +264,7 @@ def _exported_forward(model, forward):
     import jax
 
     traced = jax.jit(forward)
-    if importlib.util.find_spec("flatbuffers") is None:  # jax.export serializes with it: optional
+    if importlib.util.find_spec("flatbuffers") is None:  # jax.export serializes with it (a dependency; kept optional)
         return traced
     programs = {}
 
