@@ -229,7 +229,7 @@ def test_an_index_is_embedded_again_when_its_model_folder_is_saved_anew(emoji_su
     paths = emoji_subset["cat"][:2] + emoji_subset["dog"][:2]
     first = build_index(paths, model=str(folder), out=tmp_path / "idx", progress=False)
     dataclasses.replace(conse, settings={**conse.settings, "T": 1}).save(folder)  # "retrained": another T
-    with pytest.warns(UserWarning, match="every image embedded again .4.: the model folder's files"):
+    with pytest.warns(UserWarning, match="every image embedded again .4.: not the same model folder files as when"):
         second = build_index(paths, model=str(folder), out=tmp_path / "idx", progress=False)
     assert sorted(second.added) == sorted(first.paths)
     fresh = build_index(paths, model=str(folder), out=tmp_path / "fresh", progress=False)

@@ -151,7 +151,7 @@ def build_index(folder_or_paths, model=DEFAULT_MODEL, out: str | os.PathLike = "
         if old.vectors_spec != model.vectors_spec:
             raise DeviseError(f"{out}: index was built with vectors '{old.vectors_spec}', not "
                               f"'{model.vectors_spec}'; use another --out or the same --vectors")
-        stale_because = [{"model_files": "the model folder's files", "image_policy": "the image decode policy"}[k]
+        stale_because = [{"model_files": "model folder files", "image_policy": "image decode policy"}[k]
                          for k, v in source.items() if old_meta.get(k) != v]
 
     # Keep old rows whose file still exists unchanged; embed the rest (old files that changed included).
@@ -201,8 +201,8 @@ def build_index(folder_or_paths, model=DEFAULT_MODEL, out: str | os.PathLike = "
 
     problems = []
     if stale_because:
-        problems.append(f"every image embedded again ({len(new_paths)}): {' and '.join(stale_because)} "
-                        "differ from what the index recorded")
+        problems.append(f"every image embedded again ({len(new_paths)}): not the same {' or '.join(stale_because)} "
+                        "as when the index was built")
     if skipped:
         problems.append(f"{len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} that are not readable image "
                         f"files skipped: {'; '.join(skipped)}")
