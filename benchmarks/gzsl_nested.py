@@ -61,18 +61,6 @@ def inner_dataset(dataset, seed: int):
 _evaluate_split = evaluate.evaluate_split
 
 
-def gzsl_test(features, labels, space, train_classes, unseen_classes, seen_test, unseen_images):
-    """(features, y over train + unseen classes, is_unseen, seen label count, names, vectors) of a GZSL test."""
-    train_c, unseen_c = np.asarray(train_classes), np.asarray(unseen_classes)
-    seen_test, unseen_images = np.asarray(seen_test), np.asarray(unseen_images)
-    seen_y = evaluate.relabel(labels[seen_test], train_c)
-    seen_test, seen_y = seen_test[seen_y >= 0], seen_y[seen_y >= 0]
-    names, vectors, _ = space.subset(np.concatenate([train_c, unseen_c]))
-    x = np.concatenate([features[seen_test], features[unseen_images]])
-    y = np.concatenate([seen_y, evaluate.relabel(labels[unseen_images], unseen_c) + len(train_c)])
-    return x, y, np.arange(len(y)) >= len(seen_y), len(train_c), names, vectors
-
-
 def oracle_h(scores, y, is_unseen, n_seen) -> float:
     """H of calibrated stacking with the best gamma for THESE images (headroom only, never a choice)."""
     seen_mask = np.arange(scores.shape[1]) < n_seen
@@ -96,9 +84,9 @@ def evaluate_with_oracle(model, features, labels, space, **kw):
     """benchmark's evaluate_split, plus the H of the best gamma on these test images (headroom only)."""
     result = _evaluate_split(model, features, labels, space, **kw)
     if "gzsl" in result:
-        x, y, is_unseen, n_seen, names, vectors = gzsl_test(
-            features, labels, space, *(kw[k] for k in ("train_classes", "unseen_classes", "seen_test", "unseen_images")))
-        result["gzsl_oracle"] = {"H": oracle_h(model.predict_scores(x, vectors, names), y, is_unseen, n_seen)}
+        test = evaluate.gzsl_set(features, labels, space, *(kw[k] for k in (
+            "train_classes", "unseen_classes", "seen_test", "unseen_images")))
+        result["gzsl_oracle"] = {"H": oracle_h(test.scores(model), test.y, test.is_unseen, int(test.seen_mask.sum()))}
     return result
 
 
@@ -106,10 +94,10 @@ def alternatives(models, features, labels, space, split, usable) -> dict:
     """Oracle H of other GZSL decision rules and compositions on the inner test (ALTERNATIVES=1)."""
     pick = lambda idx: np.asarray([i for i in idx if usable[i]], np.int64)  # noqa: E731
     has_vec = lambda cs: np.asarray([c for c in cs if space.has_vector[c]], np.int64)  # noqa: E731
-    x, y, is_unseen, n, names, vectors = gzsl_test(features, labels, space, has_vec(split.seen_classes),
-                                                   has_vec(split.unseen_classes), pick(split.seen_test),
-                                                   pick(split.unseen))
-    vectors = unit_rows(vectors)
+    test = evaluate.gzsl_set(features, labels, space, has_vec(split.seen_classes), has_vec(split.unseen_classes),
+                             pick(split.seen_test), pick(split.unseen))
+    x, y, is_unseen, n, names = test.x, test.y, test.is_unseen, int(test.seen_mask.sum()), test.names
+    vectors = unit_rows(test.vectors)
     mean = lambda a, b, w=0.5: benchmark.EmbeddingMean(a, b, w)  # noqa: E731
     conse_t = lambda t: dataclasses.replace(models["conse_t10"], settings={**models["conse_t10"].settings, "T": t})  # noqa: E731
     base = mean(models["devise_softmax_mlp"], models["conse_t10"])

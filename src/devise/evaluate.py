@@ -99,19 +99,46 @@ def evaluate_split(model, features: np.ndarray, labels: np.ndarray, space: Label
                                     un_y, wn_un, wordnet, per_class=True)
 
     # GZSL: every test image (seen held-out style + unseen) against training + unseen classes.
-    all_classes = np.concatenate([train_classes, unseen_classes])
-    names_all, vec_all, _ = space.subset(all_classes)
-    test_x = np.concatenate([seen_x, un_x])
-    test_logits = None if logits is None else np.concatenate([logits[seen_test], logits[unseen_images]])
-    test_y = np.concatenate([seen_y, un_y + len(train_classes)])
-    is_unseen = np.arange(len(test_y)) >= len(seen_y)
-    seen_mask = np.arange(len(all_classes)) < len(train_classes)
-    test_scores = model.predict_scores(test_x, vec_all, names_all, logits=test_logits)
-    result["gzsl"] = {k: float(v) for k, v in metrics.generalized_zero_shot(test_scores, test_y, seen_mask, is_unseen).items()}
+    test = gzsl_set(features, labels, space, train_classes, unseen_classes, seen_test, unseen_images, logits)
+    test_scores = test.scores(model)
+    result["gzsl"] = {k: float(v) for k, v in metrics.generalized_zero_shot(
+        test_scores, test.y, test.seen_mask, test.is_unseen).items()}
     if gamma is not None:
-        calibrated = metrics.generalized_zero_shot(test_scores, test_y, seen_mask, is_unseen, gamma=gamma)
+        calibrated = metrics.generalized_zero_shot(test_scores, test.y, test.seen_mask, test.is_unseen, gamma=gamma)
         result["gzsl_calibrated"] = {**{k: float(v) for k, v in calibrated.items()}, "gamma": float(gamma)}
     return result
+
+
+@dataclass
+class GZSLSet:
+    """Images of seen and unseen classes, each labelled over seen + unseen classes (seen ones first)."""
+
+    x: np.ndarray
+    logits: np.ndarray | None
+    y: np.ndarray
+    is_unseen: np.ndarray  # per image
+    seen_mask: np.ndarray  # per label
+    names: list[str]
+    vectors: np.ndarray
+
+    def scores(self, model) -> np.ndarray:
+        return model.predict_scores(self.x, self.vectors, self.names, logits=self.logits)
+
+
+def gzsl_set(features, labels, space: LabelSpace, seen_classes, unseen_classes, seen_images, unseen_images,
+             logits: np.ndarray | None = None) -> GZSLSet:
+    """The GZSL problem of a test (or, with validation classes as the unseen ones, a calibration) set:
+    images whose class is in neither list are left out."""
+    seen_classes, unseen_classes = np.asarray(seen_classes), np.asarray(unseen_classes)
+    seen_images, unseen_images = np.asarray(seen_images, np.int64), np.asarray(unseen_images, np.int64)
+    s_y, u_y = relabel(labels[seen_images], seen_classes), relabel(labels[unseen_images], unseen_classes)
+    seen_images, s_y, unseen_images, u_y = seen_images[s_y >= 0], s_y[s_y >= 0], unseen_images[u_y >= 0], u_y[u_y >= 0]
+    images = np.concatenate([seen_images, unseen_images])
+    names, vectors, _ = space.subset(np.concatenate([seen_classes, unseen_classes]))
+    return GZSLSet(x=features[images], logits=None if logits is None else logits[images],
+                   y=np.concatenate([s_y, u_y + len(seen_classes)]),
+                   is_unseen=np.arange(len(images)) >= len(seen_images),
+                   seen_mask=np.arange(len(names)) < len(seen_classes), names=names, vectors=vectors)
 
 
 def calibration_gamma(model, features: np.ndarray, labels: np.ndarray, space: LabelSpace, *, train_classes,
@@ -119,19 +146,8 @@ def calibration_gamma(model, features: np.ndarray, labels: np.ndarray, space: La
     """The calibrated-stacking constant chosen on VALIDATION data: images of held-out validation classes
     play the unseen ones, held-out images of the training classes the seen ones (never test images).
     logits: the backbone's ImageNet logits, indexed like features (ConSE over its own classifier)."""
-    train_classes, val_classes = np.asarray(train_classes), np.asarray(val_classes)
-    classes = np.concatenate([train_classes, val_classes])
-    names, vectors, _ = space.subset(classes)
-    s_y = relabel(labels[seen_images], train_classes)
-    v_y = relabel(labels[val_images], val_classes)
-    ok_s, ok_v = s_y >= 0, v_y >= 0
-    x = np.concatenate([features[seen_images][ok_s], features[val_images][ok_v]])
-    x_logits = None if logits is None else np.concatenate([logits[seen_images][ok_s], logits[val_images][ok_v]])
-    y = np.concatenate([s_y[ok_s], v_y[ok_v] + len(train_classes)])
-    is_unseen = np.arange(len(y)) >= ok_s.sum()
-    seen_mask = np.arange(len(classes)) < len(train_classes)
-    return float(metrics.choose_calibration(model.predict_scores(x, vectors, names, logits=x_logits), y,
-                                               seen_mask, is_unseen))
+    val = gzsl_set(features, labels, space, train_classes, val_classes, seen_images, val_images, logits)
+    return float(metrics.choose_calibration(val.scores(model), val.y, val.seen_mask, val.is_unseen))
 
 
 def evaluate_run(run_dir, dataset=None) -> dict:
