@@ -78,10 +78,34 @@ def test_lite2_matches_pytorch_reference_on_foolbox_photos():
     assert backbone.cache_key != load_backbone("efficientnet_lite0").cache_key
 
 
+def test_lite0_and_lite2_side_by_side_are_each_part(reference):
+    """The default training backbone: Lite2's features exactly, beside Lite0's from the same 260-px image
+    resized to 224 inside the model (close to Lite0 on its own 224-px decode), and Lite0's classifier."""
+    ref = np.load(REFERENCE_LITE2)
+    images = np.stack([load_image(foolbox_data_dir() / name, 260) for name in ref["files"]])
+    both = load_backbone("efficientnet_lite0_lite2")
+    assert (both.image_size, both.feature_dim) == (260, 2560)
+    features = np.asarray(both.features_model.predict_on_batch(images))
+    lite2 = np.asarray(load_backbone("efficientnet_lite2").features_model.predict_on_batch(images))
+    np.testing.assert_allclose(features[:, 1280:], lite2, rtol=1e-5, atol=1e-5)
+    lite0 = np.asarray(load_backbone("efficientnet_lite0").features_model.predict_on_batch(reference[0]))
+    cosine = (features[:, :1280] * lite0).sum(1) / np.linalg.norm(features[:, :1280], axis=1) / np.linalg.norm(lite0, axis=1)
+    assert cosine.min() > 0.9, cosine.min()
+    logits = np.asarray(both.classifier.predict_on_batch(features))
+    np.testing.assert_allclose(logits, np.asarray(load_backbone("efficientnet_lite0").classifier.predict_on_batch(
+        features[:, :1280])), rtol=1e-5, atol=1e-4)
+    print(f"efficientnet_lite0_lite2: Lite0 part cosine to Lite0 alone min {cosine.min():.3f}, median "
+          f"{np.median(cosine):.3f}; top-1 {_topk_hits(logits, reference[2], 1)}/20")
+    assert _topk_hits(logits, reference[2], 1) >= 15 and _topk_hits(logits, reference[2], 5) >= 19
+    assert both.cache_key not in (load_backbone("efficientnet_lite0").cache_key, load_backbone("efficientnet_lite2").cache_key)
+    _assert_one_line(lambda: load_backbone("efficientnet_lite0_lite2", weights=REFERENCE), "takes no weights file")
+
+
 def test_registry_names_every_backbone():
-    assert list_backbones() == ["efficientnet_lite0", "efficientnet_lite2", "resnet50"]
+    assert list_backbones() == ["efficientnet_lite0", "efficientnet_lite2", "resnet50", "efficientnet_lite0_lite2"]
     assert load_backbone("EfficientNet-Lite2") is load_backbone("efficientnet_lite2")
-    _assert_one_line(lambda: load_backbone("efficientnet_lite3"), "choose one of efficientnet_lite0, efficientnet_lite2, resnet50")
+    _assert_one_line(lambda: load_backbone("efficientnet_lite3"),
+                     "choose one of efficientnet_lite0, efficientnet_lite2, resnet50, efficientnet_lite0_lite2")
 
 
 def test_a_checkpoint_of_another_lite_variant_is_refused():

@@ -24,20 +24,20 @@ def home(tmp_path, monkeypatch):
 
 def test_features_match_direct_forward_and_are_reused(home, foolbox_photos):
     paths = [str(p) for p in foolbox_photos[:6]]
-    fs = extract_features(paths, chunk_size=4, batch_size=4, progress=False)
+    fs = extract_features(paths, "efficientnet_lite0", chunk_size=4, batch_size=4, progress=False)
     assert fs.features.shape == (6, 1280) and fs.logits.shape == (6, 1000) and fs.valid.all()
     bb = load_backbone("efficientnet_lite0")
     direct = np.asarray(bb.features_model.predict_on_batch(np.stack([load_image(p, 224) for p in paths])))
     np.testing.assert_allclose(fs.features, direct, rtol=1e-4, atol=1e-4)
-    again = extract_features(paths, chunk_size=4, batch_size=4, progress=False)
+    again = extract_features(paths, "efficientnet_lite0", chunk_size=4, batch_size=4, progress=False)
     assert again.folder == fs.folder
     # A changed file makes a new key: the stale cache is not reused.
     changed = home / "copy.jpg"
     shutil.copy(paths[0], changed)
-    other = extract_features([str(changed)] + paths[1:], chunk_size=4, batch_size=4, progress=False)
+    other = extract_features([str(changed)] + paths[1:], "efficientnet_lite0", chunk_size=4, batch_size=4, progress=False)
     assert other.folder != fs.folder
     os.utime(changed, ns=(1, 1))
-    assert extract_features([str(changed)] + paths[1:], chunk_size=4, batch_size=4, progress=False).folder != other.folder
+    assert extract_features([str(changed)] + paths[1:], "efficientnet_lite0", chunk_size=4, batch_size=4, progress=False).folder != other.folder
 
 
 
@@ -56,16 +56,16 @@ def test_backbone_forward_is_the_cached_forward_of_one_model(home, foolbox_photo
 def test_features_from_a_prebuilt_store_match_the_pipelined_run(home, foolbox_photos, tmp_path):
     paths = [str(p) for p in foolbox_photos[:7]] + [str(tmp_path / "missing.jpg")]
     with pytest.warns(UserWarning, match="missing.jpg"):
-        piped = extract_features(paths, chunk_size=3, batch_size=2, progress=False)  # decode overlaps forward
+        piped = extract_features(paths, "efficientnet_lite0", chunk_size=3, batch_size=2, progress=False)  # decode overlaps forward
     assert piped.valid.tolist() == [True] * 7 + [False]
     shutil.rmtree(home / "features")
     build_image_store(paths, 224, chunk_size=5, progress=False)  # the store exists: read, not decoded
-    stored = extract_features(paths, chunk_size=3, batch_size=2, progress=False)
+    stored = extract_features(paths, "efficientnet_lite0", chunk_size=3, batch_size=2, progress=False)
     np.testing.assert_allclose(stored.features, piped.features, rtol=1e-6, atol=1e-6)
     assert stored.valid.tolist() == piped.valid.tolist()
     # The cache keeps its own valid mask: the (large) image store can be deleted once features exist.
     shutil.rmtree(home / "images")
-    again = extract_features(paths, chunk_size=3, batch_size=2, progress=False)
+    again = extract_features(paths, "efficientnet_lite0", chunk_size=3, batch_size=2, progress=False)
     assert again.folder == stored.folder and again.valid.tolist() == piped.valid.tolist()
     assert not (home / "images").exists()
 

@@ -45,7 +45,7 @@ def runs(tmp_path_factory):
         (tree / emoji.classes[c]).mkdir(parents=True)
         for i in np.flatnonzero(np.asarray(emoji.labels) == c):
             shutil.copy(emoji.paths[i], tree / emoji.classes[c] / f"{i}{os.path.splitext(emoji.paths[i])[1]}")
-    train_dataset(str(tree), "devise", epochs=5, out_dir=root / "run", verbose=0)
+    train_dataset(str(tree), "devise", epochs=5, out_dir=root / "run", verbose=0, backbone=defaults.BACKBONE)
 
     steps = []
 
@@ -172,3 +172,16 @@ def test_resumes_after_sigkill(runs, tmp_path):
     with np.load(tmp_path / "resumed" / "backbone.weights.npz") as r, np.load(tmp_path / "whole" / "backbone.weights.npz") as w:
         for key in ("head/0", "blocks_15_project/0"):
             np.testing.assert_allclose(r[key], w[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_on_a_side_by_side_backbone_is_refused_with_one_line(runs, tmp_path):
+    """The default training backbone joins two networks whose layers share names: fine-tuning it would mix
+    their blocks, so it is refused before anything is built."""
+    from devise.train import train_dataset
+
+    tree = runs["root"] / "tree"
+    train_dataset(str(tree), "devise", epochs=1, out_dir=tmp_path / "run", verbose=0)  # defaults.TRAIN_BACKBONE
+    assert load_model_folder(tmp_path / "run").settings["backbone"] == defaults.TRAIN_BACKBONE == "efficientnet_lite0_lite2"
+    with pytest.raises(DeviseError, match="joins efficientnet_lite0 and efficientnet_lite2; fine-tuning takes one backbone"):
+        finetune_run(tmp_path / "run", tmp_path / "ft")
+    assert not (tmp_path / "ft").exists()

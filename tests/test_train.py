@@ -39,7 +39,7 @@ def emoji_subset():
     rng = np.random.default_rng(0)
     classes = np.sort(rng.choice(np.flatnonzero(kept), N_CLASSES, replace=False))
     images = np.flatnonzero(np.isin(dataset.labels, classes))
-    features = np.asarray(extract_features([dataset.paths[i] for i in images], progress=False).features)
+    features = np.asarray(extract_features([dataset.paths[i] for i in images], "efficientnet_lite0", progress=False).features)
     labels = np.searchsorted(classes, dataset.labels[images])
     styles = np.asarray(dataset.styles)[images]
     names = [dataset.classes[c] for c in classes]

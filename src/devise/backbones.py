@@ -112,6 +112,27 @@ class ImagePreprocess(keras.layers.Layer):
         return {**super().get_config(), "mean": self.mean, "std": self.std, "bgr": self.bgr}
 
 
+@keras.saving.register_keras_serializable(package="devise")
+class ResizeImages(keras.layers.Layer):
+    """uint8 (B, S, S, 3) -> uint8 (B, size, size, 3): bilinear with antialiasing, rounded back to uint8
+    (a part of a side-by-side backbone that reads a smaller input than the whole)."""
+
+    def __init__(self, size: int, **kwargs):
+        super().__init__(**{"dtype": "float32", **kwargs})  # never bf16: the pixels are rounded to uint8
+        self.size = int(size)
+
+    def call(self, images):
+        x = ops.image.resize(ops.cast(images, "float32"), (self.size, self.size), interpolation="bilinear",
+                             antialias=True)
+        return ops.cast(ops.clip(ops.round(x), 0, 255), "uint8")
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.size, self.size, input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size}
+
+
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """TF 'SAME' padding (extra pixel at the end), as efficientnet-lite-pytorch's Conv2dStaticSamePadding."""
     out = -(-size // stride)
@@ -384,8 +405,9 @@ class BackboneSpec:
 
     image_size: int
     feature_dim: int
-    weights: Callable[[str | None], str]
-    build: Callable[[str, str], tuple[keras.Model, keras.Model]]
+    weights: Callable[[str | None], str | tuple[str, ...]]
+    build: Callable[[str | tuple[str, ...], str], tuple[keras.Model, keras.Model]]
+    parts: tuple[str, ...] = ()  # a side-by-side backbone: the registered backbones it joins
 
 
 def _lite_entry(variant: LiteVariant, locator: Callable[[], Path]) -> BackboneSpec:
@@ -401,11 +423,45 @@ def _lite_entry(variant: LiteVariant, locator: Callable[[], Path]) -> BackboneSp
     return BackboneSpec(variant.image_size, LITE_HEAD, weights, build)
 
 
+def _side_by_side_entry(*parts: str) -> BackboneSpec:
+    """Registered backbones as one: every part reads the same image (at the largest part's size, resized
+    inside the model for the others), their pooled features are concatenated, and the ImageNet classifier
+    is the first part's (on its slice of the features)."""
+    specs = [BACKBONES[part] for part in parts]
+    size = max(spec.image_size for spec in specs)
+
+    def weights(given: str | None) -> tuple[str, ...]:
+        if given is not None:
+            raise DeviseError(f"{'_'.join(parts)} joins {' and '.join(parts)} and reads their packaged weights: "
+                              "it takes no weights file")
+        return tuple(spec.weights(None) for spec in specs)
+
+    def build(weights: tuple[str, ...], formulation: str):
+        images = keras.Input((size, size, 3), dtype="uint8", name="images")
+        features, classifiers = [], []
+        for part, spec, part_weights in zip(parts, specs, weights):
+            part_features, classifier = spec.build(part_weights, formulation)
+            x = images if spec.image_size == size else ResizeImages(spec.image_size, name=f"{part}_resize")(images)
+            features.append(part_features(x))
+            classifiers.append(classifier)
+        joined = keras.layers.Concatenate(name="features", dtype="float32")(features)
+        features_model = keras.Model(images, joined, name="_".join(parts) + "_features")
+        pooled = keras.Input((sum(spec.feature_dim for spec in specs),), name="features")
+        classifier = keras.Model(pooled, classifiers[0](pooled[:, :specs[0].feature_dim]),
+                                 name="_".join(parts) + "_classifier")
+        return features_model, classifier
+
+    return BackboneSpec(size, sum(spec.feature_dim for spec in specs), weights, build, parts=tuple(parts))
+
+
 BACKBONES: dict[str, BackboneSpec] = {
     LITE0.name: _lite_entry(LITE0, efficientnet_lite0_checkpoint),
     LITE2.name: _lite_entry(LITE2, efficientnet_lite2_checkpoint),
     "resnet50": BackboneSpec(224, 2048, _resnet50_weights, lambda weights, formulation: _build_resnet50(weights)),
 }
+# Lite0 and Lite2 side by side (2560-d, 260 px): on GZSL and zero-shot validation data it beats either
+# alone (defaults.TRAIN_BACKBONE says by how much), at about 3x Lite0's feature time.
+BACKBONES["efficientnet_lite0_lite2"] = _side_by_side_entry(LITE0.name, LITE2.name)
 
 
 def list_backbones() -> list[str]:
@@ -424,7 +480,9 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     return sha.hexdigest()
 
 
-def _weights_id(weights: str) -> str:
+def _weights_id(weights: str | tuple[str, ...]) -> str:
+    if isinstance(weights, tuple):  # a side-by-side backbone: its parts' weights
+        return "+".join(_weights_id(w) for w in weights)
     if weights == "imagenet":
         return "keras-imagenet"
     stat = os.stat(weights)

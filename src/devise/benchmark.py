@@ -74,7 +74,7 @@ def _calibration_holdout(dataset, train_images: np.ndarray, seed: int, styles=No
 
 
 def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, methods, wordnet,
-             vectors: str, train_kwargs: dict, log=print, backbone: str = defaults.BACKBONE) -> tuple[dict, dict]:
+             vectors: str, train_kwargs: dict, log=print, backbone: str = defaults.TRAIN_BACKBONE) -> tuple[dict, dict]:
     """Train and evaluate every method on one seed's split -> ({method: metrics}, {method: model}).
 
     Each trained method is fit twice, as in Xian et al.'s protocol: first on the training classes with
@@ -176,7 +176,7 @@ def aggregate(per_seed: list[dict]) -> tuple[dict, dict]:
 
 
 def run_benchmark(dataset_spec: str = defaults.BENCHMARK, seeds: int | list[int] = 3, vectors: str = defaults.VECTORS,
-                  backbone: str = defaults.BACKBONE, out_dir="runs/benchmark-emoji", methods=None,
+                  backbone: str = defaults.TRAIN_BACKBONE, out_dir="runs/benchmark-emoji", methods=None,
                   train_kwargs: dict | None = None, log=print) -> dict:
     """The whole benchmark -> the metrics.json object (also written to out_dir with report.md and plots).
 

@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("features", help="cache backbone features for a dataset (emoji or a class-per-folder tree)")
     p.add_argument("dataset", help="'emoji' or a folder with one sub-folder per class")
-    p.add_argument("--backbone", default=defaults.BACKBONE)
+    p.add_argument("--backbone", default=defaults.TRAIN_BACKBONE, help="one of list_backbones() (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 2 per device on CPU, 256 on GPU")
     p.add_argument("--chunk-size", type=int, default=512, help="images per resumable chunk")
     p.add_argument("--decode", choices=("threads", "processes"), default="threads",
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", nargs="?", default=defaults.BENCHMARK, help="'emoji' (default) or a class-per-folder tree")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--vectors", default=defaults.VECTORS, help="label vectors: minilm, glove-6b-50d or a vectors file (default %(default)s)")
-    p.add_argument("--backbone", default=defaults.BACKBONE)
+    p.add_argument("--backbone", default=defaults.TRAIN_BACKBONE, help="one of list_backbones() (default %(default)s)")
     p.add_argument("--methods", help="comma-separated subset of the methods: " + ", ".join(list_presets("recipe")))
     p.add_argument("--json", metavar="FILE", help="also write metrics.json here")
     p.add_argument("--out", default="runs/benchmark-emoji", help="folder for report.md, metrics.json and plots")
@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("classify", help="ImageNet-1K top-k classes of image files (folders: their images)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
-    p.add_argument("--backbone", default=defaults.BACKBONE, help="efficientnet_lite0, efficientnet_lite2 or resnet50 (default %(default)s)")
+    p.add_argument("--backbone", default=defaults.BACKBONE, help="one of list_backbones() (default %(default)s)")
     p.add_argument("--weights", default=None, help="weights file (resnet50: .h5/.keras or 'imagenet')")
     p.add_argument("--top", type=int, default=5, metavar="K", help="how many classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image per line")
@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(cross-entropy over cosines to the training labels)")
     p.add_argument("--head", choices=HEADS, default=None, help="DeViSE head (default linear)")
     p.add_argument("--vectors", default=defaults.VECTORS, help="word vectors spec (see 'devise vectors info')")
-    p.add_argument("--backbone", default=defaults.BACKBONE)
+    p.add_argument("--backbone", default=defaults.TRAIN_BACKBONE, help="one of list_backbones() (default %(default)s)")
     p.add_argument("--epochs", type=int, default=None, help="most epochs (early stopping on validation classes)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--learning-rate", type=float, default=None)

@@ -52,6 +52,7 @@ def run_doctor() -> int:
     check("wordnet", _check_wordnet)
     check(GLOVE_SPEC, lambda: str(assets.glove_6b_50d_files()[0]))
     check(f"{defaults.BACKBONE} weights", lambda: BACKBONES[defaults.BACKBONE].weights(None))
+    check(f"{defaults.TRAIN_BACKBONE} weights", lambda: ", ".join(BACKBONES[defaults.TRAIN_BACKBONE].weights(None)))
     check("imagenet-1k classes", lambda: f"{len(assets.imagenet1k_classes())} classes, e.g. "
           f"{assets.imagenet1k_classes()[281]['wnid']} {assets.imagenet1k_classes()[281]['name']}")
     for name, entry in DATASETS.items():

@@ -263,7 +263,7 @@ def _read_back(start, count, outputs):
     return start, np.asarray(feats)[:count], (np.asarray(logits)[:count] if logits is not None else None)
 
 
-def extract_features(dataset_or_paths, backbone=defaults.BACKBONE, *, batch_size: int | None = None,
+def extract_features(dataset_or_paths, backbone=defaults.TRAIN_BACKBONE, *, batch_size: int | None = None,
                      chunk_size: int = 512, decode: str = "threads", progress: bool = True) -> FeatureSet:
     """Pooled features (and ImageNet logits) for a dataset or a list of image paths, cached on disk.
 

@@ -515,7 +515,7 @@ def choose_validation(split, kept, usable, seed: int = 0):
 
 
 def train_dataset(dataset_spec, method: str | None = None, *, preset: str | None = None, out_dir=None,
-                  vectors: str = defaults.VECTORS, backbone: str = defaults.BACKBONE, seed: int = 0,
+                  vectors: str = defaults.VECTORS, backbone: str = defaults.TRAIN_BACKBONE, seed: int = 0,
                   split_seed: int | None = None, drop_missing: bool = False, holdout_unseen: float | None = None,
                   **train_kwargs) -> DeviseModel:
     """`devise train`: features from the cache, the dataset's split, then train() -> the DeviseModel.
