@@ -2,8 +2,8 @@
 
 Per seed: a seen/unseen class split (75/25), validation classes split off the seen ones (20%), and one
 more style of the training classes held out of the first fit for calibration. Each method is fit on the
-training classes (early stopping on zero-shot hit@5 of the validation classes; the softmax on the
-held-out style), then refit on all seen classes and styles but the test style for the chosen number of
+training classes (early stopping on zero-shot hit@5 of the validation classes; the softmax and the
+random control on the held-out style), then refit on all seen classes and styles but the test style for the chosen number of
 epochs, and evaluated by devise.evaluate. Nothing is chosen on unseen classes or test images.
 Writes report.md, metrics.json and plots (hit@k curves, a grid of unseen images with their top-3 labels).
 """
@@ -143,7 +143,9 @@ def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, me
             results[name] = evaluate_split(model, features, labels, space, gamma=gamma, **evaluation)
         else:
             kind = spec["method"]
-            validation = (x_cal, y_cal) if kind == "softmax" else (x_val, y_val, vec_val, names_val)
+            # The softmax, and the random control (scored zero-shot it is chance by construction), stop early
+            # on the held-out style of their training classes; every other method on the validation classes.
+            validation = (x_cal, y_cal) if kind in ("softmax", "random") else (x_val, y_val, vec_val, names_val)
             options = {k: v for k, v in spec.items() if k != "method"}
             first, model = fit_twice(kind, validation, **options)
             stage1[name] = first
