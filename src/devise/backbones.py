@@ -459,8 +459,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     LITE2.name: _lite_entry(LITE2, efficientnet_lite2_checkpoint),
     "resnet50": BackboneSpec(224, 2048, _resnet50_weights, lambda weights, formulation: _build_resnet50(weights)),
 }
-# Lite0 and Lite2 side by side (2560-d, 260 px): on GZSL and zero-shot validation data it beats either
-# alone (defaults.TRAIN_BACKBONE says by how much), at about 3x Lite0's feature time.
+# Lite0 and Lite2 side by side (2560-d, 260 px): the training default; defaults.TRAIN_BACKBONE says why.
 BACKBONES["efficientnet_lite0_lite2"] = _side_by_side_entry(LITE0.name, LITE2.name)
 
 
