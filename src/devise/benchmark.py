@@ -3,8 +3,8 @@
 Per seed: a seen/unseen class split (75/25), validation classes split off the seen ones (20%), and one
 more style of the training classes held out of the first fit for calibration. Each method is fit on the
 training classes (early stopping on zero-shot hit@5 of the validation classes; the softmax and the
-random control on the held-out style), then refit on all seen classes and styles but the test style for the chosen number of
-epochs, and evaluated by devise.evaluate. Nothing is chosen on unseen classes or test images.
+random control on the held-out style), then refit on all seen classes and styles but the test style for
+the chosen number of epochs, and evaluated by devise.evaluate. Nothing is chosen on unseen classes or test images.
 Writes report.md, metrics.json and plots (hit@k curves, a grid of unseen images with their top-3 labels).
 """
 from __future__ import annotations

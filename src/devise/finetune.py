@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from devise import defaults
 from devise.assets import atomic_save_npz
 from devise.backbones import BACKBONES, fresh_features_model, weighted_layers
 from devise.datasets import load_dataset, seen_validation_split, zero_shot_split
@@ -159,11 +158,10 @@ def finetune_run(run_dir, out_dir, *, blocks: int = DEFAULT_BLOCKS, epochs: int 
     import keras
 
     run = load_model_folder(run_dir)
-    name = run.settings.get("backbone") or defaults.BACKBONE
-    if BACKBONES.get(name) is not None and BACKBONES[name].parts:
-        # Its parts share layer names (their blocks would be one list, their saved weights one file).
-        raise DeviseError(f"{run_dir}: its backbone {name} joins {' and '.join(BACKBONES[name].parts)}; fine-tuning "
-                          f"takes one backbone (train the run with --backbone {BACKBONES[name].parts[0]})")
+    parts = BACKBONES[run.backbone_name].parts if run.backbone_name in BACKBONES else ()
+    if parts:  # their layers share names: their blocks would be one list, their saved weights one file
+        raise DeviseError(f"{run_dir}: its backbone {run.backbone_name} joins {' and '.join(parts)}; fine-tuning "
+                          f"takes one backbone (train the run with --backbone {parts[0]})")
     out = Path(out_dir)
     if out.exists():
         raise DeviseError(f"{out} already exists: choose another folder for the fine-tuned run")

@@ -116,16 +116,20 @@ class DeviseModel:
         return int(self.settings.get("vector_dim") or self.label_encoder.dim)
 
     @property
+    def backbone_name(self) -> str:
+        """The registered backbone the run was trained on (runs that record none were trained on Lite0)."""
+        return self.settings.get("backbone") or defaults.BACKBONE
+
+    @property
     def backbone(self):
         """The Backbone images go through: the run's fine-tuned one (settings["backbone_weights"]) or the
         pretrained one it names; loaded on first use (training and evaluation on cached features never do)."""
         if self._backbone is None:
             from devise.backbones import load_backbone, load_finetuned_backbone
 
-            name = self.settings.get("backbone") or defaults.BACKBONE
             weights = self.settings.get("backbone_weights")
-            self._backbone = load_finetuned_backbone(name, Path(self.path or ".") / weights) if weights \
-                else load_backbone(name)
+            self._backbone = load_finetuned_backbone(self.backbone_name, Path(self.path or ".") / weights) if weights \
+                else load_backbone(self.backbone_name)
         return self._backbone
 
     def check_open_vocabulary(self) -> None:
