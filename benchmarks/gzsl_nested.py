@@ -10,7 +10,8 @@ stand-in test is what the protocol is judged by. Also printed: the oracle H (gam
 test itself), the headroom left for calibration; with ALTERNATIVES=1, the oracle H of other decision rules
 (gates on other signals, hubness corrections) and other compositions of the trained models.
 
-    python benchmarks/gzsl_nested.py             # the benchmark's protocol, openmoji standing in for the test style
+    PSEUDO_TEST=fluent_3d DROP=fluent_flat python benchmarks/gzsl_nested.py   # the benchmark's protocol (its logs)
+    CAL=fluent_flat,fluent_3d PSEUDO_TEST=openmoji python benchmarks/gzsl_nested.py   # a second test style
     CAL=noto REFIT=0 PSEUDO_TEST=fluent_3d DROP=fluent_flat python benchmarks/gzsl_nested.py   # the old protocol
     PSEUDO_TEST=fluent_3d DROP=fluent_flat ALTERNATIVES=1 python benchmarks/gzsl_nested.py      # today's, + others
     BACKBONE=efficientnet_lite0 PSEUDO_TEST=fluent_3d DROP=fluent_flat python benchmarks/gzsl_nested.py  # on Lite0 alone

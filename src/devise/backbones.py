@@ -112,6 +112,11 @@ class ImagePreprocess(keras.layers.Layer):
         return {**super().get_config(), "mean": self.mean, "std": self.std, "bgr": self.bgr}
 
 
+def to_uint8(pixels):
+    """Interpolated float pixels back to uint8, rounded (every backbone's input is uint8)."""
+    return ops.cast(ops.clip(ops.round(pixels), 0, 255), "uint8")
+
+
 @keras.saving.register_keras_serializable(package="devise")
 class ResizeImages(keras.layers.Layer):
     """uint8 (B, S, S, 3) -> uint8 (B, size, size, 3): bilinear with antialiasing, rounded back to uint8
@@ -122,9 +127,8 @@ class ResizeImages(keras.layers.Layer):
         self.size = int(size)
 
     def call(self, images):
-        x = ops.image.resize(ops.cast(images, "float32"), (self.size, self.size), interpolation="bilinear",
-                             antialias=True)
-        return ops.cast(ops.clip(ops.round(x), 0, 255), "uint8")
+        return to_uint8(ops.image.resize(ops.cast(images, "float32"), (self.size, self.size),
+                                         interpolation="bilinear", antialias=True))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.size, self.size, input_shape[-1])

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from devise.assets import atomic_save_npz
-from devise.backbones import BACKBONES, fresh_features_model, weighted_layers
+from devise.backbones import BACKBONES, fresh_features_model, to_uint8, weighted_layers
 from devise.datasets import load_dataset, seen_validation_split, zero_shot_split
 from devise.errors import DeviseError
 from devise.features import build_image_store
@@ -96,11 +96,10 @@ def _augmentation(seed: int):
 def _round_to_uint8():
     """Interpolated float pixels back to uint8 (rounded; the backbone's input is uint8)."""
     import keras
-    from keras import ops
 
     class RoundToUint8(keras.layers.Layer):
         def call(self, x):
-            return ops.cast(ops.clip(ops.round(x), 0, 255), "uint8")
+            return to_uint8(x)
 
     return RoundToUint8(name="round_to_uint8")
 
