@@ -7,11 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
-
-import numpy as np
 
 from devise.errors import DeviseError
 
@@ -32,33 +29,6 @@ def _package_dir(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DeviseError(f"Python package '{name}' is not installed: run ./setup.sh (or pip install devise)")
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Write a file so a crash never leaves it half-written: write(tmp_path) into a temporary file in the
-    same folder, then rename it over `path` (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj, **dumps_kwargs) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, **dumps_kwargs)))
-
-
-def atomic_save_npz(path: str | os.PathLike, **arrays) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-
-    atomic_write(path, write)
 
 
 def wordnet_dir(path: str | os.PathLike | None = None) -> Path:

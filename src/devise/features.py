@@ -27,7 +27,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from devise import defaults
-from devise.assets import atomic_write_json, data_home
+from devise.assets import data_home
+from devise.storage import atomic_write_json
 from devise.errors import DeviseError
 # The decode/resize policy is versioned where it lives (images.py): when it changes, old stores stop matching.
 from devise.images import POLICY_VERSION as IMAGE_POLICY_VERSION

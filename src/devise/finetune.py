@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from devise.assets import atomic_save_npz
+from devise.storage import atomic_save_npz
 from devise.backbones import BACKBONES, fresh_features_model, to_uint8, weighted_layers
 from devise.datasets import load_dataset, seen_validation_split, zero_shot_split
 from devise.errors import DeviseError

@@ -27,7 +27,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from devise import defaults
-from devise.assets import atomic_save_npz, atomic_write_json, imagenet1k_classes
+from devise.assets import imagenet1k_classes
+from devise.storage import atomic_save_npz, atomic_write_json
 from devise.conse import cached_imagenet1k_class_vectors, conse_embed, conse_from_logits
 from devise.errors import DeviseError
 from devise.features import backbone_forward, extract_features

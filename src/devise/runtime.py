@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from devise.assets import atomic_write, data_home
+from devise.assets import data_home
+from devise.storage import atomic_write
 
 if TYPE_CHECKING:  # for annotations only: Keras is imported where it runs
     import keras

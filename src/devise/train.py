@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from devise import defaults
-from devise.assets import atomic_save_npz, atomic_write_json
+from devise.storage import atomic_save_npz, atomic_write_json
 from devise.datasets import (default_holdout_unseen, load_dataset, seen_validation_split, validation_split,
                              zero_shot_split)
 from devise.errors import DeviseError

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from devise import defaults
-from devise.assets import atomic_save_npz, data_home, imagenet1k_classes
+from devise.assets import data_home, imagenet1k_classes
+from devise.storage import atomic_save_npz
 from devise.errors import DeviseError
 from devise.vectors import LABEL_RULE_VERSION, SYNSET_ID, embed_labels, load_vectors, quiet_dropped_labels, unit_rows
 from devise.wordnet import load_wordnet

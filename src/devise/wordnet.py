@@ -17,7 +17,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from devise.assets import atomic_write, data_home, wordnet_dir
+from devise.assets import data_home, wordnet_dir
+from devise.storage import atomic_write
 from devise.errors import DeviseError
 
 _CACHE_VERSION = 2
