@@ -127,3 +127,56 @@ def test_features_cli_resumes_after_sigkill(home, foolbox_photos, tmp_path):
     assert clean.returncode == 0, clean.stderr
     fresh = np.load(next(home.glob("features/*/*/features.npy")))
     np.testing.assert_allclose(resumed, fresh, rtol=1e-5, atol=1e-5)
+
+
+def test_two_processes_extracting_one_folder_leave_one_complete_cache(home, foolbox_photos, tmp_path):
+    """Two real processes asked for the same features at once: one computes, the other waits for its lock
+    and reads the result; neither destroys the finished cache (it used to end as a folder with meta.json only)."""
+    paths = [str(p) for p in foolbox_photos[:10]]
+    code = ("import sys, numpy as np; from devise.features import extract_features; "
+            f"fs = extract_features({paths!r}, 'efficientnet_lite0', chunk_size=4, batch_size=4, progress=False); "
+            "np.save(sys.argv[1], np.asarray(fs.features))")
+    env = dict(os.environ, DEVISE_HOME=str(home))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"{i}.npy")], env=env,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    first, second = np.load(tmp_path / "0.npy"), np.load(tmp_path / "1.npy")
+    np.testing.assert_array_equal(first, second)
+    again = extract_features(paths, "efficientnet_lite0", chunk_size=4, batch_size=4, progress=False)
+    np.testing.assert_array_equal(np.asarray(again.features), first)
+    assert not list(home.glob("features/*/*.partial")) and not list(home.glob("images/*.partial"))
+
+
+def test_damaged_feature_cache_is_said_and_recomputed(home, foolbox_photos):
+    paths = [str(p) for p in foolbox_photos[:5]]
+    fs = extract_features(paths, "efficientnet_lite0", chunk_size=4, batch_size=4, progress=False)
+    good = np.array(fs.features)
+    folder = fs.folder
+    del fs
+    with open(folder / "features.npy", "r+b") as fh:  # truncated (a crash of another tool, a full disk)
+        fh.truncate(1000)
+    with pytest.warns(UserWarning, match=r"damaged cache .*features.npy"):
+        again = extract_features(paths, "efficientnet_lite0", chunk_size=4, batch_size=4, progress=False)
+    np.testing.assert_allclose(np.asarray(again.features), good, rtol=1e-5, atol=1e-5)
+
+    logits = np.load(folder / "logits.npy")  # NaN rows with the right size: caught by the finite check
+    logits[2] = np.nan
+    del again
+    np.save(folder / "logits.npy", logits)
+    with pytest.warns(UserWarning, match="logits.npy has non-finite values"):
+        third = extract_features(paths, "efficientnet_lite0", chunk_size=4, batch_size=4, progress=False)
+    assert np.isfinite(np.asarray(third.logits)).all()
+
+
+def test_damaged_image_store_is_said_and_rebuilt(home, foolbox_photos):
+    paths = [str(p) for p in foolbox_photos[:5]]
+    images, _, folder = build_image_store(paths, 64, progress=False)
+    good = np.array(images)
+    del images
+    with open(folder / "images.npy", "r+b") as fh:
+        fh.truncate(500)
+    with pytest.warns(UserWarning, match=r"damaged cache .*images.npy"):
+        rebuilt, valid, _ = build_image_store(paths, 64, progress=False)
+    np.testing.assert_array_equal(np.asarray(rebuilt), good)
+    assert valid.all()

@@ -8,6 +8,11 @@ Two caches under the data home, both chunked, resumable and finished with an ato
 A chunk is marked done only after its data is flushed, so a run killed with SIGKILL resumes from the
 first unfinished chunk. Cache keys cover the backbone (weights, preprocessing) and the exact image list
 (path, size, mtime), so a stale cache is never reused.
+
+Both follow devise.storage's protocol: one writer per cache folder (`locked`: a second run of the same
+images waits, then reads what the first wrote), the finished folder published whole with a manifest of its
+files, free space checked before the memory-mapped files are made, and a reader that finds a damaged entry
+(files of the wrong size, unreadable arrays, non-finite features) says so in one line and computes it again.
 """
 from __future__ import annotations
 
@@ -15,7 +20,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
 import warnings
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -33,6 +37,8 @@ from devise.errors import DeviseError
 # The decode/resize policy is versioned where it lives (images.py): when it changes, old stores stop matching.
 from devise.images import POLICY_VERSION as IMAGE_POLICY_VERSION
 from devise.images import _load_or_none, load_images
+from devise.storage import (atomic_write_json, check_free_space, check_manifest, locked, publish_folder,
+                            remove, write_manifest)
 from devise.runtime import (cached_forward, default_batch_size, device_count, gather_from_hosts, pad_batch,
                             process_index_and_count)
 
@@ -65,25 +71,38 @@ def images_key(paths: list[str], size: int) -> str:
 
 
 class _ChunkedArrays:
-    """Preallocated .npy files filled chunk by chunk; progress kept in done.json, renamed into place at the end."""
+    """Preallocated .npy files filled chunk by chunk; progress kept in done.json, published whole at the end.
+
+    Only the holder of `locked(folder)` may make one (its .partial folder is that writer's alone)."""
 
     def __init__(self, folder: Path, shapes: dict[str, tuple], dtypes: dict[str, str], n_chunks: int):
         self.final = folder
         self.partial = folder.with_name(folder.name + ".partial")
         self.partial.mkdir(parents=True, exist_ok=True)
         self.done_file = self.partial / "done.json"
-        self.done: set[int] = set(json.loads(self.done_file.read_text())) if self.done_file.exists() else set()
+        try:
+            self.done: set[int] = set(json.loads(self.done_file.read_text())) if self.done_file.exists() else set()
+        except ValueError:  # a damaged progress file: start over
+            self.done = set()
         self.arrays = {}
+        opened = {}
         for name, shape in shapes.items():
             path = self.partial / f"{name}.npy"
             if path.exists() and self.done:
-                arr = np.load(path, mmap_mode="r+")
-                if arr.shape != shape:  # a different run left this: start over
-                    self.done = set()
-                    arr = np.lib.format.open_memmap(path, "w+", dtypes[name], shape)
-            else:
-                arr = np.lib.format.open_memmap(path, "w+", dtypes[name], shape)
-            self.arrays[name] = arr
+                try:
+                    arr = np.load(path, mmap_mode="r+")
+                    if arr.shape == shape and arr.dtype == np.dtype(dtypes[name]):
+                        opened[name] = arr
+                except (ValueError, OSError):  # truncated by a crash or a full disk: start over
+                    pass
+        if len(opened) != len(shapes):  # a different or damaged run left this: start over
+            self.done, opened = set(), {}
+        missing = {n: s for n, s in shapes.items() if n not in opened}
+        need = sum(int(np.prod(s)) * np.dtype(dtypes[n]).itemsize for n, s in missing.items())
+        check_free_space(self.partial, need, " and ".join(f"{n}.npy" for n in missing))
+        for name in shapes:
+            self.arrays[name] = opened[name] if name in opened else \
+                np.lib.format.open_memmap(self.partial / f"{name}.npy", "w+", dtypes[name], shapes[name])
         self.n_chunks = n_chunks
 
     def mark_done(self, chunk: int) -> None:
@@ -95,11 +114,33 @@ class _ChunkedArrays:
     def finish(self, meta: dict) -> None:
         for arr in self.arrays.values():
             arr.flush()
+        self.arrays = {}  # unmapped before the files move
         atomic_write_json(self.partial / "meta.json", meta)
         self.done_file.unlink(missing_ok=True)
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        os.replace(self.partial, self.final)
+        write_manifest(self.partial, hashes=False)  # sizes: hashing a store of many GB would cost minutes
+        publish_folder(self.partial, self.final)
+
+
+def _open_finished(folder: Path, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict | None:
+    """The arrays of a finished cache folder (memory-mapped; `optional` ones where present), or None when it is
+    not there. A damaged one (a file missing or of the wrong size by its manifest, an array numpy cannot
+    read) is reported in one warning and removed, and None returned: the caller computes it again."""
+    if not (folder / "meta.json").exists():
+        return None
+    try:
+        check_manifest(folder, hashes=False)  # sizes only: a hash of a 1 GB store on every read costs seconds
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in names}
+        arrays.update({name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in optional
+                       if (folder / f"{name}.npy").exists()})
+    except (DeviseError, ValueError, OSError) as exc:
+        _discard_damaged(folder, exc)
+        return None
+    return arrays
+
+
+def _discard_damaged(folder: Path, why) -> None:
+    warnings.warn(f"{folder}: damaged cache ({why}); computing it again", stacklevel=3)
+    remove(folder)
 
 
 def image_store_folder(paths: list[str], size: int) -> Path:
@@ -108,9 +149,8 @@ def image_store_folder(paths: list[str], size: int) -> Path:
 
 
 def _finished_store(folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    if not (folder / "meta.json").exists():
-        return None
-    return np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "valid.npy")
+    arrays = _open_finished(folder, ("images", "valid"))
+    return None if arrays is None else (arrays["images"], np.asarray(arrays["valid"]))
 
 
 def _decode_rows(store_file: str, lo: int, paths: list[str], size: int, images=None) -> list[str | None]:
@@ -227,10 +267,25 @@ def build_image_store(paths: list[str], size: int = 224, *, chunk_size: int = 51
         raise DeviseError("no images to decode (empty image list)")
     folder = image_store_folder(paths, size)
     if _finished_store(folder) is None:
-        for _ in _decode_chunks(paths, size, chunk_size, workers, progress, decode):
+        for _ in _store_chunks(paths, size, chunk_size, workers, progress, decode):
             pass
     images, valid = _finished_store(folder)
     return images, valid, folder
+
+
+def _store_chunks(paths: list[str], size: int, chunk_size: int, workers: int | None, progress: bool,
+                  decode: str = "threads"):
+    """(lo, hi, images, valid[lo:hi]) per chunk of the image store: decoded here (_decode_chunks) while this
+    process holds the store's lock, or read from the finished store, also when another process finished it
+    while this one waited for the lock."""
+    folder = image_store_folder(paths, size)
+    with locked(folder):
+        stored = _finished_store(folder)
+        if stored is None:
+            yield from _decode_chunks(paths, size, chunk_size, workers, progress, decode)
+            return
+        for lo in range(0, len(paths), chunk_size):
+            yield lo, min(len(paths), lo + chunk_size), stored[0], stored[1][lo:lo + chunk_size]
 
 
 def backbone_forward(backbone):
@@ -284,14 +339,43 @@ def extract_features(dataset_or_paths, backbone=defaults.TRAIN_BACKBONE, *, batc
     store_folder = image_store_folder(paths, bb.image_size)
     key = hashlib.sha256(f"{FEATURES_VERSION}|{bb.cache_key}|{store_folder.name}".encode()).hexdigest()[:20]
     folder = data_home() / "features" / bb.name / key
-    if not (folder / "meta.json").exists():
-        _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decode, progress)
-    logits_path = folder / "logits.npy"
-    return FeatureSet(
-        features=np.load(folder / "features.npy", mmap_mode="r"),
-        logits=np.load(logits_path, mmap_mode="r") if logits_path.exists() else None,
-        paths=paths, valid=np.load(folder / "valid.npy"), backbone=bb.name, folder=folder,
-    )
+    arrays = _open_features(folder, bb)
+    if arrays is None:
+        with locked(folder):  # one writer: a second run of the same images waits, then reads its result
+            arrays = _open_features(folder, bb)
+            if arrays is None:
+                _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decode, progress)
+                arrays = _open_features(folder, bb)
+    if arrays is None:
+        raise DeviseError(f"{folder}: the feature cache just written is unreadable (see the warning above)")
+    return FeatureSet(features=arrays["features"], logits=arrays.get("logits"), paths=paths,
+                      valid=np.asarray(arrays["valid"]), backbone=bb.name, folder=folder)
+
+
+def _open_features(folder: Path, bb) -> dict | None:
+    """A finished feature cache's arrays, or None (absent, or damaged: then said and removed). Features and
+    logits of valid rows must be finite: a NaN row would poison every index and score built on it."""
+    arrays = _open_finished(folder, ("features", "valid"), ("logits",))
+    if arrays is None:
+        return None
+    valid = np.asarray(arrays["valid"], bool)
+    want = {"features": (len(valid), bb.feature_dim), "logits": (len(valid), 1000)}
+    for name in ("features", "logits"):
+        if name not in arrays:
+            continue
+        arr = arrays[name]
+        if arr.shape != want[name] or arr.dtype != np.float32:
+            _discard_damaged(folder, f"{name}.npy is {arr.dtype} {arr.shape}, not float32 {want[name]}")
+            return None
+        for lo in range(0, len(arr), 8192):  # in slices: the cache may be larger than memory
+            rows = np.asarray(arr[lo:lo + 8192])[valid[lo:lo + 8192]]
+            if not np.isfinite(rows).all():
+                _discard_damaged(folder, f"{name}.npy has non-finite values")
+                return None
+    if (bb.classifier is not None) != ("logits" in arrays):
+        _discard_damaged(folder, "logits.npy missing" if bb.classifier is not None else "unexpected logits.npy")
+        return None
+    return arrays
 
 
 def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decode, progress) -> None:
@@ -313,11 +397,8 @@ def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, d
     if processes > 1:  # several hosts: each decodes only its slice of every batch (no image store)
         skip = _done_on_every_host(cache.done, n_chunks)  # every host must run the same chunks
         chunks = _host_chunks(paths, bb.image_size, chunk_size, batch_size, process, processes, skip)
-    elif (stored := _finished_store(store_folder)) is not None:  # decoded by an earlier call: read it
-        chunks = ((lo, min(n, lo + chunk_size), stored[0], stored[1][lo:lo + chunk_size])
-                  for lo in range(0, n, chunk_size))
-    else:
-        chunks = _decode_chunks(paths, bb.image_size, chunk_size, None, False, decode)
+    else:  # decoded now, or read from the store an earlier call made
+        chunks = _store_chunks(paths, bb.image_size, chunk_size, None, False, decode)
     with tqdm(total=n, initial=done_images, desc=f"features ({bb.name})", unit="img",
               disable=not progress) as bar:
         for c, (lo, hi, images, chunk_valid) in enumerate(chunks):

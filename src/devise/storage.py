@@ -194,14 +194,18 @@ def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: str | os.PathLike, names=None, **extra) -> dict:
+def write_manifest(folder: str | os.PathLike, names=None, hashes: bool = True, **extra) -> dict:
     """Record the size and SHA-256 of `names` (default: every file in `folder` but the manifest and hidden
-    files) in folder/manifest.json, atomically; `extra` keys are stored beside them."""
+    files) in folder/manifest.json, atomically; `extra` keys are stored beside them. hashes=False records
+    sizes only (caches of many GB, checked by size and by their contents' sanity instead)."""
     folder = Path(folder)
     if names is None:
         names = sorted(f.name for f in folder.iterdir()
                        if f.is_file() and f.name != MANIFEST and not f.name.startswith("."))
-    files = {name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)} for name in names}
+    files = {name: {"size": (folder / name).stat().st_size} for name in names}
+    if hashes:
+        for name, entry in files.items():
+            entry["sha256"] = file_sha256(folder / name)
     manifest = {"files": files, **extra}
     atomic_write_json(folder / MANIFEST, manifest, indent=1, sort_keys=True)
     return manifest
@@ -228,6 +232,6 @@ def check_manifest(folder: str | os.PathLike, hashes: bool = True, required: boo
         size = file.stat().st_size
         if size != want["size"]:
             raise DeviseError(f"{file}: damaged or replaced ({size:,} bytes, {MANIFEST} says {want['size']:,})")
-        if hashes and file_sha256(file) != want["sha256"]:
+        if hashes and "sha256" in want and file_sha256(file) != want["sha256"]:
             raise DeviseError(f"{file}: damaged or replaced (its SHA-256 does not match {MANIFEST})")
     return manifest
