@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,6 +241,7 @@ class TextEncoder:
         self.tokenizer.no_padding()  # we pad to bucketed lengths ourselves
         self.tokenizer.enable_truncation(max_length=self.config.max_seq_length)
         self._model = None
+        self._model_lock = threading.Lock()
 
     @property
     def identity(self) -> str:
@@ -252,9 +254,12 @@ class TextEncoder:
 
     @property
     def model(self):
-        """The Keras model, built on first use (a cache hit never needs it)."""
+        """The Keras model, built on first use (a cache hit never needs it) and once: concurrent first
+        callers (a server's first queries) wait for it instead of each building a copy."""
         if self._model is None:
-            self._model = build_model(self.config, load_weights(self.weights_path), self.weights_path)
+            with self._model_lock:
+                if self._model is None:
+                    self._model = build_model(self.config, load_weights(self.weights_path), self.weights_path)
         return self._model
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:

@@ -273,6 +273,11 @@ def _synset_vector(wnid: str, vectors: WordVectors, wordnet=None) -> tuple[np.nd
     return None, "", False
 
 
+def label_list(labels) -> list[str]:
+    """Labels as a list of strings; a single string is ONE label (never split into its letters)."""
+    return [labels] if isinstance(labels, str) else [str(label) for label in labels]
+
+
 def embed_labels(labels, vectors, wordnet=None, drop_missing: bool = False, synsets=None,
                  texts: str = "one") -> LabelEmbedding:
     """Unit vectors for labels (words, phrases, WordNet synset ids) by the rule in this module's docstring.
@@ -283,7 +288,7 @@ def embed_labels(labels, vectors, wordnet=None, drop_missing: bool = False, syns
     texts: a sentence encoder's label text, "one" (sentence_label_text) or "mean" (the unit mean of
     sentence_label_texts: what dataset classes use); word vectors have one rule and ignore it.
     """
-    labels = [str(label) for label in labels]
+    labels = label_list(labels)
     if isinstance(vectors, SentenceEncoder):
         return vectors.embed_labels(labels, wordnet=wordnet, drop_missing=drop_missing, synsets=synsets,
                                     texts=texts)
@@ -385,7 +390,7 @@ class SentenceEncoder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Unit float32 vectors (N, 384) for texts (cached ones read back, the others encoded and cached)."""
-        texts = list(texts)
+        texts = label_list(texts)
         if self.cache is None:
             return self.encoder.encode(texts)
         out, missing = self.cache.lookup(texts, self.dim)
@@ -408,7 +413,7 @@ class SentenceEncoder:
         unknown synset id is missing."""
         if texts not in ("one", "mean"):
             raise DeviseError(f"label texts must be 'one' or 'mean', not {texts!r}")
-        labels = [str(label) for label in labels]
+        labels = label_list(labels)
         synsets = list(synsets) if synsets is not None else [None] * len(labels)
         if len(synsets) != len(labels):
             raise ValueError(f"{len(synsets)} synsets for {len(labels)} labels")

@@ -26,7 +26,7 @@ from devise import defaults
 from devise.assets import data_home, imagenet1k_classes
 from devise.storage import atomic_save_npz
 from devise.errors import DeviseError
-from devise.vectors import LABEL_RULE_VERSION, SYNSET_ID, embed_labels, load_vectors, quiet_dropped_labels, unit_rows
+from devise.vectors import LABEL_RULE_VERSION, SYNSET_ID, embed_labels, label_list, load_vectors, quiet_dropped_labels, unit_rows
 from devise.wordnet import load_wordnet
 
 VOCAB_VERSION = "2"  # 2: label-file words and ImageNet names are embedded linked to their synsets
@@ -49,7 +49,7 @@ class Vocabulary:
     @classmethod
     def of_labels(cls, labels, matrix, synsets=None, name: str = "labels") -> Vocabulary:
         """One entry per label, scored by its row of `matrix` (L, D) (made unit length here)."""
-        labels = [str(label) for label in labels]
+        labels = label_list(labels)
         matrix = np.asarray(matrix, np.float32)
         if matrix.ndim != 2 or len(matrix) != len(labels):
             raise DeviseError(f"{len(labels)} labels but a label matrix of shape {matrix.shape}")
