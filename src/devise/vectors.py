@@ -55,6 +55,7 @@ import numpy as np
 from devise import defaults
 from devise.assets import data_home, glove_6b_50d_files, wordnet_dir
 from devise.errors import DeviseError
+from devise.storage import discard_damaged, locked, publish_folder, remove, write_errors
 from devise.text_encoder import EncodingCache, TextEncoder
 from devise.wordnet import load_wordnet
 
@@ -396,8 +397,11 @@ class SentenceEncoder:
         out, missing = self.cache.lookup(texts, self.dim)
         if missing:
             new_texts = list(dict.fromkeys(texts[i] for i in missing))
-            vectors = self.encoder.encode(new_texts)
-            self.cache.add(new_texts, vectors)
+            # Saved as it goes (a shard every SAVE_EVERY_S): a long list interrupted keeps what was encoded,
+            # and the next call encodes only the rest. Many shards are merged once, at the end.
+            vectors = self.encoder.encode(new_texts, save=lambda rows, vecs: self.cache.add(
+                [new_texts[i] for i in rows], vecs, merge=False))
+            self.cache.merge_if_many()
             row = {text: i for i, text in enumerate(new_texts)}
             for i in missing:
                 out[i] = vectors[row[texts[i]]]
@@ -509,22 +513,41 @@ def _cached(path: Path, fmt: str, name: str, parse, cache: bool) -> WordVectors:
         return WordVectors(words, matrix, name)
     root = data_home() / "vectors"
     folder = root / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', path.name)[:60]}-{_cache_key(path, fmt)}"
-    if not (folder / "words.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-        try:
-            words = parse(path, tmp)
-            (tmp / "words.json").write_text(json.dumps(words, ensure_ascii=False))
-            (tmp / "source.json").write_text(json.dumps({"path": str(path.resolve()), "format": fmt}))
-            try:
-                os.replace(tmp, folder)  # atomic: a reader sees the whole folder or none
-            except OSError:
-                if not (folder / "words.json").is_file():  # not a concurrent writer: a real failure
+    loaded = _read_converted(folder, name, discard=False)  # the common case takes no lock
+    if loaded is None:
+        with locked(folder):  # one process converts the file; another waits and reads its result
+            loaded = _read_converted(folder, name, discard=True)
+            if loaded is None:
+                tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=root))
+                try:
+                    words = parse(path, tmp)
+                    with write_errors(folder):
+                        (tmp / "words.json").write_text(json.dumps(words, ensure_ascii=False))
+                        (tmp / "source.json").write_text(json.dumps({"path": str(path.resolve()), "format": fmt}))
+                    publish_folder(tmp, folder)  # whole: a reader sees the complete folder or none
+                except BaseException:
+                    remove(tmp)
                     raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    words = json.loads((folder / "words.json").read_text())
-    matrix = np.load(folder / "matrix.npy", mmap_mode="r")
+                loaded = _read_converted(folder, name, discard=False)
+    if loaded is None:
+        raise DeviseError(f"{folder}: the converted vectors cannot be read back right after writing them")
+    return loaded
+
+
+def _read_converted(folder: Path, name: str, discard: bool) -> WordVectors | None:
+    """A converted vectors folder (words.json + matrix.npy, memory-mapped) or None when it is missing or
+    damaged (unreadable, truncated, rows and words disagree), which with `discard` is said and removed."""
+    if not (folder / "words.json").is_file():
+        return None
+    try:
+        words = json.loads((folder / "words.json").read_text())
+        matrix = np.load(folder / "matrix.npy", mmap_mode="r")
+        if not isinstance(words, list) or matrix.ndim != 2 or len(matrix) != len(words) or matrix.dtype != np.float32:
+            raise ValueError(f"{len(words)} words, a {matrix.dtype} matrix of shape {matrix.shape}")
+    except Exception as exc:  # noqa: BLE001 - JSON, numpy header and mmap errors alike: rebuilt, never trusted
+        if discard:
+            discard_damaged(folder, f"{type(exc).__name__}: {exc}")
+        return None
     return WordVectors(words, matrix, name, cache_dir=folder)
 
 
