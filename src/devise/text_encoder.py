@@ -272,11 +272,11 @@ class TextEncoder:
         return [enc.ids for enc in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
 
     def encode(self, texts: list[str], progress: bool | None = None, save=None,
-               save_every_s: float = SAVE_EVERY_S) -> np.ndarray:
+               save_every_s: float | None = None) -> np.ndarray:
         """Unit float32 vectors (N, dim) in the order of texts; a progress bar for many texts.
 
         save(rows, vectors): called with the rows (indices into texts) finished since its last call: at
-        most every `save_every_s` seconds (and PROGRESS_MIN rows), at the end, and with those done when interrupted (Ctrl-C
+        most every `save_every_s` seconds (default SAVE_EVERY_S) and PROGRESS_MIN rows, at the end, and with those done when interrupted (Ctrl-C
         included): a long list keeps what was encoded (SentenceEncoder saves them as cache shards)."""
         texts = list(texts)
         out = np.zeros((len(texts), self.dim), np.float32)
@@ -288,6 +288,7 @@ class TextEncoder:
         forward = runtime.cached_forward(self.model)
         devices = runtime.device_count()
         show = len(texts) >= PROGRESS_MIN if progress is None else progress
+        save_every_s = SAVE_EVERY_S if save_every_s is None else save_every_s
         pending, unsaved, last_save = [], [], time.monotonic()
 
         def flush() -> None:
