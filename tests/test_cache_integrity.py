@@ -94,6 +94,9 @@ def test_damaged_vectors_vocabulary_and_class_vector_caches_are_recomputed(home,
     cases = [("matrix.npy cut short", converted / "matrix.npy", converted),
              ("words.json cut short", converted / "words.json", converted),
              ("vocabulary cut short", vocab_file, vocab_file), ("class vectors not a zip", class_file, class_file)]
+    killed = [vocab_file.with_name(f".{vocab_file.name}.x1.tmp"), converted.with_name(f".{converted.name}.x2.tmp")]
+    killed[0].write_bytes(b"half an npz")  # what writers killed half-way leave: removed by the next writer
+    (killed[1] / "matrix.npy").parent.mkdir()
     for name, target, said in cases:
         _damage(target, "not a zip" if "zip" in name else "cut short")
         vocabulary._vocab_cache.clear()  # as a new process would
@@ -106,6 +109,7 @@ def test_damaged_vectors_vocabulary_and_class_vector_caches_are_recomputed(home,
         np.testing.assert_array_equal(kept, want_kept)
         np.testing.assert_allclose(class_vectors, want_class, atol=1e-6)
         assert target.is_file(), name  # computed again and saved
+    assert not any(p.exists() for p in killed)
 
     # A vocabulary whose arrays are whole but disagree, or hold NaN, is not trusted either.
     with np.load(vocab_file) as z:

@@ -127,6 +127,15 @@ def read_npz(path: str | os.PathLike, keys, discard: bool = True) -> dict | None
         return None
 
 
+def remove_partials(target: str | os.PathLike) -> None:
+    """Remove what writers of `target` that died (SIGKILL, power loss) left: its temporary files and folders
+    (`.NAME.*.tmp`, as atomic_write and building_folder name them). Only with locked(target) held, and only
+    for targets every writer of which takes that lock (else a live writer's file could go)."""
+    target = Path(target)
+    for partial in target.parent.glob(f".{target.name}.*.tmp"):
+        remove(partial)
+
+
 def cached_npz(path: str | os.PathLike, keys, compute, invalid=lambda arrays: None) -> dict:
     """The arrays of the .npz cache `path`: read back when whole and `invalid(arrays)` finds nothing wrong
     (it returns the reason: a shape, non-finite values), else compute() -> {key: array}, saved atomically.
@@ -144,6 +153,7 @@ def cached_npz(path: str | os.PathLike, keys, compute, invalid=lambda arrays: No
         with locked(path):
             arrays = read(discard=True)
             if arrays is None:
+                remove_partials(path)
                 arrays = compute()
                 atomic_save_npz(path, **arrays)
     return arrays

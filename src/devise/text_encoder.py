@@ -275,9 +275,10 @@ class TextEncoder:
                save_every_s: float | None = None) -> np.ndarray:
         """Unit float32 vectors (N, dim) in the order of texts; a progress bar for many texts.
 
-        save(rows, vectors): called with the rows (indices into texts) finished since its last call: at
-        most every `save_every_s` seconds (default SAVE_EVERY_S) and PROGRESS_MIN rows, at the end, and with those done when interrupted (Ctrl-C
-        included): a long list keeps what was encoded (SentenceEncoder saves them as cache shards)."""
+        save(rows, vectors): called with the rows (indices into texts) finished since its last call: when
+        `save_every_s` seconds (default SAVE_EVERY_S) and PROGRESS_MIN rows have passed, at the end, and
+        when interrupted (Ctrl-C included): a long list keeps what was encoded (SentenceEncoder saves
+        each call as a cache shard, so the next run encodes only the rest)."""
         texts = list(texts)
         out = np.zeros((len(texts), self.dim), np.float32)
         if not texts:

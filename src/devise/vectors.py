@@ -55,7 +55,7 @@ import numpy as np
 from devise import defaults
 from devise.assets import data_home, glove_6b_50d_files, wordnet_dir
 from devise.errors import DeviseError
-from devise.storage import discard_damaged, locked, publish_folder, remove, write_errors
+from devise.storage import discard_damaged, locked, publish_folder, remove, remove_partials, write_errors
 from devise.text_encoder import EncodingCache, TextEncoder
 from devise.wordnet import load_wordnet
 
@@ -518,6 +518,7 @@ def _cached(path: Path, fmt: str, name: str, parse, cache: bool) -> WordVectors:
         with locked(folder):  # one process converts the file; another waits and reads its result
             loaded = _read_converted(folder, name, discard=True)
             if loaded is None:
+                remove_partials(folder)  # a conversion killed half-way left its folder
                 tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=root))
                 try:
                     words = parse(path, tmp)
