@@ -292,3 +292,22 @@ def test_text_queries_are_not_kept_in_the_encoding_cache(client):
         assert response.status_code == 200
     assert cache_files() == before
     assert client.get("/api/search", params={"q": "cat", "k": 1}).json()["results"][0]["image"].endswith("chelsea.jpg")
+
+
+@pytest.mark.slow
+def test_fresh_server_builds_the_text_model_once_for_30_first_queries():
+    """benchmarks/serve_first_use.py: real `devise serve` processes; 30 text queries at once as a fresh
+    server's first requests peak within 1.5x of one first query's RSS, all answered. Without the locks the
+    text model and its compiled forward were built once per request (5409ad1: 7283 MB against 749 MB)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_first_use.py"
+    run = subprocess.run([sys.executable, str(script), "--concurrent", "30"], capture_output=True, text=True,
+                         timeout=1200)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
+    assert result["status_counts"] == {"200": 30} and result["one_query_status"] == {"200": 1}, result
+    assert result["ratio"] <= 1.5, result

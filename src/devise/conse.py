@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from devise.assets import data_home, imagenet1k_classes
-from devise.storage import atomic_save_npz
+from devise.storage import cached_npz
 from devise.errors import DeviseError
 from devise.vectors import LABEL_RULE_VERSION, embed_labels, load_vectors
 
@@ -72,14 +72,18 @@ def cached_imagenet1k_class_vectors(vectors_spec: str) -> tuple[np.ndarray, np.n
         st = Path(vectors_spec).stat()
         key += f"|{Path(vectors_spec).resolve()}|{st.st_size}|{st.st_mtime_ns}"
     path = data_home() / "vocab" / f"conse-imagenet1k-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
-    try:
-        with np.load(path, allow_pickle=False) as cached:
-            return cached["kept"], cached["class_vectors"]
-    except (OSError, ValueError, KeyError):
-        pass  # missing or damaged: computed again, never trusted
-    kept, class_vectors, _ = imagenet1k_class_vectors(load_vectors(vectors_spec))
-    atomic_save_npz(path, kept=kept, class_vectors=class_vectors)
-    return kept, class_vectors
+
+    def compute() -> dict:
+        kept, class_vectors, _ = imagenet1k_class_vectors(load_vectors(vectors_spec))
+        return {"kept": kept, "class_vectors": class_vectors}
+
+    def invalid(a: dict) -> str | None:
+        if a["kept"].ndim != 1 or a["class_vectors"].shape[:1] != a["kept"].shape or a["class_vectors"].ndim != 2:
+            return f"{a['kept'].shape} classes but class vectors of shape {a['class_vectors'].shape}"
+        return None if np.isfinite(a["class_vectors"]).all() else "non-finite class vectors"
+
+    cached = cached_npz(path, ("kept", "class_vectors"), compute, invalid)
+    return cached["kept"], cached["class_vectors"]
 
 
 def conse_from_logits(logits, class_vectors, kept=None, T: int = 10) -> np.ndarray:

@@ -230,6 +230,29 @@ def to_rgb_array(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
+def describe(value) -> str:
+    """A short name of what a value is, for errors (never its contents: an array's dtype and shape)."""
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array of shape {value.shape}"
+    kind = type(value)
+    return f"an object of type {kind.__qualname__ if kind.__module__ == 'builtins' else kind.__module__ + '.' + kind.__qualname__}"
+
+
+def frame_array(image, size: int = 224) -> np.ndarray:
+    """An image held in memory -> uint8 (size, size, 3) by the same policy as a file (to_rgb_array): a PIL
+    image, or a uint8 array (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) grey of any size. TypeError (one line,
+    naming what it got) for anything else."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))) \
+                or 0 in image.shape:
+            raise TypeError(f"an image array must be uint8 (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) grey; "
+                            f"got {describe(image)}")
+        image = Image.fromarray(image)
+    elif not isinstance(image, Image.Image):
+        raise TypeError(f"not an image: got {describe(image)}")
+    return to_rgb_array(image, size)
+
+
 def load_image(path: str | os.PathLike, size: int = 224) -> np.ndarray:
     """Read one image file as uint8 (size, size, 3) RGB; DeviseError naming the file if it is unreadable."""
     why = unreadable_reason(path)

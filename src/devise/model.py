@@ -20,10 +20,12 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from devise import defaults
@@ -32,11 +34,11 @@ from devise.storage import atomic_save_npz, atomic_write_json
 from devise.conse import cached_imagenet1k_class_vectors, conse_embed, conse_from_logits
 from devise.errors import DeviseError
 from devise.features import backbone_forward, extract_features
-from devise.images import load_images
+from devise.images import describe, frame_array, load_image, load_images
 from devise.presets import DEFAULT_MODEL, PRESETS
 from devise.ranking import rank_labels, score_labels
 from devise.runtime import pad_batch, predict_in_batches
-from devise.vectors import GLOVE_SPEC, embed_labels, load_vectors, quiet_dropped_labels, unit_rows
+from devise.vectors import GLOVE_SPEC, embed_labels, label_list, load_vectors, quiet_dropped_labels, unit_rows
 from devise.vocabulary import Vocabulary, load_vocabulary
 
 LOAD_CHUNK = 256  # images decoded per chunk (bounds memory on big folders)
@@ -178,11 +180,30 @@ class DeviseModel:
     # ------------------------------------------------------------ images -> the label space
 
     def encode_images(self, images, progress: bool = False) -> np.ndarray:
-        """uint8 images (N, S, S, 3) at the backbone's size, or image files -> (N, D) unit vectors.
-        A file that cannot be read is an error naming it (encode_paths keeps going instead)."""
-        if isinstance(images, np.ndarray):
-            return self._encode_arrays(images)
-        paths = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+        """Images -> (N, D) unit vectors. Takes a path or a list of paths, a uint8 batch (N, S, S, 3), uint8
+        (H, W, 3) arrays of any size and PIL images (framed like files: images.frame_array), or a list of
+        these. A file that cannot be read is an error naming it (encode_paths keeps going instead);
+        anything else is a one-line TypeError."""
+        size = self.backbone.image_size
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            if images.dtype == np.uint8 and images.shape[1:] == (size, size, 3):
+                return self._encode_arrays(images)
+            if images.dtype != np.uint8:
+                raise TypeError(f"images must be uint8; got {describe(images)}")
+        elif isinstance(images, (str, os.PathLike, np.ndarray, Image.Image)):
+            images = [images]
+        elif isinstance(images, (bytes, dict)) or not isinstance(images, Iterable):
+            raise TypeError(f"images must be paths, uint8 arrays or PIL images; got {describe(images)}")
+        images = list(images)
+        if not all(isinstance(x, (str, os.PathLike)) for x in images):
+            arrays = np.zeros((len(images), size, size, 3), np.uint8)
+            for i, x in enumerate(images):
+                try:
+                    arrays[i] = load_image(x, size) if isinstance(x, (str, os.PathLike)) else frame_array(x, size)
+                except TypeError as exc:
+                    raise TypeError(f"images[{i}]: {exc}") from None
+            return self._encode_arrays(arrays)
+        paths = images
         embeddings, valid = self.encode_paths(paths, progress=progress)
         if not valid.all():
             raise DeviseError("could not read: " + ", ".join(str(p) for p, ok in zip(paths, valid) if not ok))
@@ -242,7 +263,7 @@ class DeviseModel:
     def encode_labels(self, labels, synsets=None, drop_missing: bool = False) -> np.ndarray:
         """Labels (words, phrases or WordNet ids; synsets: the WordNet id each is linked to) -> (L, D)
         unit vectors by the label-text rule (devise.vectors). The random control's are seeded by name."""
-        labels = [str(label) for label in labels]
+        labels = label_list(labels)
         if self.method == "random":
             return random_label_vectors(labels, self.dim, self.settings["seed"])
         return embed_labels(labels, self.label_encoder, synsets=synsets, drop_missing=drop_missing).matrix
@@ -273,7 +294,7 @@ class DeviseModel:
         if labels is None:
             vocabulary = load_vocabulary(vocab, self.vectors_spec)
         else:
-            vocabulary = Vocabulary.of_labels(list(labels), self.encode_labels(labels))
+            vocabulary = Vocabulary.of_labels(label_list(labels), self.encode_labels(labels))
         return rank_labels(score_labels(self.encode_images(images), vocabulary), vocabulary, top)
 
     # ------------------------------------------------------------ saving

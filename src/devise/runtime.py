@@ -17,6 +17,7 @@ import inspect
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -177,9 +178,15 @@ def cached_forward(model: keras.Model):
     distribution = keras.distribution.distribution()
     cached = model.__dict__.get("_devise_forward")
     if cached is None or cached[0] is not distribution:
-        cached = (distribution, compiled_forward(model))
-        object.__setattr__(model, "_devise_forward", cached)  # plain attribute: not tracked by Keras
+        with _forward_lock:  # concurrent first callers (a server's first requests) share one
+            cached = model.__dict__.get("_devise_forward")
+            if cached is None or cached[0] is not distribution:
+                cached = (distribution, compiled_forward(model))
+                object.__setattr__(model, "_devise_forward", cached)  # plain attribute: not tracked by Keras
     return cached[1]
+
+
+_forward_lock = threading.Lock()
 
 
 def compiled_forward(model: keras.Model):
@@ -268,11 +275,20 @@ def _exported_forward(model, forward):
     if importlib.util.find_spec("flatbuffers") is None:  # jax.export serializes with it (a dependency; kept optional)
         return traced
     programs = {}
+    first_call = threading.Lock()
 
     def call(trainable, non_trainable, x):
         signature = jax.tree_util.tree_map(lambda a: (tuple(a.shape), str(a.dtype)), (trainable, non_trainable, x))
         program = programs.get(str(signature))
-        if program is None:
+        if program is not None:
+            return program(trainable, non_trainable, x)
+        # A new shape is exported and compiled (by its first call) once, under a lock: threads arriving at
+        # once (a server's first requests) would otherwise each trace and compile it (30 first text queries:
+        # 0.75 -> 7.3 GB peak RSS, benchmarks/serve_first_use.py).
+        with first_call:
+            program = programs.get(str(signature))
+            if program is not None:
+                return program(trainable, non_trainable, x)
             try:
                 if "digest" not in programs:
                     programs["digest"] = _model_code_digest(model)
@@ -292,8 +308,9 @@ def _exported_forward(model, forward):
             except Exception as exc:  # noqa: BLE001 - exporting is an optimisation, never a failure
                 logging.getLogger(__name__).debug("forward not exported (%s: %s); tracing", type(exc).__name__, exc)
                 program = traced
+            outputs = program(trainable, non_trainable, x)
             programs[str(signature)] = program
-        return program(trainable, non_trainable, x)
+            return outputs
 
     return call
 

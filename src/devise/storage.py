@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -100,6 +101,62 @@ def atomic_save_npy(path: str | os.PathLike, array) -> None:
             np.save(fh, array)
 
     atomic_write(path, write)
+
+
+# ---------------------------------------------------------------- reading caches back
+
+def discard_damaged(path: str | os.PathLike, why: str) -> None:
+    """A cache file or folder that cannot be read whole is said in one line (a warning), removed and so
+    recomputed by the caller: never trusted, never a traceback from deep inside numpy or zipfile."""
+    why = " ".join(str(why).split())  # one line, whatever the library's message holds
+    warnings.warn(f"{path}: damaged cache ({why}); removed, computing it again", stacklevel=3)
+    remove(path)
+
+
+def read_npz(path: str | os.PathLike, keys, discard: bool = True) -> dict | None:
+    """The arrays `keys` of the .npz cache `path`, read whole; None when it is missing or damaged (truncated,
+    not a zip, a key missing, unreadable), which with `discard` is said and removed (discard_damaged)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in keys}
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, EOFError, zlib.error, ValueError, KeyError, OSError
+        if discard:
+            discard_damaged(path, f"{type(exc).__name__}: {exc}")
+        return None
+
+
+def remove_partials(target: str | os.PathLike) -> None:
+    """Remove what writers of `target` that died (SIGKILL, power loss) left: its temporary files and folders
+    (`.NAME.*.tmp`, as atomic_write and building_folder name them). Only with locked(target) held, and only
+    for targets every writer of which takes that lock (else a live writer's file could go)."""
+    target = Path(target)
+    for partial in target.parent.glob(f".{target.name}.*.tmp"):
+        remove(partial)
+
+
+def cached_npz(path: str | os.PathLike, keys, compute, invalid=lambda arrays: None) -> dict:
+    """The arrays of the .npz cache `path`: read back when whole and `invalid(arrays)` finds nothing wrong
+    (it returns the reason: a shape, non-finite values), else compute() -> {key: array}, saved atomically.
+    Computed under locked(path): concurrent first users compute it once, the others wait and read it. A
+    damaged file is said in one line, removed and computed again."""
+    def read(discard: bool):
+        arrays = read_npz(path, keys, discard)
+        why = invalid(arrays) if arrays is not None else None
+        if why and discard:
+            discard_damaged(path, why)
+        return None if why else arrays
+
+    arrays = read(discard=False)  # the common case takes no lock (a reader sees whole files only)
+    if arrays is None:
+        with locked(path):
+            arrays = read(discard=True)
+            if arrays is None:
+                remove_partials(path)
+                arrays = compute()
+                atomic_save_npz(path, **arrays)
+    return arrays
 
 
 # ---------------------------------------------------------------- locks

