@@ -220,3 +220,46 @@ def test_wordnet_on_a_full_data_home_still_loads(small_disk, monkeypatch):
         assert _load.__wrapped__(str(wordnet_dir().resolve())).name("n02084071")
     finally:
         _load.cache_clear()
+
+
+def test_a_damaged_fine_tuning_checkpoint_is_said_and_not_half_restored(tmp_path):
+    """finetune's per-epoch checkpoint.npz truncated on disk: a BadZipFile traceback before."""
+    import keras
+
+    from devise.finetune import _load_finetune_checkpoint, _write_finetune_checkpoint
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
+    options = {"blocks": 2}
+    _write_finetune_checkpoint(tmp_path, options, model, {"epoch": 1, "loss": [0.5]})
+    assert _load_finetune_checkpoint(tmp_path, options, model)["epoch"] == 1
+    before = [np.array(w) for w in model.get_weights()]
+    with open(tmp_path / "checkpoint.npz", "r+b") as fh:
+        fh.truncate(fh.seek(0, 2) - 200)
+    with pytest.warns(UserWarning, match=r"checkpoint.npz: damaged checkpoint .*fine-tuning starts again"):
+        assert _load_finetune_checkpoint(tmp_path, options, model) == {"epoch": 0, "loss": []}
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_damaged_emoji_class_list_is_not_taken_for_a_built_benchmark(tmp_path, monkeypatch):
+    """classes.json cut short in a built benchmark: a JSON traceback on every dataset load before; now the
+    benchmark counts as not built (setup-assets, or the next load, builds it again with a warning)."""
+    from devise.assets import data_home
+    from devise.emoji import built_problem, is_built
+    from devise.storage import file_entries
+
+    built = data_home() / "emoji"
+    home = tmp_path / "home"
+    (home / "emoji").mkdir(parents=True)
+    shutil.copy(built / "classes.json", home / "emoji" / "classes.json")
+    manifest = json.loads((built / "manifest.json").read_text())
+    manifest["files"] = file_entries(home / "emoji", ["classes.json"])
+    (home / "emoji" / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("DEVISE_HOME", str(home))
+    assert is_built()
+    with open(home / "emoji" / "classes.json", "r+b") as fh:
+        fh.truncate(1000)
+    assert not is_built()
+    assert "classes.json: damaged or replaced (1,000 bytes" in built_problem()
