@@ -190,6 +190,22 @@ def check_free_space(folder: str | os.PathLike, nbytes: int, what: str = "") -> 
                           f"{need:,.0f} MiB, {free / 2**20:,.0f} MiB free)")
 
 
+def preallocate(path: str | os.PathLike) -> None:
+    """Give a sparse file (np.lib.format.open_memmap's) its disk blocks now: a memory-mapped write into a hole
+    on a full disk is killed by SIGBUS, while the allocation fails here with ENOSPC, said in one line. Also
+    for a resumed file, whose unwritten chunks are still holes that check_free_space cannot see."""
+    if not hasattr(os, "posix_fallocate"):  # not on macOS: check_free_space is the guard there
+        return
+    with write_errors(path):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            if size:
+                os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+
+
 # ---------------------------------------------------------------- manifests
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
