@@ -651,6 +651,7 @@ def train_dataset(dataset_spec, method: str | None = None, *, preset: str | None
         run.history["seen_test"].update(images=int(len(seen_y)), classes=int(len(train_classes)))
     if run.path is not None:
         _write_json(run.path / "history.json", run.history)
+        write_run_manifest(run.path, run.settings)
     return run
 
 
