@@ -427,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
             start = "" if getattr(sys.stderr, "at_line_start", True) else "\n"
             print(f"{start}devise: error: {printable(exc)}", file=sys.stderr)
             return 2
+        except OSError as exc:  # one no write site turned into a DeviseError (a full disk, a permission): one line
+            from devise.storage import os_error_line
+
+            start = "" if getattr(sys.stderr, "at_line_start", True) else "\n"
+            print(f"{start}devise: error: {printable(os_error_line(exc))}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             print("devise: interrupted", file=sys.stderr)
             return 130

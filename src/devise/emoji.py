@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import time
 import unicodedata
+import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ from devise.assets import data_home
 from devise.datasets import (ARTIFACT, FOOD, NATURAL_OBJECT, ORGANISM, ImageDataset, match_class_name, register_dataset,
                              wordnet_lookup)
 from devise.errors import DeviseError
+from devise.storage import check_files, file_entries
 from devise.wordnet import load_wordnet
 
 NAME = "emoji"  # the dataset's registered name (load_dataset("emoji"), `devise train emoji`)
@@ -76,9 +78,26 @@ def _read_manifest(folder: Path) -> dict | None:
     return manifest if manifest.get("format") == FORMAT_VERSION else None
 
 
+def built_problem() -> str | None:
+    """None when a complete benchmark of the current format is in the data home, else what is wrong: not
+    built, or classes.json missing or not the one its manifest lists (size, SHA-256; builds before the
+    manifest listed it are not checked)."""
+    folder = emoji_dir()
+    manifest = _read_manifest(folder)
+    if manifest is None:
+        return "not built"
+    if not (folder / "classes.json").is_file():
+        return f"{folder / 'classes.json'}: missing"
+    try:
+        check_files(folder, manifest.get("files", {}), "manifest.json")
+    except DeviseError as exc:
+        return str(exc)
+    return None
+
+
 def is_built() -> bool:
     """True when a complete benchmark of the current format is in the data home."""
-    return _read_manifest(emoji_dir()) is not None and (emoji_dir() / "classes.json").is_file()
+    return built_problem() is None
 
 
 # ------------------------------------------------------------------ sources
@@ -281,8 +300,11 @@ def build_emoji_benchmark(force: bool = False, workers: int | None = None) -> Pa
     if is_built() and not force:
         return target
     with _build_lock():
-        if is_built() and not force:
+        problem = built_problem()
+        if problem is None and not force:
             return target
+        if problem != "not built" and not force:
+            warnings.warn(f"emoji benchmark damaged ({problem}): building it again", stacklevel=2)
         return _build(target, workers)
 
 
@@ -336,6 +358,7 @@ def _build(target: Path, workers: int | None) -> Path:
             "wordnet_match": dict(Counter(c["match"] for c in classes)),
             "render_problems": problems,
             "build_seconds": round(time.time() - start, 1),
+            "files": file_entries(tmp, ["classes.json"]),  # checked by built_problem
         }
         # The manifest is written last: its presence marks a complete build.
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))

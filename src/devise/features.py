@@ -37,8 +37,8 @@ from devise.errors import DeviseError
 # The decode/resize policy is versioned where it lives (images.py): when it changes, old stores stop matching.
 from devise.images import POLICY_VERSION as IMAGE_POLICY_VERSION
 from devise.images import _load_or_none, load_images
-from devise.storage import (atomic_write_json, check_free_space, check_manifest, locked, publish_folder,
-                            remove, write_manifest)
+from devise.storage import (atomic_write_json, check_free_space, check_manifest, locked, preallocate,
+                            publish_folder, remove, write_manifest)
 from devise.runtime import (cached_forward, default_batch_size, device_count, gather_from_hosts, pad_batch,
                             process_index_and_count)
 
@@ -103,6 +103,7 @@ class _ChunkedArrays:
         for name in shapes:
             self.arrays[name] = opened[name] if name in opened else \
                 np.lib.format.open_memmap(self.partial / f"{name}.npy", "w+", dtypes[name], shapes[name])
+            preallocate(self.partial / f"{name}.npy")  # no holes left for a write to die in (SIGBUS)
         self.n_chunks = n_chunks
 
     def mark_done(self, chunk: int) -> None:

@@ -26,6 +26,8 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -245,16 +247,22 @@ def _load_finetune_checkpoint(partial: Path, options, model) -> dict:
     path = partial / "checkpoint.npz"
     if not path.is_file():
         return {"epoch": 0, "loss": []}
-    with np.load(path) as data:
-        saved = json.loads(str(data["options"]))
-        if saved != options:
-            changed = ", ".join(sorted(k for k in options if saved.get(k) != options[k]))
-            raise DeviseError(f"{partial} holds an interrupted fine-tuning with other options ({changed}): "
-                              f"delete it, or rerun with the same options to resume")
-        for i, variable in enumerate(model.variables):
-            variable.assign(data[f"variable_{i}"])
-        restore_optimizer(model, data)
-        state = json.loads(str(data["state"]))
+    try:  # read whole before any variable is assigned: a damaged file must not leave half of it restored
+        with np.load(path) as npz:
+            data = {name: npz[name] for name in npz.files}
+        saved, state = json.loads(str(data["options"])), json.loads(str(data["state"]))
+        variables = [data[f"variable_{i}"] for i in range(len(model.variables))]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        warnings.warn(f"{path}: damaged checkpoint ({type(exc).__name__}: {exc}); fine-tuning starts again",
+                      stacklevel=2)
+        return {"epoch": 0, "loss": []}
+    if saved != options:
+        changed = ", ".join(sorted(k for k in options if saved.get(k) != options[k]))
+        raise DeviseError(f"{partial} holds an interrupted fine-tuning with other options ({changed}): "
+                          f"delete it, or rerun with the same options to resume")
+    for variable, value in zip(model.variables, variables):
+        variable.assign(value)
+    restore_optimizer(model, data)
     print(f"resuming the fine-tuning in {partial} after epoch {state['epoch']}", flush=True)
     return state
 

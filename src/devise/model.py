@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 import threading
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 from devise import defaults
 from devise.assets import imagenet1k_classes
-from devise.storage import atomic_save_npz, atomic_write_json
+from devise.storage import atomic_save_npz, atomic_write_json, check_manifest, write_errors, write_manifest
 from devise.conse import cached_imagenet1k_class_vectors, conse_embed, conse_from_logits
 from devise.errors import DeviseError
 from devise.features import backbone_forward, extract_features
@@ -59,11 +60,34 @@ def random_label_vectors(names, dim: int, seed: int = 0) -> np.ndarray:
 
 
 def save_keras_model(model, path: Path) -> None:
-    """model.keras written atomically (Keras wants the .keras suffix, so write in a temp folder)."""
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-model-") as tmp:
+    """model.keras written atomically (Keras wants the .keras suffix, so write in a temp folder); an OSError
+    (a full disk) is one line naming `path`, and the partial file goes with its temp folder."""
+    with write_errors(path), tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-model-") as tmp:
         tmp_path = Path(tmp) / "model.keras"
         model.save(tmp_path)
         os.replace(tmp_path, path)
+
+
+RUN_FILES = ("model.keras", "labels.npz", "settings.json", "history.json")  # what a run manifest covers
+
+
+def write_run_manifest(folder, settings: dict) -> None:
+    """manifest.json of a finished run folder: size and SHA-256 of its files (and of its fine-tuned backbone
+    weights), checked by load_model_folder, so a damaged or swapped-in file is named instead of loaded."""
+    folder = Path(folder)
+    names = [n for n in (*RUN_FILES, settings.get("backbone_weights")) if n and (folder / n).is_file()]
+    write_manifest(folder, names)
+
+
+def _load_keras_model(path: Path):
+    """keras.saving.load_model, its many failures (a truncated zip says "File not found") as one line."""
+    import keras
+
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # noqa: BLE001 - Keras raises ValueError, OSError, zipfile and h5py errors alike
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise DeviseError(f"{path}: not a loadable Keras model ({type(exc).__name__}: {first})") from None
 
 
 def _bucket(n: int, batch_size: int) -> int:
@@ -312,6 +336,7 @@ class DeviseModel:
                         label_vectors=vectors, **extra)
         atomic_write_json(folder / "history.json", self.history, indent=2, sort_keys=True)
         atomic_write_json(folder / "settings.json", self.settings, indent=2, sort_keys=True)  # last: the marker
+        write_run_manifest(folder, self.settings)
         return folder
 
 
@@ -329,9 +354,9 @@ def conse_model(backbone: str = defaults.BACKBONE, vectors: str = defaults.VECTO
 
 
 def load_model_folder(folder) -> DeviseModel:
-    """A run folder written by devise train / DeviseModel.save (in any process)."""
-    import keras
-
+    """A run folder written by devise train / DeviseModel.save (in any process). Its files are checked against
+    its manifest.json (size, SHA-256) first: a damaged or swapped file is named in one line. Runs saved before
+    manifests existed load as before."""
     import devise.losses  # noqa: F401  (registers the custom losses a saved model names)
 
     folder = Path(folder)
@@ -346,13 +371,17 @@ def load_model_folder(folder) -> DeviseModel:
     has_head = not settings.get("imagenet")
     if has_head and not (folder / "model.keras").is_file():
         raise DeviseError(f"{folder}: not a finished training run (missing model.keras)")
-    with np.load(folder / "labels.npz", allow_pickle=False) as data:
-        class_names = [str(n) for n in data["class_names"]]
-        label_vectors = data["label_vectors"] if data["label_vectors"].size else None
-        columns = data["class_columns"] if "class_columns" in data else None
-    history_path = folder / "history.json"
-    history = json.loads(history_path.read_text()) if history_path.is_file() else {}
-    model = keras.saving.load_model(folder / "model.keras", compile=False) if has_head else None
+    check_manifest(folder)
+    try:
+        with np.load(folder / "labels.npz", allow_pickle=False) as data:
+            class_names = [str(n) for n in data["class_names"]]
+            label_vectors = data["label_vectors"] if data["label_vectors"].size else None
+            columns = data["class_columns"] if "class_columns" in data else None
+        history_path = folder / "history.json"
+        history = json.loads(history_path.read_text()) if history_path.is_file() else {}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise DeviseError(f"{folder}: damaged run file ({type(exc).__name__}: {exc})") from None
+    model = _load_keras_model(folder / "model.keras") if has_head else None
     return DeviseModel(settings["method"], model, class_names, label_vectors, settings, history, folder,
                        class_columns=columns, name=str(folder))
 

@@ -244,7 +244,7 @@ def compiled_forward(model: keras.Model):
     return call
 
 
-EXPORT_VERSION = "1"  # bump if what the exported forward computes changes in a way the key below misses
+EXPORT_VERSION = "2"  # bump if what the exported forward computes changes in a way the key below misses (2: SHA-256 header)
 
 
 def _model_code_digest(model) -> str:
@@ -262,6 +262,25 @@ def _model_code_digest(model) -> str:
     for name in sorted(f for f in files if f):
         sha.update(Path(name).read_bytes())
     return sha.hexdigest()
+
+
+def _read_exported(path: Path):
+    """The jax.export program in `path` (a SHA-256 of the rest, then the serialized program), or None when it
+    is absent or damaged: a truncated or altered file is exported again, never deserialized (altered StableHLO
+    fails only when first called, outside any fallback)."""
+    import jax
+
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    digest, payload = data[:32], data[32:]
+    if hashlib.sha256(payload).digest() != digest:
+        return None
+    try:
+        return jax.export.deserialize(bytearray(payload))
+    except Exception:  # noqa: BLE001 - written by another jax version: exported again
+        return None
 
 
 def _exported_forward(model, forward):
@@ -294,16 +313,12 @@ def _exported_forward(model, forward):
                     programs["digest"] = _model_code_digest(model)
                 key = hashlib.sha256(f"{programs['digest']}|{signature}".encode()).hexdigest()[:32]
                 path = data_home() / "exported" / f"{key}.bin"
-                exported = None
-                if path.is_file():
-                    try:
-                        exported = jax.export.deserialize(bytearray(path.read_bytes()))
-                    except Exception:  # a damaged file is replaced, never trusted
-                        exported = None
+                exported = _read_exported(path)
                 if exported is None:
                     exported = jax.export.export(traced)(*jax.tree_util.tree_map(
                         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (trainable, non_trainable, x)))
-                    atomic_write(path, lambda tmp: Path(tmp).write_bytes(exported.serialize()))
+                    payload = bytes(exported.serialize())
+                    atomic_write(path, lambda tmp: Path(tmp).write_bytes(hashlib.sha256(payload).digest() + payload))
                 program = jax.jit(exported.call)
             except Exception as exc:  # noqa: BLE001 - exporting is an optimisation, never a failure
                 logging.getLogger(__name__).debug("forward not exported (%s: %s); tracing", type(exc).__name__, exc)

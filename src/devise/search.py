@@ -7,7 +7,10 @@ folder or a loaded model) and stores, in the folder `out`:
   and the generation;
 - index-<gen>.faiss and embeddings-<gen>.npy (the unit embeddings, kept so adding images never
   re-embeds the old ones).
-meta.json is replaced last (atomically), so a killed run leaves the previous index intact. Rebuilding into
+meta.json is replaced last (atomically), so a killed run leaves the previous index intact; it lists the
+sizes of the generation's files, which load_index checks (with the embeddings' shape and finiteness) to name
+a damaged file in one line. One writer at a time (devise.storage.locked on the folder): a second build into
+the same --out waits, then adds to what the first wrote. Rebuilding into
 the same folder embeds only new or changed files, unless what the old embeddings came from changed (the
 model folder's files, the decode policy): then it embeds every file again and says why.
 
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from devise.storage import atomic_write
+from devise.storage import atomic_write, check_files, file_entries, locked
 from devise.errors import DeviseError
 from devise.images import POLICY_VERSION as IMAGE_POLICY_VERSION
 from devise.images import expand_image_paths, load_image
@@ -99,25 +102,41 @@ def _read_meta(folder: Path) -> dict | None:
 
 
 def load_index(folder: str | os.PathLike) -> ImageIndex:
-    """Open an index folder written by build_index."""
-    import faiss
-
+    """Open an index folder written by build_index; a damaged one is a DeviseError naming the file."""
     folder = Path(folder)
     meta = _read_meta(folder)
     if meta is None:
         raise DeviseError(f"{folder}: no image index here (make one with 'devise index FOLDER --out {folder}')")
-    gen = meta["generation"]
+    try:
+        embeddings, index = _read_generation(folder, meta)
+    except DeviseError:
+        newer = _read_meta(folder)  # a build finished meanwhile and removed the generation meta.json named
+        if newer is None or newer["generation"] == meta["generation"]:
+            raise
+        meta = newer
+        embeddings, index = _read_generation(folder, meta)
+    if meta["kind"] == "hnsw":
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+    return ImageIndex(folder, meta["paths"], embeddings, index, meta["model"], meta["vectors"], meta["kind"],
+                      meta["stamps"])
+
+
+def _read_generation(folder: Path, meta: dict):
+    """(embeddings, FAISS index) of meta's generation, checked against meta: sizes, shape, finite rows."""
+    import faiss
+
+    gen, count = meta["generation"], len(meta["paths"])
+    check_files(folder, meta.get("files", {}), "meta.json", hashes=False)  # indexes before it: no sizes
     try:
         embeddings = np.load(folder / f"embeddings-{gen}.npy")
         index = faiss.read_index(str(folder / f"index-{gen}.faiss"))
     except (OSError, ValueError, RuntimeError) as exc:
         raise DeviseError(f"{folder}: index files damaged ({exc.__class__.__name__}: {exc}); rebuild it") from None
-    if index.ntotal != len(meta["paths"]) or len(embeddings) != len(meta["paths"]):
+    if index.ntotal != count or embeddings.shape != (count, meta.get("dim", embeddings.shape[-1])):
         raise DeviseError(f"{folder}: index files disagree with meta.json; rebuild the index")
-    if meta["kind"] == "hnsw":
-        index.hnsw.efSearch = HNSW_EF_SEARCH
-    return ImageIndex(folder, meta["paths"], embeddings, index, meta["model"], meta["vectors"], meta["kind"],
-                      meta["stamps"])
+    if not np.isfinite(embeddings).all():
+        raise DeviseError(f"{folder / f'embeddings-{gen}.npy'}: damaged (non-finite values); rebuild the index")
+    return embeddings, index
 
 
 def build_index(folder_or_paths, model=DEFAULT_MODEL, out: str | os.PathLike = "devise.index", *,
@@ -129,16 +148,26 @@ def build_index(folder_or_paths, model=DEFAULT_MODEL, out: str | os.PathLike = "
     since are embedded (all of them if the model folder's files or the decode policy changed); files that
     no longer exist are dropped. Removed and unreadable files, and a full re-embedding, are reported in
     one warning. model: a preset name, a trained run folder or a DeviseModel; vectors: a preset's label space.
+    A second build into the same `out` waits for the first (a lock), then adds to its index.
     """
     out = Path(out)
     _check_out(out)  # before any embedding: a bad --out must not cost the whole run
+    with locked(out):
+        return _build_index(folder_or_paths, model, out, approx_threshold, progress, vectors)
+
+
+def _build_index(folder_or_paths, model, out: Path, approx_threshold: int, progress: bool, vectors) -> ImageIndex:
     sources = [folder_or_paths] if isinstance(folder_or_paths, (str, os.PathLike)) else list(folder_or_paths)
     skipped: list[str] = []  # entries the walker left out: reported in this function's one warning
     listing = [str(Path(p).resolve()) for p in expand_image_paths(sources, skipped)]
     model_id = model_name(model)  # devise.load's meaning of the name: a preset's, or a resolved folder
-    old, old_meta = None, _read_meta(out)
+    old, old_meta, damaged = None, _read_meta(out), None
     if old_meta is not None:
-        old = load_index(out)
+        try:
+            old = load_index(out)
+        except DeviseError as exc:  # damaged on disk: said in the warning below, and built again
+            damaged = str(exc)
+    if old is not None:
         if old.model != model_id:
             raise DeviseError(f"{out}: index was built with model '{old.model}', not '{model_id}'; "
                               "use another --out or the same --model")
@@ -173,6 +202,10 @@ def build_index(folder_or_paths, model=DEFAULT_MODEL, out: str | os.PathLike = "
         warnings.simplefilter("always")
         new_emb, valid = model.encode_paths(todo, progress=progress, cache=True) if todo else \
             (np.zeros((0, model.dim), np.float32), np.zeros(0, bool))
+    broken = [p for p, ok, row in zip(todo, valid, new_emb) if ok and not np.isfinite(row).all()]
+    if broken:  # never into an index: a NaN row matches nothing and hides every result of a query
+        raise DeviseError(f"{model_id}: non-finite embeddings for {len(broken)} image(s) (first: {broken[0]}); "
+                          "the model's weights or its feature cache are damaged")
     unreadable = [p for p, ok in zip(todo, valid) if not ok]
     new_paths = [p for p, ok in zip(todo, valid) if ok]
 
@@ -183,23 +216,25 @@ def build_index(folder_or_paths, model=DEFAULT_MODEL, out: str | os.PathLike = "
     kind = "flat" if len(paths) < approx_threshold else "hnsw"
     index = _faiss_index(embeddings, kind)
 
-    import faiss
+    gen = old_meta["generation"] + 1 if old_meta is not None else 1
 
-    out.mkdir(parents=True, exist_ok=True)
-    gen = (json.loads((out / "meta.json").read_text())["generation"] + 1) if old is not None else 1
     def save_embeddings(tmp: str) -> None:
         with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to a name
             np.save(fh, embeddings)
 
     atomic_write(out / f"embeddings-{gen}.npy", save_embeddings)
-    atomic_write(out / f"index-{gen}.faiss", lambda tmp: faiss.write_index(index, tmp))
+    atomic_write(out / f"index-{gen}.faiss", lambda tmp: _write_faiss(index, tmp))
+    files = file_entries(out, [f"embeddings-{gen}.npy", f"index-{gen}.faiss"], hashes=False)
     meta = {"version": INDEX_VERSION, "generation": gen, "model": model_id, "vectors": model.vectors_spec,
-            **source, "dim": int(model.dim), "kind": kind, "count": len(paths), "paths": paths, "stamps": stamps}
+            **source, "dim": int(model.dim), "kind": kind, "count": len(paths), "paths": paths, "stamps": stamps,
+            "files": files}
     atomic_write(out / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
     for stale in (f"embeddings-{gen - 1}.npy", f"index-{gen - 1}.faiss"):
         (out / stale).unlink(missing_ok=True)
 
     problems = []
+    if damaged:
+        problems.append(f"the old index was unreadable, so it was built again from every image ({damaged})")
     if stale_because:
         problems.append(f"every image embedded again ({len(new_paths)}): not the same {' or '.join(stale_because)} "
                         "as when the index was built")
@@ -211,10 +246,19 @@ def build_index(folder_or_paths, model=DEFAULT_MODEL, out: str | os.PathLike = "
     if unreadable:
         problems.append(f"{len(unreadable)} unreadable file(s) skipped: {', '.join(unreadable)}")
     if problems:
-        warnings.warn("; ".join(problems), stacklevel=2)
+        warnings.warn("; ".join(problems), stacklevel=3)
     result = ImageIndex(out, paths, embeddings, index, model_id, model.vectors_spec, kind, stamps)
     result.added, result.removed, result.unreadable, result.skipped = new_paths, removed, unreadable, skipped
     return result
+
+
+def _write_faiss(index, path: str) -> None:
+    """faiss.write_index through a Python file: a full disk is an OSError (storage says it in one line), not
+    faiss' RuntimeError."""
+    import faiss
+
+    with open(path, "wb") as fh:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write))
 
 
 def _check_out(out: Path) -> None:

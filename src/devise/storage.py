@@ -42,6 +42,12 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def os_error_line(exc: OSError) -> str:
+    """An OSError as one line: the path it names (both, for a rename) and the cause."""
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    return f"{paths}: {_reason(exc)}" if paths else _reason(exc)
+
+
 @contextmanager
 def write_errors(path: str | os.PathLike, cleanup=()):
     """Turn an OSError raised inside into one DeviseError line naming `path` and the cause; the paths in
@@ -241,6 +247,22 @@ def check_free_space(folder: str | os.PathLike, nbytes: int, what: str = "") -> 
                           f"{need:,.0f} MiB, {free / 2**20:,.0f} MiB free)")
 
 
+def preallocate(path: str | os.PathLike) -> None:
+    """Give a sparse file (np.lib.format.open_memmap's) its disk blocks now: a memory-mapped write into a hole
+    on a full disk is killed by SIGBUS, while the allocation fails here with ENOSPC, said in one line. Also
+    for a resumed file, whose unwritten chunks are still holes that check_free_space cannot see."""
+    if not hasattr(os, "posix_fallocate"):  # not on macOS: check_free_space is the guard there
+        return
+    with write_errors(path):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            if size:
+                os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+
+
 # ---------------------------------------------------------------- manifests
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
@@ -259,13 +281,18 @@ def write_manifest(folder: str | os.PathLike, names=None, hashes: bool = True, *
     if names is None:
         names = sorted(f.name for f in folder.iterdir()
                        if f.is_file() and f.name != MANIFEST and not f.name.startswith("."))
-    files = {name: {"size": (folder / name).stat().st_size} for name in names}
-    if hashes:
-        for name, entry in files.items():
-            entry["sha256"] = file_sha256(folder / name)
-    manifest = {"files": files, **extra}
+    manifest = {"files": file_entries(folder, names, hashes), **extra}
     atomic_write_json(folder / MANIFEST, manifest, indent=1, sort_keys=True)
     return manifest
+
+
+def file_entries(folder: str | os.PathLike, names, hashes: bool = True) -> dict:
+    """{name: {"size", "sha256"}} of the files `names` in `folder` (what a manifest lists; check_files checks)."""
+    files = {name: {"size": (Path(folder) / name).stat().st_size} for name in names}
+    if hashes:
+        for name, entry in files.items():
+            entry["sha256"] = file_sha256(Path(folder) / name)
+    return files
 
 
 def check_manifest(folder: str | os.PathLike, hashes: bool = True, required: bool = False) -> dict | None:
@@ -282,13 +309,20 @@ def check_manifest(folder: str | os.PathLike, hashes: bool = True, required: boo
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DeviseError(f"{path}: unreadable manifest ({exc})") from None
+    check_files(folder, files, MANIFEST, hashes)
+    return manifest
+
+
+def check_files(folder: str | os.PathLike, files: dict, source: str = MANIFEST, hashes: bool = True) -> None:
+    """DeviseError naming the first of `files` ({name: {"size", "sha256"?}}, as a manifest lists them, read
+    from `source`) that is missing from `folder`, of another size or (hashes=True) of other contents."""
+    folder = Path(folder)
     for name, want in files.items():
         file = folder / name
         if not file.is_file():
-            raise DeviseError(f"{file}: missing (listed in {MANIFEST})")
+            raise DeviseError(f"{file}: missing (listed in {source})")
         size = file.stat().st_size
         if size != want["size"]:
-            raise DeviseError(f"{file}: damaged or replaced ({size:,} bytes, {MANIFEST} says {want['size']:,})")
+            raise DeviseError(f"{file}: damaged or replaced ({size:,} bytes, {source} says {want['size']:,})")
         if hashes and "sha256" in want and file_sha256(file) != want["sha256"]:
-            raise DeviseError(f"{file}: damaged or replaced (its SHA-256 does not match {MANIFEST})")
-    return manifest
+            raise DeviseError(f"{file}: damaged or replaced (its SHA-256 does not match {source})")

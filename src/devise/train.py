@@ -32,18 +32,19 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from devise import defaults
-from devise.storage import atomic_save_npz, atomic_write_json
+from devise.storage import atomic_save_npz, atomic_write_json, check_manifest, write_errors, write_manifest
 from devise.datasets import (default_holdout_unseen, load_dataset, seen_validation_split, validation_split,
                              zero_shot_split)
 from devise.errors import DeviseError
 from devise.features import extract_features
 from devise.metrics import flat_hit_at_k
-from devise.model import DeviseModel, load_model_folder, random_label_vectors, save_keras_model
+from devise.model import DeviseModel, load_model_folder, random_label_vectors, save_keras_model, write_run_manifest
 from devise.presets import recipe_settings
 from devise.runtime import device_count, process_index_and_count
 from devise.vectors import embed_labels, load_vectors, quiet_dropped_labels, unit_rows
@@ -320,6 +321,7 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
     if out is not None:
         save_keras_model(model, out / "model.keras")
         _write_json(out / "history.json", run.history)
+        write_run_manifest(out, settings)
         run.path, run.name = out, str(out)
     return run
 
@@ -403,17 +405,21 @@ def restore_optimizer(model, arrays) -> None:
 
 
 def _write_checkpoint(out: Path, model, loss_fn, state, best_weights) -> None:
-    """Write checkpoint/ (model.keras, optimizer + best weights, state.json) as one atomic folder swap."""
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-checkpoint-"))
-    model.save(tmp / "model.keras")
-    arrays = optimizer_arrays(model)
-    if best_weights is not None:
-        arrays.update({f"best_{i}": w for i, w in enumerate(best_weights)})
-    if getattr(loss_fn, "seed_generator", None) is not None:
-        arrays["loss_seed_state"] = np.array(loss_fn.seed_generator.state.value)
-    np.savez(tmp / "arrays.npz", **arrays)
-    (tmp / "state.json").write_text(json.dumps(state))
+    """Write checkpoint/ (model.keras, optimizer + best weights, state.json, manifest.json) as one atomic
+    folder swap; a full disk is one line, the partial folder removed and the last checkpoint kept."""
     final, old = out / "checkpoint", out / "checkpoint.old"
+    with write_errors(final):
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-checkpoint-"))
+    with write_errors(final, cleanup=[tmp]):
+        model.save(tmp / "model.keras")
+        arrays = optimizer_arrays(model)
+        if best_weights is not None:
+            arrays.update({f"best_{i}": w for i, w in enumerate(best_weights)})
+        if getattr(loss_fn, "seed_generator", None) is not None:
+            arrays["loss_seed_state"] = np.array(loss_fn.seed_generator.state.value)
+        np.savez(tmp / "arrays.npz", **arrays)
+        (tmp / "state.json").write_text(json.dumps(state))
+        write_manifest(tmp)
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
@@ -430,6 +436,11 @@ def _load_checkpoint(out: Path, model, loss_fn):
     if not (folder / "state.json").is_file():
         folder = out / "checkpoint.old"      # a crash between the two renames of _write_checkpoint
     if not (folder / "state.json").is_file():
+        return fresh, None
+    try:
+        check_manifest(folder)
+    except DeviseError as exc:  # damaged on disk: training again from the start is slower, never wrong
+        warnings.warn(f"{exc}; the checkpoint is not used, training starts again", stacklevel=2)
         return fresh, None
     state = json.loads((folder / "state.json").read_text())
     saved = keras.saving.load_model(folder / "model.keras", compile=False)
@@ -640,6 +651,7 @@ def train_dataset(dataset_spec, method: str | None = None, *, preset: str | None
         run.history["seen_test"].update(images=int(len(seen_y)), classes=int(len(train_classes)))
     if run.path is not None:
         _write_json(run.path / "history.json", run.history)
+        write_run_manifest(run.path, run.settings)
     return run
 
 

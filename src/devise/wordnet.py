@@ -290,8 +290,8 @@ def _load(folder: str) -> WordNet:
             raise DeviseError(f"{folder}/data.noun: not a readable WordNet noun database ({exc})") from None
         try:
             _atomic_pickle(parsed, cache)
-        except OSError:
-            pass  # a read-only data home only costs speed
+        except (OSError, DeviseError):  # storage says a failed write as a DeviseError
+            pass  # a read-only or full data home only costs speed
     wordnet = WordNet.__new__(WordNet)
     wordnet._set_state(parsed)
     return wordnet
