@@ -34,7 +34,7 @@ from devise.errors import DeviseError
 # The decode/resize policy is versioned where it lives (images.py): when it changes, old stores stop matching.
 from devise.images import POLICY_VERSION as IMAGE_POLICY_VERSION
 from devise.images import load_images
-from devise.pipeline import DECODE_MODES, choose_decoder, decode_chunks, forward_chunks, padded_batches  # noqa: F401
+from devise.pipeline import Decoder, choose_decoder, decode_chunks, forward_chunks, padded_batches
 from devise.storage import (atomic_write_json, check_free_space, check_manifest, locked, publish_folder,
                             remove, write_manifest)
 from devise.runtime import (cached_forward, default_batch_size, device_count, gather_from_hosts, pad_batch,
@@ -56,9 +56,10 @@ class FeatureSet:
     folder: Path
 
 
-def images_key(paths: list[str], size: int) -> str:
-    """Hash of the image list and each file's size and mtime, plus the decode policy."""
-    digest = hashlib.sha256(f"{IMAGE_POLICY_VERSION}|{size}".encode())
+def images_key(paths: list[str], size: int, decoder_policy: str = "") -> str:
+    """Hash of the image list and each file's size and mtime, plus the decode policy (and the decoder's
+    own mark where it does not give the CPU path's exact pixels: JPEGs decoded on the GPU)."""
+    digest = hashlib.sha256(f"{IMAGE_POLICY_VERSION}{decoder_policy}|{size}".encode())
     for p in paths:
         try:
             st = os.stat(p)
@@ -141,9 +142,9 @@ def _discard_damaged(folder: Path, why) -> None:
     remove(folder)
 
 
-def image_store_folder(paths: list[str], size: int) -> Path:
+def image_store_folder(paths: list[str], size: int, decoder_policy: str = "") -> Path:
     """Where the uint8 store of these images at this size lives (known before it is built)."""
-    return data_home() / "images" / f"{size}px-{images_key(paths, size)}"
+    return data_home() / "images" / f"{size}px-{images_key(paths, size, decoder_policy)}"
 
 
 def _finished_store(folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
@@ -151,16 +152,14 @@ def _finished_store(folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
     return None if arrays is None else (arrays["images"], np.asarray(arrays["valid"]))
 
 
-def _decode_chunks(paths: list[str], size: int, chunk_size: int, workers: int | None, progress: bool,
-                   decode: str = "auto", say: bool = False):
+def _decode_chunks(paths: list[str], size: int, chunk_size: int, decoder: Decoder, progress: bool):
     """Fill the image store chunk by chunk; yield (lo, hi, images, valid[lo:hi]) once rows lo:hi are on disk.
 
     devise.pipeline.decode_chunks decodes the next chunk (straight into the memory-mapped store) while the
     caller uses the one just yielded. Chunks already done by a killed run are yielded at once. The store
     is finished (renamed into place) after the last chunk.
     """
-    decoder = choose_decoder(decode, workers, say=say)
-    folder = image_store_folder(paths, size)
+    folder = image_store_folder(paths, size, decoder.policy)
     n = len(paths)
     n_chunks = -(-n // chunk_size)
     store = _ChunkedArrays(folder, {"images": (n, size, size, 3), "valid": (n,)},
@@ -184,7 +183,6 @@ def _decode_chunks(paths: list[str], size: int, chunk_size: int, workers: int | 
     finally:
         decoded.close()  # cancels what it had queued, when left by an error or an abandoned generator
         bar.close()
-        decoder.close()
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable image(s): " + "; ".join(bad), stacklevel=3)
     elif not valid.all():  # resumed run: the warning was given before the crash; repeat the count
@@ -206,24 +204,27 @@ def build_image_store(paths: list[str], size: int = 224, *, chunk_size: int = 51
     paths = [str(p) for p in paths]
     if not paths:
         raise DeviseError("no images to decode (empty image list)")
-    folder = image_store_folder(paths, size)
-    if _finished_store(folder) is None:
-        for _ in _store_chunks(paths, size, chunk_size, workers, progress, decode, say=progress):
-            pass
+    decoder = choose_decoder(decode, workers, say=progress)
+    folder = image_store_folder(paths, size, decoder.policy)
+    try:
+        if _finished_store(folder) is None:
+            for _ in _store_chunks(paths, size, chunk_size, decoder, progress):
+                pass
+    finally:
+        decoder.close()
     images, valid = _finished_store(folder)
     return images, valid, folder
 
 
-def _store_chunks(paths: list[str], size: int, chunk_size: int, workers: int | None, progress: bool,
-                  decode: str = "auto", say: bool = False):
+def _store_chunks(paths: list[str], size: int, chunk_size: int, decoder: Decoder, progress: bool):
     """(lo, hi, images, valid[lo:hi]) per chunk of the image store: decoded here (_decode_chunks) while this
     process holds the store's lock, or read from the finished store, also when another process finished it
     while this one waited for the lock."""
-    folder = image_store_folder(paths, size)
+    folder = image_store_folder(paths, size, decoder.policy)
     with locked(folder):
         stored = _finished_store(folder)
         if stored is None:
-            yield from _decode_chunks(paths, size, chunk_size, workers, progress, decode, say)
+            yield from _decode_chunks(paths, size, chunk_size, decoder, progress)
             return
         for lo in range(0, len(paths), chunk_size):
             yield lo, min(len(paths), lo + chunk_size), stored[0], stored[1][lo:lo + chunk_size]
@@ -259,7 +260,8 @@ def extract_features(dataset_or_paths, backbone=defaults.TRAIN_BACKBONE, *, batc
     if not paths:
         raise DeviseError("no images to compute features for (empty image list)")
     bb = load_backbone(backbone) if isinstance(backbone, str) else backbone
-    store_folder = image_store_folder(paths, bb.image_size)
+    decoder = choose_decoder(decode, say=progress)
+    store_folder = image_store_folder(paths, bb.image_size, decoder.policy)
     key = hashlib.sha256(f"{FEATURES_VERSION}|{bb.cache_key}|{store_folder.name}".encode()).hexdigest()[:20]
     folder = data_home() / "features" / bb.name / key
     arrays = _open_features(folder, bb)
@@ -267,7 +269,10 @@ def extract_features(dataset_or_paths, backbone=defaults.TRAIN_BACKBONE, *, batc
         with locked(folder):  # one writer: a second run of the same images waits, then reads its result
             arrays = _open_features(folder, bb)
             if arrays is None:
-                _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decode, progress)
+                try:
+                    _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decoder, progress)
+                finally:
+                    decoder.close()
                 arrays = _open_features(folder, bb)
     if arrays is None:
         raise DeviseError(f"{folder}: the feature cache just written is unreadable (see the warning above)")
@@ -301,7 +306,7 @@ def _open_features(folder: Path, bb) -> dict | None:
     return arrays
 
 
-def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decode, progress) -> None:
+def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decoder, progress) -> None:
     n = len(paths)
     n_chunks = -(-n // chunk_size)
     shapes = {"features": (n, bb.feature_dim), "valid": (n,)}
@@ -321,7 +326,7 @@ def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, d
         skip = _done_on_every_host(cache.done, n_chunks)  # every host must run the same chunks
         chunks = _host_chunks(paths, bb.image_size, chunk_size, batch_size, process, processes, skip)
     else:  # decoded now, or read from the store an earlier call made
-        chunks = _store_chunks(paths, bb.image_size, chunk_size, None, False, decode, say=progress)
+        chunks = _store_chunks(paths, bb.image_size, chunk_size, decoder, False)
 
     def batches():
         for c, (lo, hi, images, chunk_valid) in enumerate(chunks):

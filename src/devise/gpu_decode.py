@@ -10,8 +10,9 @@ same forward and the same caches.
 
 What this path leaves to the CPU (devise.images): files that are not JPEG, JPEGs nvImageCodec cannot
 decode (said by the CPU path in its own words when it cannot either), CMYK JPEGs and images over
-images.MAX_PIXELS. Pillow decodes big JPEGs at a reduced DCT scale (draft) first, nvJPEG at full size:
-the framed pixels differ by a few levels (tests/test_gpu_decode.py states the tolerance on a CPU).
+images.MAX_PIXELS. Pillow decodes big JPEGs at a reduced DCT scale (draft), nvJPEG at full size; the
+device reduces them by the same factor (a box average) before the resize, so the framed pixels differ
+from the CPU path's by about half a level on average (tests/test_gpu_decode.py states the tolerance).
 """
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ _PAD = 256  # decoded images are padded up to a multiple of this (few compiled s
 _FRAME_BYTES = 2 << 30  # float32 pixels framed per compiled call (a batch of 12 MP photos is split)
 
 
+def draft_scale(height: int, width: int, size: int) -> int:
+    """The DCT scale (1, 2, 4 or 8) Pillow's JPEG draft decodes at for devise.images.load_image (its rule)."""
+    short = round(size / CROP_FRACTION)
+    most = min(width // short, height // short)
+    return next(s for s in (8, 4, 2, 1) if most >= s or s == 1)
+
+
 def crop_geometry(height: int, width: int, size: int) -> tuple[float, float, float, float]:
     """(scale_y, scale_x, top, left) of devise.images' opaque framing: resize to (new_h, new_w) with the
     short side at round(size / 0.875), then crop size x size at (top, left) of the resized image."""
@@ -38,41 +46,49 @@ def crop_geometry(height: int, width: int, size: int) -> tuple[float, float, flo
 
 
 @functools.lru_cache(maxsize=None)
-def _framer(size: int):
+def _framer(size: int, draft: int):
     import jax
     import jax.numpy as jnp
 
     def frame(image, scale, top_left):
+        x = image.astype(jnp.float32)
+        if draft > 1:  # the draft's reduced DCT scale, as a box average (its ceil-sized last block is never sampled)
+            x = x.reshape(x.shape[0] // draft, draft, x.shape[1] // draft, draft, 3).mean(axis=(1, 3))
         # output pixel o samples input (o + 0.5 - t) / s - 0.5: with t = -top_left it is resized pixel o + top_left
-        out = jax.image.scale_and_translate(image.astype(jnp.float32), (size, size, 3), (0, 1), scale,
-                                            -top_left, method="cubic", antialias=True)
+        out = jax.image.scale_and_translate(x, (size, size, 3), (0, 1), scale, -top_left, method="cubic",
+                                            antialias=True)
         return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
 
     return jax.jit(jax.vmap(frame))
 
 
-def frame_on_device(images, size: int):
+def frame_on_device(images, size: int, draft: bool = True):
     """Decoded (h, w, 3) uint8 images (JAX device arrays, or anything jnp.asarray takes) -> uint8
-    (n, size, size, 3) framed as devise.images frames an opaque image; on the images' device.
+    (n, size, size, 3) framed as devise.images frames an opaque image, on the images' device.
 
-    Images are padded to a multiple of 256 pixels per side and framed in groups of one padded shape (a
-    compile per group shape, not per image size); the crop keeps 16 resized pixels clear of every image
-    edge at 224 px, so the padding never reaches an output pixel."""
+    draft: first reduce big images as Pillow's JPEG draft does on the CPU path (by 2, 4 or 8: a box
+    average standing in for the DCT scaling), so both paths give nearly the same pixels. Images are
+    padded to a multiple of 256 pixels per side and framed in groups of one padded shape (a compile per
+    group shape, not per image size); the crop keeps 16 resized pixels clear of every image edge at
+    224 px, so the padding never reaches an output pixel."""
     import jax.numpy as jnp
 
     images = [jnp.asarray(im) for im in images]
     out = [None] * len(images)
-    groups: dict[tuple[int, int], list[int]] = {}
+    groups: dict[tuple[int, int, int], list[int]] = {}
     for i, im in enumerate(images):
-        groups.setdefault((-(-im.shape[0] // _PAD) * _PAD, -(-im.shape[1] // _PAD) * _PAD), []).append(i)
-    for (ph, pw), members in groups.items():
+        h, w = im.shape[:2]
+        key = (-(-h // _PAD) * _PAD, -(-w // _PAD) * _PAD, draft_scale(h, w, size) if draft else 1)
+        groups.setdefault(key, []).append(i)
+    for (ph, pw, s), members in groups.items():
         per_call = max(1, _FRAME_BYTES // (ph * pw * 3 * 4))
         for lo in range(0, len(members), per_call):
             part = members[lo:lo + per_call]
             padded = jnp.stack([jnp.pad(images[i], ((0, ph - images[i].shape[0]), (0, pw - images[i].shape[1]), (0, 0)))
                                 for i in part])
-            geometry = np.array([crop_geometry(images[i].shape[0], images[i].shape[1], size) for i in part], np.float32)
-            framed = _framer(size)(padded, jnp.asarray(geometry[:, :2]), jnp.asarray(geometry[:, 2:]))
+            geometry = np.array([crop_geometry(-(-images[i].shape[0] // s), -(-images[i].shape[1] // s), size)
+                                 for i in part], np.float32)
+            framed = _framer(size, s)(padded, jnp.asarray(geometry[:, :2]), jnp.asarray(geometry[:, 2:]))
             for j, i in enumerate(part):
                 out[i] = framed[j]
     return jnp.stack(out) if out else jnp.zeros((0, size, size, 3), jnp.uint8)

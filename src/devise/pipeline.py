@@ -73,6 +73,11 @@ class Decoder:
     _pool: object = field(default=None, repr=False)
     _owned: bool = field(default=False, repr=False)
 
+    @property
+    def policy(self) -> str:
+        """Marks the image store's key where pixels differ from the CPU path's (devise.features.images_key)."""
+        return "" if self.gpu is None else "+gpu-jpeg-box-draft"
+
     def describe(self) -> str:
         cpu = f"CPU ({self.workers} {self.mode})"
         return (f"decoding: JPEG on the GPU (nvImageCodec), other files on the {cpu}" if self.gpu is not None
