@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 KERAS_BACKEND=${KERAS_BACKEND:-jax}
 PHOTO_DIR=()
 if [ -d .gpu ]; then
   PHOTO_DIR=(--photo-dir .gpu/photos)
