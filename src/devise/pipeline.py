@@ -153,7 +153,8 @@ def _submit_chunk(decoder: Decoder, images: np.ndarray, store_file: str | None, 
         jpegs = [r for r in rows if decoder.gpu.takes(paths[r])]
         if jpegs:
             tasks.append((jpegs, decoder.gpu.submit([paths[r] for r in jpegs], size, images, jpegs)))
-        rows = [r for r in rows if r not in set(jpegs)]
+        on_gpu = set(jpegs)
+        rows = [r for r in rows if r not in on_gpu]
     # Threads write into the array; processes into the store file, or return their rows (no store).
     target = images if decoder.mode == "threads" else store_file
     for i in range(0, len(rows), _TASK_ROWS):
