@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU figure of the speed table in one run (168 s on one H200 before the pipeline step was added;
-# steps; each step has its own time limit, 7.5 minutes in all), each step printing RESULT {json} lines, and
+# each step has its own time limit, 7.5 minutes in all), each step printing RESULT {json} lines, and
 # at the end one line per figure, `RESULT gpu.<name> <value>`:
 # - features: JPEG photos -> features (cold; JPEGs decoded on the GPU when nvImageCodec is there) and from
 #   the uint8 store, against the raw jitted forward; CPU decode in its default mode against the better of
