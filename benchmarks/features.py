@@ -4,7 +4,9 @@ same process, and against one `model.predict` per image as the Keras blog did. S
 - decode only: decoding + resizing the files into the uint8 store (threads, the default), no forward;
 - from the store: features with the uint8 store already built (store read + forward + cache write);
 - cold: features from the image files in an empty data home (decode + store + forward + cache write);
-- decode only in spawned processes (`decode="processes"`) instead of threads, same files.
+- decode only in threads and in spawned processes (`decode="threads"` / `"processes"`), same files: the
+  CPU default mode here (devise.pipeline.cpu_decode_mode) against the better of the two; on a GPU with
+  nvImageCodec the default decode (and cold features) decode JPEGs on the GPU.
 Images: N emoji benchmark images (PNG) if it is built, else (or with --photos) copies of foolbox's 20
 ImageNet JPEG photos. Repeats are interleaved so load on a noisy machine hits every variant alike.
 Last line: RESULT {"images_per_s": .., "ratio_vs_forward": .., "ratio_vs_per_image_predict": .., ...}
@@ -27,6 +29,7 @@ import numpy as np
 from devise.backbones import load_backbone
 from devise.features import backbone_forward, build_image_store, extract_features
 from devise.images import load_images
+from devise.pipeline import choose_decoder, cpu_decode_mode
 from devise.runtime import default_batch_size, pad_batch, platform
 
 
@@ -78,7 +81,7 @@ def main() -> None:
     raw_forward()  # compile
     os.environ["DEVISE_HOME"] = str(scratch / "warm")
     build_image_store(paths[:32], backbone.image_size, decode="processes", progress=False)  # start the workers
-    forward_s, cached_s, decode_s, store_s, processes_s = [], [], [], [], []
+    forward_s, cached_s, decode_s, store_s, processes_s, threads_s = [], [], [], [], [], []
     for r in range(args.repeats):
         t = time.perf_counter()
         raw_forward()
@@ -100,6 +103,10 @@ def main() -> None:
         t = time.perf_counter()
         build_image_store(paths, backbone.image_size, decode="processes", progress=False)
         processes_s.append(time.perf_counter() - t)
+        os.environ["DEVISE_HOME"] = str(scratch / f"decode-threads{r}")
+        t = time.perf_counter()
+        build_image_store(paths, backbone.image_size, decode="threads", progress=False)
+        threads_s.append(time.perf_counter() - t)
 
     # The Keras blog's way: one model.predict call per image.
     model = backbone.features_model
@@ -114,14 +121,19 @@ def main() -> None:
     store_ips = len(paths) / statistics.median(store_s)
     decode_ips = len(paths) / statistics.median(decode_s)
     processes_ips = len(paths) / statistics.median(processes_s)
+    threads_ips = len(paths) / statistics.median(threads_s)
+    cpu_mode = cpu_decode_mode()
     print(f"platform {platform()}, {len(paths)} images ({Path(paths[0]).parent.parent.name}), batch {args.batch_size}")
     print(f"jitted forward only     {forward_ips:8.1f} images/s   (median of {args.repeats})")
-    print(f"decode only             {decode_ips:8.1f} images/s   files -> uint8 store, {os.cpu_count()} threads")
+    print(f"decode only             {decode_ips:8.1f} images/s   files -> uint8 store, the default: "
+          f"{choose_decoder(say=False).describe()}")
     print(f"features from the store {store_ips:8.1f} images/s   store read + forward + cache write")
     print(f"devise features (cold)  {features_ips:8.1f} images/s   decode + store + forward + cache write")
     print(f"model.predict per image {per_image_ips:8.1f} images/s   ({args.per_image} images)")
     print(f"decode only, processes  {processes_ips:8.1f} images/s   the same in {os.cpu_count()} spawned processes "
           "(started once, reused)")
+    print(f"decode only, threads    {threads_ips:8.1f} images/s   the same in {os.cpu_count()} threads; "
+          f"CPU default here: {cpu_mode}")
     shutil.rmtree(scratch, ignore_errors=True)
     print("RESULT " + json.dumps({
         "images_per_s": round(features_ips, 1),
@@ -134,7 +146,10 @@ def main() -> None:
         "cold_ratio_vs_bottleneck": round(features_ips / min(decode_ips, forward_ips), 3),
         "decode_images_per_s": round(decode_ips, 1),
         "per_image_predict_images_per_s": round(per_image_ips, 1),
-        "decode_threads_vs_processes": round(decode_ips / processes_ips, 3),
+        "decode_threads_vs_processes": round(threads_ips / processes_ips, 3),
+        "cpu_default_mode": cpu_mode,
+        "cpu_default_vs_best_mode": round({"threads": threads_ips, "processes": processes_ips}[cpu_mode]
+                                          / max(threads_ips, processes_ips), 3),
     }))
 
 

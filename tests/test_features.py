@@ -94,7 +94,7 @@ def test_processes_decode_the_same_store_as_threads(home, foolbox_photos, tmp_pa
     assert valid_p.tolist() == valid_t.tolist() and valid_p.sum() == 39 and not valid_p[20]
     np.testing.assert_array_equal(processes, threads)
     assert processes[:20].reshape(20, -1).max(axis=1).min() > 0  # every decoded row was written
-    with pytest.raises(DeviseError, match="decode must be one of threads, processes"):
+    with pytest.raises(DeviseError, match="decode must be one of auto, threads, processes, gpu"):
         build_image_store(paths[:3], 64, decode="fibers")
 
 

@@ -268,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=defaults.TRAIN_BACKBONE, help="one of list_backbones() (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 2 per device on CPU, 256 on GPU")
     p.add_argument("--chunk-size", type=int, default=512, help="images per resumable chunk")
-    p.add_argument("--decode", choices=("threads", "processes"), default="threads",
-                   help="decode images in threads (default) or spawned processes, one per core")
+    p.add_argument("--decode", choices=("auto", "threads", "processes", "gpu"), default="auto",
+                   help="auto (default): JPEGs on the GPU where nvImageCodec and CUDA are there, else the faster "
+                        "CPU mode here (processes from 4 cores); or threads / processes, one per core")
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("evaluate", help="the paper's metrics for one trained run folder")

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import warnings
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +33,8 @@ from devise.storage import atomic_write_json
 from devise.errors import DeviseError
 # The decode/resize policy is versioned where it lives (images.py): when it changes, old stores stop matching.
 from devise.images import POLICY_VERSION as IMAGE_POLICY_VERSION
-from devise.images import _load_or_none, load_images
+from devise.images import load_images
+from devise.pipeline import Decoder, choose_decoder, decode_chunks, forward_chunks, padded_batches
 from devise.storage import (atomic_write_json, check_free_space, check_manifest, locked, preallocate,
                             publish_folder, remove, write_manifest)
 from devise.runtime import (cached_forward, default_batch_size, device_count, gather_from_hosts, pad_batch,
@@ -58,9 +56,10 @@ class FeatureSet:
     folder: Path
 
 
-def images_key(paths: list[str], size: int) -> str:
-    """Hash of the image list and each file's size and mtime, plus the decode policy."""
-    digest = hashlib.sha256(f"{IMAGE_POLICY_VERSION}|{size}".encode())
+def images_key(paths: list[str], size: int, decoder_policy: str = "") -> str:
+    """Hash of the image list and each file's size and mtime, plus the decode policy (and the decoder's
+    own mark where it does not give the CPU path's exact pixels: JPEGs decoded on the GPU)."""
+    digest = hashlib.sha256(f"{IMAGE_POLICY_VERSION}{decoder_policy}|{size}".encode())
     for p in paths:
         try:
             st = os.stat(p)
@@ -144,9 +143,9 @@ def _discard_damaged(folder: Path, why) -> None:
     remove(folder)
 
 
-def image_store_folder(paths: list[str], size: int) -> Path:
+def image_store_folder(paths: list[str], size: int, decoder_policy: str = "") -> Path:
     """Where the uint8 store of these images at this size lives (known before it is built)."""
-    return data_home() / "images" / f"{size}px-{images_key(paths, size)}"
+    return data_home() / "images" / f"{size}px-{images_key(paths, size, decoder_policy)}"
 
 
 def _finished_store(folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
@@ -154,99 +153,37 @@ def _finished_store(folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
     return None if arrays is None else (arrays["images"], np.asarray(arrays["valid"]))
 
 
-def _decode_rows(store_file: str, lo: int, paths: list[str], size: int, images=None) -> list[str | None]:
-    """Decode `paths` into rows lo.. of the store's images.npy (opened here in a worker process, or the
-    caller's memory map in a thread): for each row None, or the one-line reason its file is unreadable."""
-    if images is None:
-        images = np.load(store_file, mmap_mode="r+")  # the same file, shared through the page cache
-    errors = []
-    for i, path in enumerate(paths, start=lo):
-        result = _load_or_none((path, size))
-        images[i] = 0 if isinstance(result, str) else result
-        errors.append(result if isinstance(result, str) else None)
-    return errors
-
-
-DECODE_MODES = ("threads", "processes")
-_TASK_ROWS = 16  # images per decoding task
-
-
-_PROCESS_POOLS: dict[int, ProcessPoolExecutor] = {}
-
-
-def _decode_pool(decode: str, workers: int):
-    """(pool, whether the caller shuts it down)."""
-    # Threads by default: Pillow releases the GIL while it decodes and resizes (on 2 cores they match
-    # processes: benchmarks/features.py), and they need no `if __name__ == "__main__"` guard in a user's
-    # script. Processes are spawned, never forked beside JAX's threads; a spawned worker re-imports the
-    # caller's main module (seconds if that imports JAX), so the pool is kept for later calls.
-    if decode == "threads":
-        return ThreadPoolExecutor(workers), True
-    if decode == "processes":
-        if workers not in _PROCESS_POOLS:
-            spawn = multiprocessing.get_context("spawn")
-            _PROCESS_POOLS[workers] = ProcessPoolExecutor(workers, mp_context=spawn)
-        return _PROCESS_POOLS[workers], False
-    raise DeviseError(f"decode must be one of {', '.join(DECODE_MODES)}, not {decode!r}")
-
-
-def _decode_chunks(paths: list[str], size: int, chunk_size: int, workers: int | None, progress: bool,
-                   decode: str = "threads"):
+def _decode_chunks(paths: list[str], size: int, chunk_size: int, decoder: Decoder, progress: bool):
     """Fill the image store chunk by chunk; yield (lo, hi, images, valid[lo:hi]) once rows lo:hi are on disk.
 
-    The pool (threads or processes, writing straight into the memory-mapped store) decodes the next chunk
-    while the caller uses the one just yielded, so a forward pass on a GPU overlaps decoding and both run
-    at the speed of the slower one (on a CPU they share the cores: no gain, no loss measured). Chunks
-    already done by a killed run are yielded at once. The store is finished (renamed into place) after
-    the last chunk.
+    devise.pipeline.decode_chunks decodes the next chunk (straight into the memory-mapped store) while the
+    caller uses the one just yielded. Chunks already done by a killed run are yielded at once. The store
+    is finished (renamed into place) after the last chunk.
     """
-    pool, owned = _decode_pool(decode, workers or os.cpu_count() or 1)
-    folder = image_store_folder(paths, size)
+    folder = image_store_folder(paths, size, decoder.policy)
     n = len(paths)
     n_chunks = -(-n // chunk_size)
     store = _ChunkedArrays(folder, {"images": (n, size, size, 3), "valid": (n,)},
                            {"images": "uint8", "valid": "bool"}, n_chunks)
     images, valid = store.arrays["images"], store.arrays["valid"]
-    store_file = str(store.partial / "images.npy")
     if store.done:
         tqdm.write(f"resuming image store: {len(store.done)} of {n_chunks} chunks already done")
     bad: list[str] = []
     bar = tqdm(total=n, initial=sum(min(chunk_size, n - c * chunk_size) for c in store.done),
                desc="decoding images", unit="img", disable=not progress)
-
-    def submit(c):
-        end = min(n, (c + 1) * chunk_size)
-        shared = images if decode == "threads" else None
-        return [(lo, pool.submit(_decode_rows, store_file, lo, paths[lo:min(lo + _TASK_ROWS, end)], size, shared))
-                for lo in range(c * chunk_size, end, _TASK_ROWS)]
-
-    pending: dict[int, list] = {}  # chunk -> (first row, future) of its tasks
+    decoded = decode_chunks(paths, size, chunk_size, decoder, images=images,
+                            store_file=str(store.partial / "images.npy"), skip=set(store.done), bar=bar)
     try:
         for c in range(n_chunks):
             lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
             if c not in store.done:
-                # this chunk, and the next one, which decodes while the caller works on this one
-                for t in islice((t for t in range(c, n_chunks) if t not in store.done), 2):
-                    if t not in pending:
-                        pending[t] = submit(t)
-                for first, future in pending.pop(c):
-                    try:
-                        errors = future.result()
-                    except BrokenProcessPool:
-                        _PROCESS_POOLS.clear()  # the next call starts new workers
-                        raise DeviseError("a decoding process died (out of memory?): run again to resume") from None
-                    valid[first:first + len(errors)] = [e is None for e in errors]
-                    bad += [e for e in errors if e is not None]
-                    bar.update(len(errors))
+                _, _, _, _, valid[lo:hi], errors = next(decoded)
+                bad += errors
                 store.mark_done(c)
             yield lo, hi, images, valid[lo:hi]
     finally:
+        decoded.close()  # cancels what it had queued, when left by an error or an abandoned generator
         bar.close()
-        for tasks in pending.values():  # left by an error or an abandoned generator
-            for _, future in tasks:
-                future.cancel()
-        if owned:
-            pool.shutdown()
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable image(s): " + "; ".join(bad), stacklevel=3)
     elif not valid.all():  # resumed run: the warning was given before the crash; repeat the count
@@ -256,34 +193,39 @@ def _decode_chunks(paths: list[str], size: int, chunk_size: int, workers: int | 
 
 
 def build_image_store(paths: list[str], size: int = 224, *, chunk_size: int = 512, workers: int | None = None,
-                      decode: str = "threads", progress: bool = True) -> tuple[np.ndarray, np.ndarray, Path]:
+                      decode: str = "auto", progress: bool = True) -> tuple[np.ndarray, np.ndarray, Path]:
     """Decode every image once into a memory-mapped uint8 store: (images (N,S,S,3), valid (N,), folder).
 
-    decode: "threads" (default) or "processes" (spawned; a script that calls this then needs the
-    `if __name__ == "__main__":` guard), `workers` of them (default: one per core).
+    decode: "auto" (default: JPEGs on the GPU where possible, else the faster CPU mode here), "gpu",
+    "threads" or "processes" (spawned; a script that asks for them needs the `if __name__ == "__main__":`
+    guard; "auto" picks them only for a script that has it), `workers` of them (default: one per core).
+    See devise.pipeline.choose_decoder.
     Unreadable images are reported in ONE warning that lists them, and marked invalid; the run goes on.
     """
     paths = [str(p) for p in paths]
     if not paths:
         raise DeviseError("no images to decode (empty image list)")
-    folder = image_store_folder(paths, size)
-    if _finished_store(folder) is None:
-        for _ in _store_chunks(paths, size, chunk_size, workers, progress, decode):
-            pass
+    decoder = choose_decoder(decode, workers, say=progress)
+    folder = image_store_folder(paths, size, decoder.policy)
+    try:
+        if _finished_store(folder) is None:
+            for _ in _store_chunks(paths, size, chunk_size, decoder, progress):
+                pass
+    finally:
+        decoder.close()
     images, valid = _finished_store(folder)
     return images, valid, folder
 
 
-def _store_chunks(paths: list[str], size: int, chunk_size: int, workers: int | None, progress: bool,
-                  decode: str = "threads"):
+def _store_chunks(paths: list[str], size: int, chunk_size: int, decoder: Decoder, progress: bool):
     """(lo, hi, images, valid[lo:hi]) per chunk of the image store: decoded here (_decode_chunks) while this
     process holds the store's lock, or read from the finished store, also when another process finished it
     while this one waited for the lock."""
-    folder = image_store_folder(paths, size)
+    folder = image_store_folder(paths, size, decoder.policy)
     with locked(folder):
         stored = _finished_store(folder)
         if stored is None:
-            yield from _decode_chunks(paths, size, chunk_size, workers, progress, decode)
+            yield from _decode_chunks(paths, size, chunk_size, decoder, progress)
             return
         for lo in range(0, len(paths), chunk_size):
             yield lo, min(len(paths), lo + chunk_size), stored[0], stored[1][lo:lo + chunk_size]
@@ -302,26 +244,8 @@ def backbone_forward(backbone):
     return lambda x, **kwargs: tuple(forward(x, **kwargs))
 
 
-def _forward_batches(forward, batches, **kwargs):
-    """Yield (start, features, logits) for each (start, count, fixed-size batch) of `batches`. The next
-    batch is dispatched before the previous one is read back, so the device never waits on the host."""
-    pending = None
-    for start, count, batch in batches:
-        outputs = forward(batch, **kwargs)
-        if pending is not None:
-            yield _read_back(*pending)
-        pending = (start, count, outputs)
-    if pending is not None:
-        yield _read_back(*pending)
-
-
-def _read_back(start, count, outputs):
-    feats, logits = outputs
-    return start, np.asarray(feats)[:count], (np.asarray(logits)[:count] if logits is not None else None)
-
-
 def extract_features(dataset_or_paths, backbone=defaults.TRAIN_BACKBONE, *, batch_size: int | None = None,
-                     chunk_size: int = 512, decode: str = "threads", progress: bool = True) -> FeatureSet:
+                     chunk_size: int = 512, decode: str = "auto", progress: bool = True) -> FeatureSet:
     """Pooled features (and ImageNet logits) for a dataset or a list of image paths, cached on disk.
 
     `backbone` is a name or a Backbone from devise.backbones.load_backbone. Images are decoded once into
@@ -337,7 +261,8 @@ def extract_features(dataset_or_paths, backbone=defaults.TRAIN_BACKBONE, *, batc
     if not paths:
         raise DeviseError("no images to compute features for (empty image list)")
     bb = load_backbone(backbone) if isinstance(backbone, str) else backbone
-    store_folder = image_store_folder(paths, bb.image_size)
+    decoder = choose_decoder(decode, say=progress)
+    store_folder = image_store_folder(paths, bb.image_size, decoder.policy)
     key = hashlib.sha256(f"{FEATURES_VERSION}|{bb.cache_key}|{store_folder.name}".encode()).hexdigest()[:20]
     folder = data_home() / "features" / bb.name / key
     arrays = _open_features(folder, bb)
@@ -345,7 +270,10 @@ def extract_features(dataset_or_paths, backbone=defaults.TRAIN_BACKBONE, *, batc
         with locked(folder):  # one writer: a second run of the same images waits, then reads its result
             arrays = _open_features(folder, bb)
             if arrays is None:
-                _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decode, progress)
+                try:
+                    _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decoder, progress)
+                finally:
+                    decoder.close()
                 arrays = _open_features(folder, bb)
     if arrays is None:
         raise DeviseError(f"{folder}: the feature cache just written is unreadable (see the warning above)")
@@ -379,7 +307,7 @@ def _open_features(folder: Path, bb) -> dict | None:
     return arrays
 
 
-def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decode, progress) -> None:
+def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decoder, progress) -> None:
     n = len(paths)
     n_chunks = -(-n // chunk_size)
     shapes = {"features": (n, bb.feature_dim), "valid": (n,)}
@@ -399,25 +327,33 @@ def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, d
         skip = _done_on_every_host(cache.done, n_chunks)  # every host must run the same chunks
         chunks = _host_chunks(paths, bb.image_size, chunk_size, batch_size, process, processes, skip)
     else:  # decoded now, or read from the store an earlier call made
-        chunks = _store_chunks(paths, bb.image_size, chunk_size, None, False, decode)
-    with tqdm(total=n, initial=done_images, desc=f"features ({bb.name})", unit="img",
-              disable=not progress) as bar:
+        chunks = _store_chunks(paths, bb.image_size, chunk_size, decoder, False)
+
+    def batches():
         for c, (lo, hi, images, chunk_valid) in enumerate(chunks):
             if c in skip:
                 continue
             if processes > 1:  # this host's slice of each batch; the outputs hold the whole batch
-                batches = ((start, min(batch_size, hi - start), images[i])
-                           for i, start in enumerate(range(lo, hi, batch_size)))
+                yield (c, lo, hi, chunk_valid), ((start, min(batch_size, hi - start), images[i])
+                                                 for i, start in enumerate(range(lo, hi, batch_size)))
             else:
-                batches = ((start, min(batch_size, hi - start), pad_batch(images[start:start + batch_size], batch_size))
-                           for start in range(lo, hi, batch_size))
-            for start, feats, logits in _forward_batches(forward, batches, process_local=processes > 1):
-                cache.arrays["features"][start:start + len(feats)] = feats
-                if logits is not None:
-                    cache.arrays["logits"][start:start + len(feats)] = logits
-                bar.update(len(feats))
-            cache.arrays["valid"][lo:hi] = chunk_valid
-            cache.mark_done(c)
+                yield (c, lo, hi, chunk_valid), padded_batches(lo, images[lo:hi], batch_size)
+
+    def write(start, feats, logits):  # in the pipeline's writer thread, in order
+        cache.arrays["features"][start:start + len(feats)] = feats
+        if logits is not None:
+            cache.arrays["logits"][start:start + len(feats)] = logits
+        bar.update(len(feats))
+
+    def chunk_done(chunk):
+        c, lo, hi, chunk_valid = chunk
+        cache.arrays["valid"][lo:hi] = chunk_valid
+        cache.mark_done(c)
+
+    with tqdm(total=n, initial=done_images, desc=f"features ({bb.name})", unit="img",
+              disable=not progress) as bar:
+        forward_chunks(batches(), forward, write, chunk_done,
+                       forward_kwargs={"process_local": True} if processes > 1 else None)
     cache.finish({"backbone": bb.name, "cache_key": bb.cache_key, "images": store_folder.name, "count": n})
 
 

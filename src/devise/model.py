@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 import threading
+import warnings
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,9 +37,11 @@ from devise.conse import cached_imagenet1k_class_vectors, conse_embed, conse_fro
 from devise.errors import DeviseError
 from devise.features import backbone_forward, extract_features
 from devise.images import describe, frame_array, load_image, load_images
+from devise.pipeline import bucket as _bucket
+from devise.pipeline import choose_decoder, decode_chunks, forward_chunks, padded_batches
 from devise.presets import DEFAULT_MODEL, PRESETS
 from devise.ranking import rank_labels, score_labels
-from devise.runtime import pad_batch, predict_in_batches
+from devise.runtime import default_batch_size, pad_batch, predict_in_batches
 from devise.vectors import GLOVE_SPEC, embed_labels, label_list, load_vectors, quiet_dropped_labels, unit_rows
 from devise.vocabulary import Vocabulary, load_vocabulary
 
@@ -88,15 +91,6 @@ def _load_keras_model(path: Path):
     except Exception as exc:  # noqa: BLE001 - Keras raises ValueError, OSError, zipfile and h5py errors alike
         first = (str(exc).strip().splitlines() or [""])[0]
         raise DeviseError(f"{path}: not a loadable Keras model ({type(exc).__name__}: {first})") from None
-
-
-def _bucket(n: int, batch_size: int) -> int:
-    """Padded batch size: the next power of two up to batch_size (a handful of compiled shapes, and a
-    single uploaded image does not pay for a full batch)."""
-    size = 1
-    while size < n and size < batch_size:
-        size *= 2
-    return min(size, batch_size)
 
 
 @dataclass(eq=False)
@@ -268,19 +262,44 @@ class DeviseModel:
             embeddings, valid = np.concatenate(rows), np.asarray(fs.valid, bool)
             embeddings[~valid] = 0.0
             return embeddings, valid
-        size = self.backbone.image_size
-        rows, valid = [], []
-        with tqdm(total=len(paths), desc=f"embedding ({self.name})", unit="img", disable=not progress) as bar:
-            for start in range(0, len(paths), LOAD_CHUNK):
-                images, ok = load_images(paths[start:start + LOAD_CHUNK], size)
-                embedded = self._encode_arrays(images)
-                embedded[~ok] = 0.0
-                rows.append(embedded)
-                valid.append(ok)
-                bar.update(len(ok))
-        if not rows:
+        return self._encode_files(paths, progress)
+
+    def _encode_files(self, paths: list[str], progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        """encode_paths without the cache: through devise.pipeline, as `devise features` (decode, forward
+        and the head overlap); the backbone forward under the model's lock (shared with the web server)."""
+        if not paths:
             return np.zeros((0, self.dim), np.float32), np.zeros(0, bool)
-        return np.concatenate(rows), np.concatenate(valid)
+        backbone = self.backbone
+        forward = backbone_forward(backbone)
+        batch_size = default_batch_size()
+        embeddings = np.zeros((len(paths), self.dim), np.float32)
+        valid = np.zeros(len(paths), bool)
+        bad: list[str] = []
+        decoder = choose_decoder("auto", say=progress)
+
+        def chunks():
+            for _, lo, hi, rows, ok, errors in decode_chunks(paths, backbone.image_size, LOAD_CHUNK, decoder):
+                valid[lo:hi] = ok
+                bad.extend(errors)
+                yield None, padded_batches(lo, rows, batch_size, small_last=True)
+
+        def locked_forward(batch):
+            with self._lock:  # dispatch only: the outputs are read back in the writer thread
+                return forward(batch)
+
+        def write(start, features, logits):
+            embeddings[start:start + len(features)] = self.encode_features(features, logits)
+            bar.update(len(features))
+
+        with tqdm(total=len(paths), desc=f"embedding ({self.name})", unit="img", disable=not progress) as bar:
+            try:
+                forward_chunks(chunks(), locked_forward, write)
+            finally:
+                decoder.close()
+        embeddings[~valid] = 0.0
+        if bad:
+            warnings.warn(f"skipped {len(bad)} unreadable image(s): " + "; ".join(bad), stacklevel=3)
+        return embeddings, valid
 
     # ------------------------------------------------------------ labels -> the label space
 
