@@ -28,12 +28,12 @@ from tqdm.auto import tqdm
 
 from devise import defaults
 from devise.assets import atomic_save_npz, atomic_write_json, imagenet1k_classes
+from devise.confidence import UNKNOWN, Confidence, answer, rank_with_probabilities, resolve_threshold
 from devise.conse import cached_imagenet1k_class_vectors, conse_embed, conse_from_logits
 from devise.errors import DeviseError
 from devise.features import backbone_forward, extract_features
 from devise.images import load_images
-from devise.presets import DEFAULT_MODEL, PRESETS
-from devise.ranking import rank_labels, score_labels
+from devise.presets import CONSE_CONFIDENCE, DEFAULT_MODEL, PRESETS
 from devise.runtime import pad_batch, predict_in_batches
 from devise.vectors import GLOVE_SPEC, embed_labels, load_vectors, quiet_dropped_labels, unit_rows
 from devise.vocabulary import Vocabulary, load_vocabulary
@@ -265,15 +265,28 @@ class DeviseModel:
 
     # ------------------------------------------------------------ naming images
 
-    def predict(self, images, labels=None, top: int = 5, vocab: str = "wordnet") -> list[list[dict]]:
-        """Per image its `top` labels [{"label", "synset", "score"}], best first: among `labels` (any
-        words or phrases) or, when None, the vocabulary `vocab` ("wordnet", "imagenet1k" or a file)."""
+    @property
+    def confidence(self) -> Confidence:
+        """Temperature and default "unknown" threshold (devise.confidence), fit on the run's validation
+        data (a preset's on the benchmark's validation split); defaults for runs that recorded none."""
+        return Confidence.from_dict(self.settings.get("confidence"))
+
+    def predict(self, images, labels=None, top: int = 5, vocab: str = "wordnet",
+                min_confidence: float | None = None) -> list[list[dict]]:
+        """Per image its `top` labels [{"label", "synset", "score", "probability"}], best first: among
+        `labels` (any words or phrases) or, when None, the vocabulary `vocab` ("wordnet", "imagenet1k" or
+        a file). score: the cosine; probability: calibrated, among the vocabulary (devise.confidence).
+        When the top label's probability is below min_confidence (default: the model's threshold), the
+        list starts with {"label": "unknown", ...} and the nearest labels follow."""
         self.check_open_vocabulary()
+        threshold = resolve_threshold(self, min_confidence)
         if labels is None:
             vocabulary = load_vocabulary(vocab, self.vectors_spec)
         else:
             vocabulary = Vocabulary.of_labels(list(labels), self.encode_labels(labels))
-        return rank_labels(score_labels(self.encode_images(images), vocabulary), vocabulary, top)
+        ranked = rank_with_probabilities(self, self.encode_images(images), vocabulary, top)
+        unknown = {"label": UNKNOWN, "synset": None, "score": None, "probability": None}
+        return [[unknown, *preds] if answer(preds, threshold) == UNKNOWN else preds for preds in ranked]
 
     # ------------------------------------------------------------ saving
 
@@ -303,6 +316,8 @@ def conse_model(backbone: str = defaults.BACKBONE, vectors: str = defaults.VECTO
     names = [imagenet1k_classes()[i]["name"] for i in kept]
     settings = {"method": "conse", "backbone": backbone, "vectors": str(vectors), "T": int(T), "imagenet": True,
                 "vector_dim": int(class_vectors.shape[1])}
+    if str(vectors) in CONSE_CONFIDENCE:
+        settings["confidence"] = dict(CONSE_CONFIDENCE[str(vectors)])
     return DeviseModel("conse", None, names, class_vectors, settings, class_columns=kept, name=name)
 
 
