@@ -9,6 +9,7 @@ devise.confidence.BACKGROUND. Prints `RESULT name value` lines (means over seeds
 
     METHODS=conse_imagenet1k,devise_hinge_mlp SEEDS=0,1,2 python benchmarks/confidence.py
     PRESETS=1 python benchmarks/confidence.py     # the ConSE presets' fits (presets.CONSE_CONFIDENCE)
+    THROUGHPUT=1 python benchmarks/confidence.py  # predict's images/s with and without the probability
 """
 from __future__ import annotations
 
@@ -115,5 +116,44 @@ def preset_fits(backbone: str = "efficientnet_lite0", seed: int = 0, backgrounds
                 f"{k} {m[k]:.3f}" for k in ("auroc", "ece", "kept_known_3labels", "unknown_rejected_3labels")), flush=True)
 
 
+def throughput(repeats: int = 7, n_images: int = 64) -> None:
+    """predict's cost of the probability: images -> ranked labels with and without it (the ConSE preset,
+    the ImageNet-1K vocabulary, the background selected once as the server does), interleaved, medians."""
+    from devise.confidence import background_pool, rank_with_probabilities, select_background
+    from devise.images import load_images
+    from devise.model import load
+    from devise.ranking import rank_labels, score_labels
+    from devise.vocabulary import load_vocabulary
+
+    model = load("conse")
+    dataset = load_dataset(defaults.BENCHMARK)
+    images, _ = load_images(dataset.paths[:n_images], model.backbone.image_size)
+    vocabulary = load_vocabulary("imagenet1k", model.vectors_spec)
+    t0 = time.perf_counter()
+    background = select_background(background_pool(model.vectors_spec), vocabulary.matrix, model.confidence.background)
+    select_s = time.perf_counter() - t0
+    model.encode_images(images)  # compile
+
+    def cosine_only():
+        embeddings = model.encode_images(images)
+        return rank_labels(score_labels(embeddings, vocabulary), vocabulary, 5)
+
+    def with_probability():
+        return rank_with_probabilities(model, model.encode_images(images), vocabulary, 5, background=background)
+
+    times = defaultdict(list)
+    for _ in range(repeats):
+        for name, fn in (("cosine", cosine_only), ("probability", with_probability)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    ratios = np.array(times["probability"]) / np.array(times["cosine"])
+    print(f"RESULT predict_images_per_s_cosine {n_images / np.median(times['cosine']):.1f}")
+    print(f"RESULT predict_images_per_s_probability {n_images / np.median(times['probability']):.1f}")
+    print(f"RESULT probability_time_ratio_median {np.median(ratios):.3f} (min {ratios.min():.3f}, max {ratios.max():.3f})")
+    print(f"RESULT background_selection_s_imagenet1k {select_s:.3f} (once per vocabulary)")
+
+
 if __name__ == "__main__":
-    preset_fits() if os.environ.get("PRESETS") == "1" else main()
+    mode = {"PRESETS": preset_fits, "THROUGHPUT": throughput}
+    next((fn for key, fn in mode.items() if os.environ.get(key) == "1"), main)()

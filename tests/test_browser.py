@@ -1,4 +1,5 @@
-"""The web page driven in headless Debian chromium with Playwright: one upload, one text search, a screenshot."""
+"""The web page driven in headless Debian chromium with Playwright: one upload, one text search, a screenshot;
+then the "unknown" answer against a few labels that are all wrong, a second screenshot."""
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshot.png"
+SCREENSHOT_UNKNOWN = SCREENSHOT.with_name("screenshot_unknown.png")
 CLASSES = ("cat", "cat face", "black cat", "dog", "guitar", "automobile", "house", "banana")
 
 
@@ -45,6 +47,11 @@ def test_upload_and_text_search_in_chromium(tmp_path):
             page.wait_for_selector("tr.prediction", timeout=60_000)
             labels = page.locator("tr.prediction td:first-child").all_inner_texts()
             assert len(labels) == 10 and any("cat" in label.split() for label in labels[:5]), labels
+            # every label shows its probability; the answer line names the top label or says "unknown"
+            probabilities = page.locator("tr.prediction td.probability").all_inner_texts()
+            assert len(probabilities) == 10 and all(p.endswith("%") for p in probabilities), probabilities
+            answer = page.locator("#answer").inner_text()
+            assert answer.startswith(labels[0]) or answer.startswith("unknown"), answer
 
             page.fill("#query", "cat")
             page.press("#query", "Enter")
@@ -61,3 +68,22 @@ def test_upload_and_text_search_in_chromium(tmp_path):
     assert (tmp_path / "page.png").stat().st_size > 10_000
     SCREENSHOT.parent.mkdir(exist_ok=True)
     shutil.copy(tmp_path / "page.png", SCREENSHOT)
+
+    # A handful of labels, all wrong for a cat: the page answers "unknown" and still lists them.
+    wrong = tmp_path / "labels.txt"
+    wrong.write_text("car\npiano\nbridge\n")
+    with running_server(create_app(vocab=str(wrong))) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            page.goto(url + "/")
+            page.wait_for_selector("#info:has-text('3 labels')", timeout=30_000)
+            page.set_input_files("#file", str(chelsea))
+            page.wait_for_selector("#answer.unknown", timeout=60_000)
+            assert page.locator("#answer").inner_text().startswith("unknown")
+            assert sorted(page.locator("tr.prediction td:first-child").all_inner_texts()) == ["bridge", "car", "piano"]
+            page.screenshot(path=str(tmp_path / "unknown.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "unknown.png").stat().st_size > 10_000
+    shutil.copy(tmp_path / "unknown.png", SCREENSHOT_UNKNOWN)

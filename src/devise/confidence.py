@@ -23,7 +23,11 @@ from functools import lru_cache
 
 import numpy as np
 
+from devise.assets import atomic_write_json
 from devise.errors import DeviseError
+from devise.ranking import rank_labels, score_labels
+from devise.vectors import embed_labels, load_vectors, quiet_dropped_labels
+from devise.wordnet import load_wordnet
 
 KEEP_KNOWN = 0.95  # the default threshold keeps this fraction of in-vocabulary validation images
 # Background labels added to the softmax (0: plain MCM). Chosen on the emoji benchmark's validation classes
@@ -34,6 +38,7 @@ BACKGROUND = 100
 BACKGROUND_POOL = 4000  # WordNet noun synsets sampled (seeded) as candidates
 DUPLICATE_COSINE = 0.9  # a candidate this close to an asked label is that label, never background
 TEMPERATURES = np.geomspace(0.002, 1.0, 121)  # the NLL grid (log-spaced)
+MIN_FIT_IMAGES, MIN_FIT_CLASSES = 30, 5  # less validation data than this: no threshold is fit
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,8 @@ class Confidence:
     """How a model turns cosines into probabilities: its temperature, its default "unknown" threshold,
     the background size, and the data they were fit on (for the record)."""
 
-    temperature: float = 0.05
-    min_confidence: float = 0.0
+    temperature: float = 0.05  # about what runs on the emoji benchmark fit (0.04-0.07)
+    min_confidence: float = 0.0  # unfit: always answer
     background: int = BACKGROUND
     fit_on: str = "not fit (defaults)"
 
@@ -58,8 +63,6 @@ class Confidence:
 
 @lru_cache(maxsize=4)
 def _pool_texts(size: int = BACKGROUND_POOL, seed: int = 0) -> tuple[list[str], list[str]]:
-    from devise.wordnet import load_wordnet
-
     wordnet = load_wordnet()
     ids = sorted(wordnet.all_noun_ids())
     picks = np.random.default_rng(seed).choice(len(ids), min(size, len(ids)), replace=False)
@@ -73,8 +76,6 @@ _pools: dict[str, np.ndarray] = {}
 def background_pool(vectors_spec: str) -> np.ndarray:
     """(P, D) unit vectors of the candidate background labels in a label space (computed once per space)."""
     if vectors_spec not in _pools:
-        from devise.vectors import embed_labels, load_vectors, quiet_dropped_labels
-
         names, _ = _pool_texts()
         with quiet_dropped_labels():
             _pools[vectors_spec] = np.asarray(embed_labels(names, load_vectors(vectors_spec), drop_missing=True).matrix,
@@ -132,8 +133,6 @@ def rank_with_probabilities(model, embeddings: np.ndarray, vocabulary, top_k: in
     """Per image its top_k [{"label", "synset", "score", "probability"}] among a devise.vocabulary
     Vocabulary: ranked by cosine (or the hubness-corrected score against `reference` embeddings), the
     probability from the raw cosines."""
-    from devise.ranking import rank_labels, score_labels
-
     scores = score_labels(embeddings, vocabulary, hubness, reference)
     cosines = embeddings @ vocabulary.matrix.T if hubness else scores
     return rank_labels(scores, vocabulary, top_k, label_probabilities(model, embeddings, cosines, vocabulary.matrix,
@@ -214,12 +213,15 @@ def store_confidence(run, model, features, true, vectors, names, fit_on: str = "
     """Fit a run's temperature and threshold with `model` (the run, or its stage-1 model that did not see
     the validation classes) on validation features against their vocabulary (vectors, names), and record
     them in the run's settings (settings.json rewritten atomically when the run has a folder)."""
-    from devise.assets import atomic_write_json
-
-    embeddings = model.encode_features(np.asarray(features, np.float32))
-    matrix = model.vectors_for(vectors, names)
-    conf = fit_confidence(embeddings @ matrix.T, np.asarray(true), embeddings, background_pool(run.vectors_spec),
-                          matrix, fit_on=f"{fit_on}: {len(true)} images, {len(names)} classes")
+    if len(true) < MIN_FIT_IMAGES or len(names) < MIN_FIT_CLASSES:
+        # A threshold from a handful of images would be noise: no threshold (always answer), default T.
+        conf = Confidence(fit_on=f"not fit: {len(true)} validation images of {len(names)} classes (fewer than "
+                                 f"{MIN_FIT_IMAGES} / {MIN_FIT_CLASSES}); no default threshold")
+    else:
+        embeddings = model.encode_features(np.asarray(features, np.float32))
+        matrix = model.vectors_for(vectors, names)
+        conf = fit_confidence(embeddings @ matrix.T, np.asarray(true), embeddings, background_pool(run.vectors_spec),
+                              matrix, fit_on=f"{fit_on}: {len(true)} images, {len(names)} classes")
     run.settings["confidence"] = conf.to_dict()
     if run.path is not None:
         atomic_write_json(run.path / "settings.json", run.settings, indent=2, sort_keys=True)

@@ -93,7 +93,7 @@ def format_predictions(results: list[dict], score_format: str = "{:+.3f}") -> st
         lines.append(result["image"])
         if "answer" in result:
             lines.append(f"  answer: {result['answer']}" + (
-                f"  (no label reaches {result['min_confidence']:.0%})" if result["answer"] == "unknown" else ""))
+                f"  (no label reaches {result['min_confidence']:.1%})" if result["answer"] == "unknown" else ""))
         for rank, pred in enumerate(result["predictions"], 1):
             synset = f"  ({pred['synset']})" if pred["synset"] else ""
             probability = f"  {pred['probability']:6.1%}" if "probability" in pred else ""
