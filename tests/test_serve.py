@@ -88,7 +88,7 @@ def test_page_info_and_openapi(client):
     assert page.status_code == 200 and "<title>devise" in page.text
     info = client.get("/api/info").json()
     assert info["model"] == "conse" and info["index"] == 8 and info["labels"] > 70_000
-    assert 0 < info["min_confidence"] < 1
+    assert info["min_confidence"] == 0  # WordNet: too many near-synonyms for the default threshold
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/predict", "/api/search", "/api/image", "/api/info"} <= set(paths)
 

@@ -276,14 +276,15 @@ class DeviseModel:
         """Per image its `top` labels [{"label", "synset", "score", "probability"}], best first: among
         `labels` (any words or phrases) or, when None, the vocabulary `vocab` ("wordnet", "imagenet1k" or
         a file). score: the cosine; probability: calibrated, among the vocabulary (devise.confidence).
-        When the top label's probability is below min_confidence (default: the model's threshold), the
-        list starts with {"label": "unknown", ...} and the nearest labels follow."""
+        When the top label's probability is below min_confidence (default: the model's threshold; none
+        above confidence.THRESHOLD_MAX_LABELS labels, e.g. WordNet's), the list starts with {"label": "unknown", ...} and the nearest labels follow."""
         self.check_open_vocabulary()
-        threshold = resolve_threshold(self, min_confidence)
+        resolve_threshold(self, min_confidence)  # a bad value fails before any work
         if labels is None:
             vocabulary = load_vocabulary(vocab, self.vectors_spec)
         else:
             vocabulary = Vocabulary.of_labels(list(labels), self.encode_labels(labels))
+        threshold = resolve_threshold(self, min_confidence, len(vocabulary.matrix))
         ranked = rank_with_probabilities(self, self.encode_images(images), vocabulary, top)
         unknown = {"label": UNKNOWN, "synset": None, "score": None, "probability": None}
         return [[unknown, *preds] if answer(preds, threshold) == UNKNOWN else preds for preds in ranked]

@@ -64,7 +64,7 @@ def predict(paths, model=DEFAULT_MODEL, vocab="wordnet", top_k: int = 5, hubness
     preset's label space (default: the preset's); a run folder brings its own. hubness: "csls" or
     "center", against `reference` (image embeddings or a search index folder; default: these images).
     min_confidence: below this probability the answer is "unknown" (default: the model's threshold,
-    chosen on validation data; 0 always answers).
+    chosen on validation data, for vocabularies of up to 1,000 labels; 0 always answers).
 
     Returns [{"image": PATH, "answer": LABEL or "unknown", "min_confidence": P, "predictions": [{"label",
     "synset", "score", "probability"}, ...]}] in rank order; score is the cosine (or the hubness-corrected
@@ -74,8 +74,9 @@ def predict(paths, model=DEFAULT_MODEL, vocab="wordnet", top_k: int = 5, hubness
     paths = expand_image_paths([paths] if isinstance(paths, (str, os.PathLike)) else paths)
     model = load(model, vectors)
     model.check_open_vocabulary()
-    threshold = resolve_threshold(model, min_confidence)
+    resolve_threshold(model, min_confidence)  # a bad value fails before any work
     vocabulary = _vocabulary(vocab, model, drop_missing)
+    threshold = resolve_threshold(model, min_confidence, len(vocabulary.matrix))
     embeddings, valid = model.encode_paths(paths, progress=progress)
     if not valid.any():
         raise DeviseError("none of the images could be read: " + ", ".join(paths[:5]))

@@ -202,7 +202,7 @@ def create_app(model=DEFAULT_MODEL, index: str | os.PathLike | None = None, voca
         """What the server has loaded."""
         return {"model": model.name, "vectors": model.vectors_spec, "vocab": vocabulary.name,
                 "labels": len(vocabulary), "index": len(image_index) if image_index is not None else None,
-                "max_upload_bytes": max_upload_bytes, "min_confidence": model.confidence.min_confidence}
+                "max_upload_bytes": max_upload_bytes, "min_confidence": resolve_threshold(model, None, len(vocabulary.matrix))}
 
     @app.post("/api/predict")
     def predict(image: UploadFile = File(..., description="an image file"),
@@ -215,7 +215,7 @@ def create_app(model=DEFAULT_MODEL, index: str | os.PathLike | None = None, voca
             raise HTTPException(413, f"upload is over the limit of {max_upload_bytes:,} bytes")
         array = decode_upload(data, size, max_pixels)
         ranked = predict_arrays(array[None], model, vocabulary, k, background=background)
-        return with_answers([image.filename or "upload"], ranked, resolve_threshold(model, min_confidence))[0]
+        return with_answers([image.filename or "upload"], ranked, resolve_threshold(model, min_confidence, len(vocabulary.matrix)))[0]
 
     @app.get("/api/search")
     def search_text(q: str = Query(..., min_length=1, max_length=200, description="words or a phrase"),
