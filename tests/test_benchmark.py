@@ -42,6 +42,11 @@ def test_benchmark_writes_the_report_and_the_metrics_schema(subset, tmp_path):
         assert set(entry["zsl"]) == zsl_keys and set(entry["zsl_std"]) == zsl_keys
         assert set(entry["gzsl"]) == {"u", "s", "H"} and set(entry["gzsl_calibrated"]) == {"u", "s", "H", "gamma"}
         assert all(0 <= v <= 1 for v in entry["zsl"].values())
+        if name != "random_hinge_linear":  # the control's scores mean nothing: no confidence for it
+            for group in ("confidence_seen", "confidence_zsl"):
+                assert {"auroc", "fpr95", "aurc", "aurc_cosine", "ece", "ece_t1", "risk@0.5"} <= set(entry[group])
+                assert all(0 <= v <= 1 for v in entry[group].values()), entry[group]
+            assert entry["confidence_fit"]["temperature"] > 0
     n_unseen = round(0.25 * N_CLASSES)
     chance5 = 5 / n_unseen
     methods = report["methods"]
@@ -50,8 +55,8 @@ def test_benchmark_writes_the_report_and_the_metrics_schema(subset, tmp_path):
     assert methods["random_hinge_linear"]["zsl"]["hit@5"] < methods["devise_hinge_mlp"]["zsl"]["hit@5"]
     assert methods["softmax"]["seen"]["hit@1"] > 0.5
     text = (tmp_path / "report.md").read_text()
-    assert "| devise_hinge_linear |" in text and "Generalized zero-shot" in text
-    for plot in ("hit_at_k.png", "unseen_grid.png"):
+    assert "| devise_hinge_linear |" in text and "Generalized zero-shot" in text and "Confidence, unseen" in text
+    for plot in ("hit_at_k.png", "unseen_grid.png", "risk_coverage.png"):
         assert (tmp_path / plot).stat().st_size > 10_000
 
 
@@ -70,6 +75,9 @@ def test_train_then_evaluate_a_folder_tree_from_the_cli(subset, tmp_path, capsys
     assert main(["evaluate", str(run), "--json", str(tmp_path / "eval.json")]) == 0
     printed = capsys.readouterr().out
     assert "zsl" in printed and "| run |" in printed
+    # the run records its temperature and threshold, fit on its own validation data
+    confidence = json.loads((run / "settings.json").read_text())["confidence"]
+    assert confidence["temperature"] > 0 and "validation" in confidence["fit_on"]
     result = json.loads((tmp_path / "eval.json").read_text())
     assert set(result) == {"seen", "zsl", "gzsl"} and 0 <= result["zsl"]["hit@1"] <= 1
 

@@ -142,9 +142,10 @@ def test_cli_predict_json(photos, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     objects = [json.loads(line) for line in lines]
     assert [o["image"] for o in objects] == [str(photos / "chelsea.jpg"), str(photos / "coffee.jpg")]
-    assert all(set(p) == {"label", "synset", "score"} for o in objects for p in o["predictions"])
-    assert objects[1]["predictions"][0] == {"label": "espresso", "synset": "n07920052",
-                                            "score": objects[1]["predictions"][0]["score"]}
+    assert all(set(p) == {"label", "synset", "score", "probability"} for o in objects for p in o["predictions"])
+    top = objects[1]["predictions"][0]
+    assert top == {"label": "espresso", "synset": "n07920052", "score": top["score"], "probability": top["probability"]}
+    assert objects[1]["answer"] in ("espresso", "unknown") and 0 <= objects[1]["min_confidence"] <= 1
     assert main(["predict", str(photos / "chelsea.jpg")]) == 0
     assert "chelsea.jpg" in capsys.readouterr().out
     assert main(["predict", "/nonexistent.jpg"]) == 2

@@ -49,7 +49,17 @@ def test_predict_answers_the_same_object_as_the_cli(client, files):
     np.testing.assert_allclose([p["score"] for p in body["predictions"]],
                                [p["score"] for p in expected["predictions"]], atol=1e-4)
     assert any("cat" in p["label"].split() for p in body["predictions"])
+    np.testing.assert_allclose([p["probability"] for p in body["predictions"]],
+                               [p["probability"] for p in expected["predictions"]], atol=1e-4)
+    assert body["answer"] == expected["answer"] and body["min_confidence"] == expected["min_confidence"]
     assert len(_upload(client, "coffee.jpg", files["coffee"].read_bytes(), k=12).json()["predictions"]) == 12
+    # min_confidence: 0 always names the top label, 1 never does (the nearest labels are still listed)
+    data = files["chelsea"].read_bytes()
+    named = client.post("/api/predict?k=3&min_confidence=0", files={"image": ("c.jpg", data)}).json()
+    assert named["answer"] == named["predictions"][0]["label"] and named["min_confidence"] == 0
+    refused = client.post("/api/predict?k=3&min_confidence=1", files={"image": ("c.jpg", data)}).json()
+    assert refused["answer"] == "unknown" and len(refused["predictions"]) == 3
+    assert client.post("/api/predict?min_confidence=1.5", files={"image": ("c.jpg", data)}).status_code == 422
 
 
 def test_search_and_image_route(client, files):
@@ -78,6 +88,7 @@ def test_page_info_and_openapi(client):
     assert page.status_code == 200 and "<title>devise" in page.text
     info = client.get("/api/info").json()
     assert info["model"] == "conse" and info["index"] == 8 and info["labels"] > 70_000
+    assert info["min_confidence"] == 0  # WordNet: too many near-synonyms for the default threshold
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/predict", "/api/search", "/api/image", "/api/info"} <= set(paths)
 

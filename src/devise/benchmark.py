@@ -19,8 +19,9 @@ import numpy as np
 from devise import defaults
 from devise.datasets import load_dataset, validation_split, zero_shot_split
 from devise.errors import DeviseError
-from devise.evaluate import (HIT_KS, HP_KS, LabelSpace, calibration_gamma, evaluate_split, metrics_table,
-                             label_space, relabel)
+from devise.confidence import background_pool
+from devise.evaluate import (HIT_KS, HP_KS, RISK_COVERAGES, LabelSpace, calibration_gamma, evaluate_split,
+                             label_space, metrics_table, relabel, validation_confidence)
 from devise.features import extract_features
 from devise.model import conse_model
 from devise.presets import PRESETS
@@ -74,7 +75,8 @@ def _calibration_holdout(dataset, train_images: np.ndarray, seed: int, styles=No
 
 
 def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, methods, wordnet,
-             vectors: str, train_kwargs: dict, log=print, backbone: str = defaults.TRAIN_BACKBONE) -> tuple[dict, dict]:
+             vectors: str, train_kwargs: dict, log=print, backbone: str = defaults.TRAIN_BACKBONE,
+             pool: np.ndarray | None = None) -> tuple[dict, dict]:
     """Train and evaluate every method on one seed's split -> ({method: metrics}, {method: model}).
 
     Each trained method is fit twice, as in Xian et al.'s protocol: first on the training classes with
@@ -82,6 +84,8 @@ def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, me
     the GZSL calibration constant), then refit on all seen classes (training + validation) for that many
     epochs. On nested validation splits of the seen classes the refit on 24% more classes gained about
     2 points zero-shot hit@5 for 8 of 9 method/seed pairs.
+    pool: the confidence background candidates (devise.confidence): the temperature and threshold of each
+    method are fit on the validation classes by its stage-1 model, and its confidence measured.
     """
     split = zero_shot_split(dataset, seed=seed)
     val = validation_split(split, seed=seed)
@@ -108,6 +112,14 @@ def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, me
                       unseen_images=pick(split.unseen), wordnet=wordnet)
     calibration = dict(train_classes=train_classes, val_classes=val_classes, seen_images=cal_seen,
                        val_images=val_images)
+
+    def confidence(stage1_model, **kw):
+        """The stage-1 model's temperature and threshold on the validation classes (None without a pool)."""
+        if pool is None:
+            return {}
+        conf = validation_confidence(stage1_model, features, labels, space, val_classes=val_classes,
+                                     val_images=val_images, pool=pool, **kw)
+        return dict(confidence=conf, pool=pool)
     log(f"seed {seed}: {len(seen_classes)} seen ({len(train_classes)} training + {len(val_classes)} validation) / "
         f"{len(unseen_classes)} unseen classes; {len(refit_images)} training images, "
         f"{len(evaluation['seen_test'])} seen-test, {len(evaluation['unseen_images'])} unseen images")
@@ -126,7 +138,8 @@ def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, me
         if spec.get("imagenet"):  # scored from the backbone's ImageNet logits
             model = conse_model(backbone, vectors, spec["T"], name=name)
             gamma = calibration_gamma(model, features, labels, space, logits=logits, **calibration)
-            results[name] = evaluate_split(model, features, labels, space, gamma=gamma, logits=logits, **evaluation)
+            results[name] = evaluate_split(model, features, labels, space, gamma=gamma, logits=logits, **evaluation,
+                                           **confidence(model, logits=logits))
         elif "from" in spec:
             if spec["from"] not in models:
                 stage1[spec["from"]], models[spec["from"]] = fit_twice("softmax", (x_cal, y_cal))
@@ -134,13 +147,15 @@ def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, me
             model = as_conse(models[spec["from"]])
             stage1[name] = as_conse(stage1[spec["from"]])
             gamma = calibration_gamma(stage1[name], features, labels, space, **calibration)
-            results[name] = evaluate_split(model, features, labels, space, gamma=gamma, **evaluation)
+            results[name] = evaluate_split(model, features, labels, space, gamma=gamma, **evaluation,
+                                           **confidence(stage1[name]))
         elif "mean_of" in spec:
             first, second = spec["mean_of"]
             model = EmbeddingMean(models[first], models[second], spec["weight"])
-            gamma = calibration_gamma(EmbeddingMean(stage1[first], stage1[second], spec["weight"]), features,
-                                      labels, space, **calibration)
-            results[name] = evaluate_split(model, features, labels, space, gamma=gamma, **evaluation)
+            stage1_mean = EmbeddingMean(stage1[first], stage1[second], spec["weight"])
+            gamma = calibration_gamma(stage1_mean, features, labels, space, **calibration)
+            results[name] = evaluate_split(model, features, labels, space, gamma=gamma, **evaluation,
+                                           **confidence(stage1_mean))
         else:
             kind = spec["method"]
             # The softmax, and the random control (scored zero-shot it is chance by construction), stop early
@@ -151,7 +166,8 @@ def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, me
             stage1[name] = first
             gamma = None if kind == "softmax" else calibration_gamma(first, features, labels, space, **calibration)
             results[name] = evaluate_split(model, features, labels, space, gamma=gamma,
-                                           softmax_only=kind == "softmax", **evaluation)
+                                           softmax_only=kind == "softmax", **evaluation,
+                                           **({} if kind in ("softmax", "random") else confidence(first)))
         models[name] = model
         zsl = results[name].get("zsl", {})
         seen = results[name].get("seen", {})
@@ -203,10 +219,11 @@ def run_benchmark(dataset_spec: str = defaults.BENCHMARK, seeds: int | list[int]
     space = label_space(dataset, vectors)
     usable = np.asarray(fs.valid) & space.has_vector[np.asarray(dataset.labels)]
     wordnet = load_wordnet()
+    pool = background_pool(str(vectors))  # the confidence background's candidates (devise.confidence)
     per_seed, first_models = [], None
     for seed in seeds:
         results, models = run_seed(dataset, features, logits, usable, space, seed, methods, wordnet,
-                                   str(vectors), train_kwargs or {}, log, backbone=backbone)
+                                   str(vectors), train_kwargs or {}, log, backbone=backbone, pool=pool)
         per_seed.append(results)
         first_models = first_models or models
     means, stds = aggregate(per_seed)
@@ -220,7 +237,7 @@ def run_benchmark(dataset_spec: str = defaults.BENCHMARK, seeds: int | list[int]
         entry = {}
         for group, values in means[method].items():
             entry[group] = values
-            if group in ("zsl", "seen"):
+            if group in ("zsl", "seen", *CONFIDENCE_GROUPS):
                 entry[f"{group}_std"] = stds[method][group]
         report["methods"][method] = entry
     report["per_seed"] = per_seed
@@ -254,6 +271,34 @@ def render_tables(report: dict, stds: dict | None = None) -> str:
     ])
 
 
+CONFIDENCE_GROUPS = ("confidence_seen", "confidence_zsl")
+CONFIDENCE_COLUMNS = ["auroc", "fpr95", "auroc_cosine", "fpr95_cosine", "aurc", "aurc_cosine", "ece_t1", "ece",
+                      "kept_known", "auroc_3labels", "kept_known_3labels", "unknown_rejected_3labels"]
+
+
+def render_confidence_tables(report: dict) -> str:
+    """The confidence tables (devise.confidence; mean ± std over seeds), or "" when none was measured."""
+    methods = report["methods"]
+    parts = []
+    for group, title in (("confidence_seen", "seen classes, held-out style (vocabulary: the seen classes)"),
+                         ("confidence_zsl", "unseen classes (vocabulary: the unseen classes)")):
+        rows = {m: v[group] for m, v in methods.items() if group in v}
+        if rows:
+            stds = {m: methods[m].get(f"{group}_std", {}) for m in rows}
+            parts += [f"Confidence, {title}: known (the image's class in the vocabulary) vs unknown (it removed) "
+                      "AUROC / FPR@95%TPR of the top-1 probability and of the raw top-1 cosine; AURC of top-1 "
+                      "answers ranked by probability and by cosine; ECE of the top-1 probability at T=1 and "
+                      "after the temperature; at the default threshold, the known images answered; with "
+                      "3-label vocabularies, AUROC and the known answered / the all-wrong ones called unknown",
+                      metrics_table(rows, CONFIDENCE_COLUMNS, stds, percent=())]
+    fits = {m: v["confidence_fit"] for m, v in methods.items() if "confidence_fit" in v}
+    if fits:
+        parts += ["Temperature and default threshold (keeps 95% of in-vocabulary images), fit per seed on the "
+                  "validation classes' images by the stage-1 model (means)",
+                  metrics_table(fits, ["temperature", "min_confidence"], percent=())]
+    return "\n\n".join(parts)
+
+
 def render_report(report: dict, stds: dict | None = None) -> str:
     return "\n".join([
         f"# DeViSE benchmark: {report['benchmark']}",
@@ -267,7 +312,11 @@ def render_report(report: dict, stds: dict | None = None) -> str:
         "",
         render_tables(report, stds),
         "",
+        render_confidence_tables(report),
+        "",
         "![hit@k](hit_at_k.png)",
+        "",
+        "![risk-coverage of top-1 answers](risk_coverage.png)",
         "",
         f"![unseen predictions of {MAIN_METHOD}](unseen_grid.png)",
         "",
@@ -292,6 +341,7 @@ def _plots(report, dataset, fs, features, space, models, seed, out: Path) -> Non
     fig.tight_layout()
     fig.savefig(out / "hit_at_k.png", dpi=120)
     plt.close(fig)
+    _risk_coverage_plot(report, out, plt)
 
     model = (models or {}).get(MAIN_METHOD)
     if model is None:
@@ -314,4 +364,32 @@ def _plots(report, dataset, fs, features, space, models, seed, out: Path) -> Non
     fig.suptitle(f"{MAIN_METHOD}: unseen classes (seed {seed}), top-3 labels among {len(names)}")
     fig.tight_layout()
     fig.savefig(out / "unseen_grid.png", dpi=100)
+    plt.close(fig)
+
+
+def _risk_coverage_plot(report, out: Path, plt) -> None:
+    """Risk (error rate of the answers kept) against coverage, top-1 answers kept by probability (solid)
+    or by raw cosine (dashed), per method: seen and unseen classes side by side."""
+    coverages = RISK_COVERAGES
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    drawn = False
+    for ax, (group, title) in zip(axes, (("confidence_seen", "seen classes, held-out style"),
+                                         ("confidence_zsl", "unseen classes"))):
+        for i, (method, entry) in enumerate(report["methods"].items()):
+            if group not in entry:
+                continue
+            drawn = True
+            color = f"C{i % 10}"
+            ax.plot(coverages, [100 * entry[group][f"risk@{c:.1f}"] for c in coverages], "o-", color=color,
+                    label=f"{method} (AURC {entry[group]['aurc']:.3f})")
+            ax.plot(coverages, [100 * entry[group][f"risk_cosine@{c:.1f}"] for c in coverages], "--", color=color,
+                    label=f"  by cosine ({entry[group]['aurc_cosine']:.3f})")
+        ax.set(xlabel="coverage (fraction of images answered)", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("risk: top-1 error among answered (%)")
+    fig.suptitle(f"{report['benchmark']}: risk-coverage of top-1 answers, mean over {len(report['seeds'])} seed(s)")
+    fig.tight_layout()
+    if drawn:
+        fig.savefig(out / "risk_coverage.png", dpi=120)
     plt.close(fig)

@@ -155,7 +155,7 @@ def cmd_predict(args) -> int:
 
     results = predict(args.images, model=args.model, vocab=args.vocab, top_k=args.top, hubness=args.hubness,
                       reference=args.reference, progress=len(args.images) > 1 or not args.json,
-                      drop_missing=args.drop_missing, vectors=args.vectors)
+                      drop_missing=args.drop_missing, vectors=args.vectors, min_confidence=args.min_confidence)
     if args.json:
         for result in results:
             print(json.dumps(result))
@@ -244,7 +244,7 @@ def cmd_benchmark(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
-    print(f"\nwrote {args.out}/report.md, metrics.json, hit_at_k.png, unseen_grid.png ({report['seconds']:.0f} s)")
+    print(f"\nwrote {args.out}/report.md, metrics.json, hit_at_k.png, risk_coverage.png, unseen_grid.png ({report['seconds']:.0f} s)")
     return 0
 
 
@@ -380,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image index whose images are the hubness reference set")
     p.add_argument("--drop-missing", action="store_true",
                    help="leave out labels of a --vocab FILE that have no word vector (reported)")
+    p.add_argument("--min-confidence", type=float, default=None, metavar="P",
+                   help="answer 'unknown' when the top label's probability is below P (default: the model's "
+                        "threshold, chosen on validation data; 0: always name a label)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("index", help="embed a folder of images into a FAISS search index (adds to an existing one)")

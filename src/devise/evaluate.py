@@ -5,7 +5,11 @@
 - seen classes in a held-out style (label space = training classes): hit@k and hp@k;
 - generalized zero-shot (label space = training + unseen classes): u, s, H, raw and with calibrated
   stacking, the constant chosen on validation data (validation classes as "unseen", a held-out style of
-  the training classes as "seen"), never on test images.
+  the training classes as "seen"), never on test images;
+- confidence (devise.confidence), on the unseen and on the seen-class test images: known (the vocabulary
+  holds the image's class) vs unknown (its class removed) AUROC and FPR@95%TPR of the top-1 probability
+  and of the raw top-1 cosine, AURC of top-1 answers, ECE before (T=1) and after the temperature, and the
+  same known/unknown test with 3-label vocabularies; the temperature and threshold fit on validation.
 `devise evaluate RUN_DIR` runs this for a run folder written by `devise train`.
 """
 from __future__ import annotations
@@ -15,12 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from devise import metrics
+from devise.confidence import Confidence, fit_confidence, probabilities, select_background
 from devise.datasets import load_dataset, validation_split, zero_shot_split
 from devise.errors import DeviseError
 from devise.features import extract_features
 from devise.model import load_model_folder
 from devise.train import CLASS_TEXTS, class_label_vectors, reportable_ks
-from devise.vectors import load_vectors
+from devise.vectors import load_vectors, unit_rows
 from devise.wordnet import load_wordnet
 
 HIT_KS = (1, 2, 5, 10)
@@ -68,12 +73,15 @@ def ranking_metrics(scores: np.ndarray, true: np.ndarray, label_wnids, wordnet, 
 
 def evaluate_split(model, features: np.ndarray, labels: np.ndarray, space: LabelSpace, *, train_classes,
                    unseen_classes, seen_test, unseen_images, gamma: float | None = None, wordnet=None,
-                   softmax_only: bool = False, logits: np.ndarray | None = None) -> dict:
+                   softmax_only: bool = False, logits: np.ndarray | None = None,
+                   confidence: Confidence | None = None, pool: np.ndarray | None = None) -> dict:
     """All metrics of one model. Image index arrays refer to rows of `features` / `labels` (and `logits`,
     the backbone's ImageNet logits, which ConSE over the backbone's own classifier scores from).
 
     train_classes: the seen classes the model was fit on (its seen label space).
     gamma: the calibrated-stacking constant, chosen beforehand on validation data (`calibration_gamma`).
+    confidence, pool: the model's temperature and threshold (`validation_confidence`) and the background
+    candidates (confidence.background_pool): adds "confidence_seen" / "confidence_zsl".
     softmax_only: the model is a plain classifier over train_classes (no zero-shot, no GZSL).
     """
     train_classes = np.asarray(train_classes)
@@ -90,6 +98,11 @@ def evaluate_split(model, features: np.ndarray, labels: np.ndarray, space: Label
         return result
     result["seen"] = ranking_metrics(model.predict_scores(seen_x, vec_tr, names_tr, logits=rows(seen_test)),
                                      seen_y, wn_tr, wordnet)
+    if confidence is not None:
+        result["confidence_fit"] = {"temperature": confidence.temperature, "min_confidence": confidence.min_confidence}
+        seen_emb = model.encode_features(seen_x, rows(seen_test))
+        result["confidence_seen"] = confidence_measures(seen_emb, seen_y, unit_vectors(model, vec_tr, names_tr),
+                                                        confidence, pool)
     if len(unseen_classes) == 0:  # a run trained on every class: nothing to score zero-shot
         return result
 
@@ -97,6 +110,10 @@ def evaluate_split(model, features: np.ndarray, labels: np.ndarray, space: Label
     un_x, un_y = features[unseen_images], relabel(labels[unseen_images], unseen_classes)
     result["zsl"] = ranking_metrics(model.predict_scores(un_x, vec_un, names_un, logits=rows(unseen_images)),
                                     un_y, wn_un, wordnet, per_class=True)
+    if confidence is not None:
+        un_emb = model.encode_features(un_x, rows(unseen_images))
+        result["confidence_zsl"] = confidence_measures(un_emb, un_y, unit_vectors(model, vec_un, names_un),
+                                                       confidence, pool)
 
     # GZSL: every test image (seen held-out style + unseen) against training + unseen classes.
     test = gzsl_set(features, labels, space, train_classes, unseen_classes, seen_test, unseen_images, logits)
@@ -148,6 +165,72 @@ def calibration_gamma(model, features: np.ndarray, labels: np.ndarray, space: La
     logits: the backbone's ImageNet logits, indexed like features (ConSE over its own classifier)."""
     val = gzsl_set(features, labels, space, train_classes, val_classes, seen_images, val_images, logits)
     return float(metrics.choose_calibration(val.scores(model), val.y, val.seen_mask, val.is_unseen))
+
+
+def unit_vectors(model, vectors, names) -> np.ndarray:
+    """The label vectors a model scores with (the random control's are seeded by name)."""
+    return model.vectors_for(vectors, names) if hasattr(model, "vectors_for") else unit_rows(vectors)
+
+
+RISK_COVERAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # points of the risk-coverage plot
+SMALL_VOCABULARY = 3  # the handful-of-labels test: vocabularies of this many classes
+
+
+def validation_confidence(model, features: np.ndarray, labels: np.ndarray, space: LabelSpace, *, val_classes,
+                          val_images, pool: np.ndarray, logits: np.ndarray | None = None,
+                          fit_on: str = "validation classes") -> Confidence:
+    """The temperature and default threshold of a model, fit on VALIDATION images against the validation
+    classes (zero-shot, as users ask new labels), never on test images."""
+    val_images = np.asarray(val_images, np.int64)
+    y = relabel(labels[val_images], np.asarray(val_classes))
+    val_images, y = val_images[y >= 0], y[y >= 0]
+    names, vectors, _ = space.subset(val_classes)
+    embeddings = model.encode_features(features[val_images], None if logits is None else logits[val_images])
+    matrix = unit_vectors(model, vectors, names)
+    return fit_confidence(embeddings @ matrix.T, y, embeddings, pool, matrix,
+                          fit_on=f"{fit_on}: {len(y)} images, {len(names)} classes")
+
+
+def confidence_measures(embeddings: np.ndarray, true: np.ndarray, matrix: np.ndarray, conf: Confidence,
+                        pool: np.ndarray | None, seed: int = 0) -> dict:
+    """Known vs unknown, selective prediction and calibration of one set of images against a vocabulary
+    (`matrix`, unit rows; true: each image's row). "known": the vocabulary as it is; "unknown": the image's
+    class removed. The probability against the raw top-1 cosine; ECE before (T=1) and after the temperature;
+    `risk@c`: the error rate of the fraction c most confident answers (the risk-coverage curve)."""
+    rows = np.arange(len(true))
+    background = select_background(pool, matrix, conf.background) if conf.background and pool is not None         else np.zeros((0, matrix.shape[1]), np.float32)
+    extra = embeddings @ background.T
+    scores = embeddings @ matrix.T
+    removed = scores.copy()
+    removed[rows, true] = -np.inf
+    top = lambda s, t=conf.temperature: probabilities(s, t, extra).max(axis=1)  # noqa: E731
+    known, unknown = top(scores), top(removed)
+    correct = scores.argmax(axis=1) == true
+    out = {"auroc": metrics.auroc(known, unknown), "fpr95": metrics.fpr_at_tpr(known, unknown),
+           "auroc_cosine": metrics.auroc(scores.max(axis=1), removed.max(axis=1)),
+           "fpr95_cosine": metrics.fpr_at_tpr(scores.max(axis=1), removed.max(axis=1)),
+           "aurc": metrics.aurc(known, correct), "aurc_cosine": metrics.aurc(scores.max(axis=1), correct),
+           "ece": metrics.expected_calibration_error(known, correct),
+           "ece_t1": metrics.expected_calibration_error(top(scores, 1.0), correct),
+           "kept_known": float(np.mean(known >= conf.min_confidence)),
+           "unknown_rejected": float(np.mean(unknown < conf.min_confidence))}
+    # A handful of labels: the class and 2 others ("known") vs 3 others ("unknown"), seeded.
+    n_labels = matrix.shape[0]
+    if n_labels > SMALL_VOCABULARY:
+        rng = np.random.default_rng(seed)
+        offsets = 1 + np.argsort(rng.random((len(true), n_labels - 1)), axis=1)[:, :SMALL_VOCABULARY]
+        others = (true[:, None] + offsets) % n_labels  # distinct classes, never the image's own
+        small_known = np.concatenate([true[:, None], others[:, 1:]], axis=1)
+        small = lambda picks: probabilities(scores[rows[:, None], picks], conf.temperature, extra).max(axis=1)  # noqa: E731
+        k3, u3 = small(small_known), small(others)
+        out.update(auroc_3labels=metrics.auroc(k3, u3), kept_known_3labels=float(np.mean(k3 >= conf.min_confidence)),
+                   unknown_rejected_3labels=float(np.mean(u3 < conf.min_confidence)))
+    coverage, risk = metrics.risk_coverage(known, correct)
+    _, risk_cos = metrics.risk_coverage(scores.max(axis=1), correct)
+    for c in RISK_COVERAGES:
+        at = max(0, int(np.ceil(c * len(true))) - 1)
+        out[f"risk@{c:.1f}"], out[f"risk_cosine@{c:.1f}"] = float(risk[at]), float(risk_cos[at])
+    return out
 
 
 def evaluate_run(run_dir, dataset=None) -> dict:

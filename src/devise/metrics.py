@@ -370,3 +370,61 @@ def term_synset_lists(terms: Sequence[str], synset_ids: Sequence[str], wordnet) 
     """For each term, the indices into `synset_ids` of the synsets containing it (WordNet sense order)."""
     where = {w: i for i, w in enumerate(synset_ids)}
     return [[where[w] for w in wordnet.synsets_for(t) if w in where] for t in terms]
+
+
+# ------------------------------------------------------------------ confidence: known vs unknown, selective, ECE
+
+def auroc(known, unknown) -> float:
+    """Area under the ROC curve of a confidence score telling `known` cases (positives, should score high)
+    from `unknown` ones: the chance a random known case outscores a random unknown one, ties counting 1/2."""
+    known, unknown = np.asarray(known, np.float64).ravel(), np.asarray(unknown, np.float64).ravel()
+    if len(known) == 0 or len(unknown) == 0:
+        raise DeviseError("AUROC needs both known and unknown cases")
+    values = np.concatenate([known, unknown])
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    start = np.cumsum(counts) - counts  # average rank within each group of ties
+    ranks = (start + (counts + 1) / 2)[inverse]
+    return float((ranks[:len(known)].sum() - len(known) * (len(known) + 1) / 2) / (len(known) * len(unknown)))
+
+
+def fpr_at_tpr(known, unknown, tpr: float = 0.95) -> float:
+    """The fraction of unknown cases accepted at the threshold that accepts `tpr` of the known ones
+    (FPR@95%TPR): the threshold is the known scores' (1 - tpr) quantile, accepting scores >= it."""
+    known, unknown = np.asarray(known, np.float64).ravel(), np.asarray(unknown, np.float64).ravel()
+    if len(known) == 0 or len(unknown) == 0:
+        raise DeviseError("FPR at TPR needs both known and unknown cases")
+    threshold = np.sort(known)[::-1][max(0, int(np.ceil(tpr * len(known))) - 1)]
+    return float(np.mean(unknown >= threshold))
+
+
+def risk_coverage(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
+    """Selective prediction (Geifman et al.): answers kept from the most confident down; per number kept
+    (1..N) the coverage (fraction kept) and the risk (error rate among those kept)."""
+    confidence = np.asarray(confidence, np.float64).ravel()
+    correct = np.asarray(correct, bool).ravel()
+    if len(confidence) != len(correct) or len(correct) == 0:
+        raise DeviseError(f"risk-coverage needs one correctness per confidence ({len(confidence)} vs {len(correct)})")
+    order = np.argsort(-confidence, kind="mergesort")
+    kept = np.arange(1, len(correct) + 1)
+    return kept / len(correct), np.cumsum(~correct[order]) / kept
+
+
+def aurc(confidence, correct) -> float:
+    """Area under the risk-coverage curve (the mean of the risks at every coverage): lower is better."""
+    return float(risk_coverage(confidence, correct)[1].mean())
+
+
+def expected_calibration_error(confidence, correct, bins: int = 15) -> float:
+    """ECE: over `bins` equal-width confidence bins, the |accuracy - mean confidence| weighted by the
+    fraction of answers in the bin (Guo et al. 2017). confidence in [0, 1], one per answer."""
+    confidence = np.asarray(confidence, np.float64).ravel()
+    correct = np.asarray(correct, np.float64).ravel()
+    if len(confidence) != len(correct) or len(correct) == 0:
+        raise DeviseError(f"ECE needs one correctness per confidence ({len(confidence)} vs {len(correct)})")
+    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    gap = np.abs(np.bincount(which, correct, bins) - np.bincount(which, confidence, bins))
+    return float(gap.sum() / len(correct)) if count.any() else 0.0

@@ -33,13 +33,14 @@ from tqdm.auto import tqdm
 from devise import defaults
 from devise.assets import imagenet1k_classes
 from devise.storage import atomic_save_npz, atomic_write_json, check_manifest, write_errors, write_manifest
+from devise.confidence import UNKNOWN, Confidence, answer, rank_with_probabilities, resolve_threshold
 from devise.conse import cached_imagenet1k_class_vectors, conse_embed, conse_from_logits
 from devise.errors import DeviseError
 from devise.features import backbone_forward, extract_features
 from devise.images import describe, frame_array, load_image, load_images
 from devise.pipeline import bucket as _bucket
 from devise.pipeline import choose_decoder, decode_chunks, forward_chunks, padded_batches
-from devise.presets import DEFAULT_MODEL, PRESETS
+from devise.presets import CONSE_CONFIDENCE, DEFAULT_MODEL, PRESETS
 from devise.ranking import rank_labels, score_labels
 from devise.runtime import default_batch_size, pad_batch, predict_in_batches
 from devise.vectors import GLOVE_SPEC, embed_labels, label_list, load_vectors, quiet_dropped_labels, unit_rows
@@ -330,15 +331,29 @@ class DeviseModel:
 
     # ------------------------------------------------------------ naming images
 
-    def predict(self, images, labels=None, top: int = 5, vocab: str = "wordnet") -> list[list[dict]]:
-        """Per image its `top` labels [{"label", "synset", "score"}], best first: among `labels` (any
-        words or phrases) or, when None, the vocabulary `vocab` ("wordnet", "imagenet1k" or a file)."""
+    @property
+    def confidence(self) -> Confidence:
+        """Temperature and default "unknown" threshold (devise.confidence), fit on the run's validation
+        data (a preset's on the benchmark's validation split); defaults for runs that recorded none."""
+        return Confidence.from_dict(self.settings.get("confidence"))
+
+    def predict(self, images, labels=None, top: int = 5, vocab: str = "wordnet",
+                min_confidence: float | None = None) -> list[list[dict]]:
+        """Per image its `top` labels [{"label", "synset", "score", "probability"}], best first: among
+        `labels` (any words or phrases) or, when None, the vocabulary `vocab` ("wordnet", "imagenet1k" or
+        a file). score: the cosine; probability: calibrated, among the vocabulary (devise.confidence).
+        When the top label's probability is below min_confidence (default: the model's threshold; none
+        above confidence.THRESHOLD_MAX_LABELS labels, e.g. WordNet's), the list starts with {"label": "unknown", ...} and the nearest labels follow."""
         self.check_open_vocabulary()
+        resolve_threshold(self, min_confidence)  # a bad value fails before any work
         if labels is None:
             vocabulary = load_vocabulary(vocab, self.vectors_spec)
         else:
             vocabulary = Vocabulary.of_labels(label_list(labels), self.encode_labels(labels))
-        return rank_labels(score_labels(self.encode_images(images), vocabulary), vocabulary, top)
+        threshold = resolve_threshold(self, min_confidence, len(vocabulary.matrix))
+        ranked = rank_with_probabilities(self, self.encode_images(images), vocabulary, top)
+        unknown = {"label": UNKNOWN, "synset": None, "score": None, "probability": None}
+        return [[unknown, *preds] if answer(preds, threshold) == UNKNOWN else preds for preds in ranked]
 
     # ------------------------------------------------------------ saving
 
@@ -369,6 +384,8 @@ def conse_model(backbone: str = defaults.BACKBONE, vectors: str = defaults.VECTO
     names = [imagenet1k_classes()[i]["name"] for i in kept]
     settings = {"method": "conse", "backbone": backbone, "vectors": str(vectors), "T": int(T), "imagenet": True,
                 "vector_dim": int(class_vectors.shape[1])}
+    if str(vectors) in CONSE_CONFIDENCE:
+        settings["confidence"] = dict(CONSE_CONFIDENCE[str(vectors)])
     return DeviseModel("conse", None, names, class_vectors, settings, class_columns=kept, name=name)
 
 

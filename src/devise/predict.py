@@ -14,11 +14,11 @@ import os
 
 import numpy as np
 
+from devise.confidence import answer, rank_with_probabilities, resolve_threshold
 from devise.errors import DeviseError
 from devise.images import expand_image_paths
 from devise.model import load
 from devise.presets import DEFAULT_MODEL
-from devise.ranking import rank_labels, score_labels
 from devise.search import load_index
 from devise.vocabulary import Vocabulary, load_vocabulary
 
@@ -34,50 +34,69 @@ def _vocabulary(vocab, model, drop_missing: bool = False) -> Vocabulary:
     return vocab if isinstance(vocab, Vocabulary) else load_vocabulary(vocab, model.vectors_spec, drop_missing)
 
 
+def with_answers(images: list, ranked: list[list[dict]], threshold: float) -> list[dict]:
+    """[{"image", "answer", "min_confidence", "predictions"}]: the answer is the top label, or "unknown"
+    when its probability is below the threshold."""
+    return [{"image": image, "answer": answer(preds, threshold), "min_confidence": threshold, "predictions": preds}
+            for image, preds in zip(images, ranked)]
+
+
 def predict_arrays(images: np.ndarray, model=DEFAULT_MODEL, vocab="wordnet", top_k: int = 5,
-                   hubness: str | None = None, reference=None, vectors: str | None = None) -> list[list[dict]]:
-    """uint8 (N, S, S, 3) images -> per image its top_k predictions [{"label", "synset", "score"}].
+                   hubness: str | None = None, reference=None, vectors: str | None = None,
+                   background=None) -> list[list[dict]]:
+    """uint8 (N, S, S, 3) images -> per image its top_k predictions [{"label", "synset", "score",
+    "probability"}].
 
     model: a preset name, a run folder or a DeviseModel; vocab: a name, a label FILE or a Vocabulary."""
     model = load(model, vectors)
     model.check_open_vocabulary()
     vocabulary = _vocabulary(vocab, model)
-    scores = score_labels(model.encode_images(images), vocabulary, hubness, reference_embeddings(reference))
-    return rank_labels(scores, vocabulary, top_k)
+    return rank_with_probabilities(model, model.encode_images(images), vocabulary, top_k, hubness,
+                                   reference_embeddings(reference), background)
 
 
 def predict(paths, model=DEFAULT_MODEL, vocab="wordnet", top_k: int = 5, hubness: str | None = None,
             reference=None, progress: bool = False, drop_missing: bool = False,
-            vectors: str | None = None) -> list[dict]:
+            vectors: str | None = None, min_confidence: float | None = None) -> list[dict]:
     """Open-vocabulary labels for image files (folders expand to their images), embedded in batches.
 
     model: a preset name (devise.list_presets(kind="model")), a run folder or a DeviseModel; vectors: a
     preset's label space (default: the preset's); a run folder brings its own. hubness: "csls" or
     "center", against `reference` (image embeddings or a search index folder; default: these images).
+    min_confidence: below this probability the answer is "unknown" (default: the model's threshold,
+    chosen on validation data, for vocabularies of up to 1,000 labels; 0 always answers).
 
-    Returns [{"image": PATH, "predictions": [{"label", "synset", "score"}, ...]}] in rank order; score is
-    the cosine (or the hubness-corrected score). Unreadable files are reported in one warning and left out.
+    Returns [{"image": PATH, "answer": LABEL or "unknown", "min_confidence": P, "predictions": [{"label",
+    "synset", "score", "probability"}, ...]}] in rank order; score is the cosine (or the hubness-corrected
+    score), probability the label's calibrated probability among the vocabulary (devise.confidence).
+    Unreadable files are reported in one warning and left out.
     """
     paths = expand_image_paths([paths] if isinstance(paths, (str, os.PathLike)) else paths)
     model = load(model, vectors)
     model.check_open_vocabulary()
+    resolve_threshold(model, min_confidence)  # a bad value fails before any work
     vocabulary = _vocabulary(vocab, model, drop_missing)
+    threshold = resolve_threshold(model, min_confidence, len(vocabulary.matrix))
     embeddings, valid = model.encode_paths(paths, progress=progress)
     if not valid.any():
         raise DeviseError("none of the images could be read: " + ", ".join(paths[:5]))
     kept = [p for p, ok in zip(paths, valid) if ok]
-    scores = score_labels(embeddings[valid], vocabulary, hubness, reference_embeddings(reference))
-    ranked = rank_labels(scores, vocabulary, top_k)
-    return [{"image": p, "predictions": preds} for p, preds in zip(kept, ranked)]
+    ranked = rank_with_probabilities(model, embeddings[valid], vocabulary, top_k, hubness,
+                                     reference_embeddings(reference))
+    return with_answers(kept, ranked, threshold)
 
 
 def format_predictions(results: list[dict], score_format: str = "{:+.3f}") -> str:
-    """Readable text of predict's (or classify's) results: the image path, then one line per prediction
-    (rank, score, label, synset). score_format: "{:+.3f}" for cosines, "{:6.1%}" for probabilities."""
+    """Readable text of predict's (or classify's) results: the image path, its answer (a label or
+    "unknown"), then one line per prediction (rank, score, probability, label, synset). score_format: "{:+.3f}" for cosines, "{:6.1%}" for probabilities."""
     lines = []
     for result in results:
         lines.append(result["image"])
+        if "answer" in result:
+            lines.append(f"  answer: {result['answer']}" + (
+                f"  (no label reaches {result['min_confidence']:.1%})" if result["answer"] == "unknown" else ""))
         for rank, pred in enumerate(result["predictions"], 1):
             synset = f"  ({pred['synset']})" if pred["synset"] else ""
-            lines.append(f"  {rank}. {score_format.format(pred['score'])}  {pred['label']}{synset}")
+            probability = f"  {pred['probability']:6.1%}" if "probability" in pred else ""
+            lines.append(f"  {rank}. {score_format.format(pred['score'])}{probability}  {pred['label']}{synset}")
     return "\n".join(lines)

@@ -64,8 +64,10 @@ def score_labels(embeddings: np.ndarray, vocabulary: Vocabulary, hubness: str | 
     return scores
 
 
-def rank_labels(scores: np.ndarray, vocabulary: Vocabulary, top_k: int) -> list[list[dict]]:
-    """(N, T) term scores -> per image the top_k [{"label", "synset", "score"}] (appendix A.2 expansion)."""
+def rank_labels(scores: np.ndarray, vocabulary: Vocabulary, top_k: int,
+                probabilities: np.ndarray | None = None) -> list[list[dict]]:
+    """(N, T) term scores -> per image the top_k [{"label", "synset", "score"}] (appendix A.2 expansion);
+    with (N, T) term `probabilities` (devise.confidence), each also carries its "probability"."""
     if top_k < 1:
         raise DeviseError(f"top_k must be at least 1, not {top_k}")
     if vocabulary.one_per_term:
@@ -74,9 +76,12 @@ def rank_labels(scores: np.ndarray, vocabulary: Vocabulary, top_k: int) -> list[
         ranked = top_k_indices(scores, 4 * top_k)
         entries = expand_to_synsets(ranked, vocabulary.term_entries(), top_k)
     results = []
-    for row, picks in zip(scores, entries):
+    for i, (row, picks) in enumerate(zip(scores, entries)):
         results.append([{"label": vocabulary.labels[e], "synset": vocabulary.synsets[e],
                          "score": round(float(row[vocabulary.entry_term[e]]), 6)} for e in picks if e >= 0])
+        if probabilities is not None:
+            for pred, e in zip(results[-1], [e for e in picks if e >= 0]):
+                pred["probability"] = round(float(probabilities[i, vocabulary.entry_term[e]]), 6)
     return results
 
 

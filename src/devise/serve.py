@@ -3,7 +3,8 @@
 `create_app(model, index, vocab)` loads the model, the vocabulary and the index ONCE and returns a
 FastAPI app (OpenAPI docs at /docs):
 - GET  /               the page (static/index.html: plain HTML and a little JavaScript);
-- POST /api/predict    multipart field `image`, query `k` -> {"image", "predictions": [{"label", "synset", "score"}]}
+- POST /api/predict    multipart field `image`, query `k`, `min_confidence` -> {"image", "answer" (a label or
+                       "unknown"), "min_confidence", "predictions": [{"label", "synset", "score", "probability"}]}
 - GET  /api/search     ?q=TEXT&k=K -> {"query", "results": [{"image": PATH, "score"}]}
 - GET  /api/image      ?path=PATH -> the image file, only for paths in the loaded index and only while
                        the file is the one indexed (404 gone, 409 changed or replaced: IndexedFiles);
@@ -37,7 +38,8 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from devise.errors import DeviseError
 from devise.images import CROP_FRACTION, to_rgb_array
 from devise.model import load
-from devise.predict import predict_arrays
+from devise.confidence import background_pool, resolve_threshold, select_background
+from devise.predict import predict_arrays, with_answers
 from devise.presets import DEFAULT_MODEL
 from devise.search import load_index, search
 from devise.vectors import SentenceEncoder, load_vectors
@@ -174,6 +176,9 @@ def create_app(model=DEFAULT_MODEL, index: str | os.PathLike | None = None, voca
     indexed = IndexedFiles(image_index.paths, image_index.stamps) if image_index is not None else IndexedFiles([], [])
     size = model.backbone.image_size
     model.encode_images(np.zeros((1, size, size, 3), np.uint8))  # compile now, not on the first request
+    # The vocabulary's confidence background (devise.confidence), selected once, not per request.
+    background = select_background(background_pool(model.vectors_spec), vocabulary.matrix,
+                                   model.confidence.background) if model.confidence.background else None
 
     app = FastAPI(title="devise", version="0.1.0",
                   description="DeViSE open-vocabulary prediction and image search (Frome et al. 2013)")
@@ -197,18 +202,20 @@ def create_app(model=DEFAULT_MODEL, index: str | os.PathLike | None = None, voca
         """What the server has loaded."""
         return {"model": model.name, "vectors": model.vectors_spec, "vocab": vocabulary.name,
                 "labels": len(vocabulary), "index": len(image_index) if image_index is not None else None,
-                "max_upload_bytes": max_upload_bytes}
+                "max_upload_bytes": max_upload_bytes, "min_confidence": resolve_threshold(model, None, len(vocabulary.matrix))}
 
     @app.post("/api/predict")
     def predict(image: UploadFile = File(..., description="an image file"),
-                k: int = Query(top_k, ge=1, le=MAX_K, description="how many labels")) -> dict:
+                k: int = Query(top_k, ge=1, le=MAX_K, description="how many labels"),
+                min_confidence: float | None = Query(None, ge=0, le=1, description="below this probability the "
+                                                     "answer is 'unknown' (default: the model's threshold)")) -> dict:
         """Top-k labels of one uploaded image: the same object as `devise predict --json`."""
         data = image.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"upload is over the limit of {max_upload_bytes:,} bytes")
         array = decode_upload(data, size, max_pixels)
-        return {"image": image.filename or "upload",
-                "predictions": predict_arrays(array[None], model, vocabulary, k)[0]}
+        ranked = predict_arrays(array[None], model, vocabulary, k, background=background)
+        return with_answers([image.filename or "upload"], ranked, resolve_threshold(model, min_confidence, len(vocabulary.matrix)))[0]
 
     @app.get("/api/search")
     def search_text(q: str = Query(..., min_length=1, max_length=200, description="words or a phrase"),

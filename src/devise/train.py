@@ -39,6 +39,7 @@ import numpy as np
 
 from devise import defaults
 from devise.storage import atomic_save_npz, atomic_write_json, check_manifest, write_errors, write_manifest
+from devise.confidence import store_confidence
 from devise.datasets import (default_holdout_unseen, load_dataset, seen_validation_split, validation_split,
                              zero_shot_split)
 from devise.errors import DeviseError
@@ -609,6 +610,7 @@ def train_dataset(dataset_spec, method: str | None = None, *, preset: str | None
     else:
         train_x, train_y, train_classes = select(split.train, seen)
         val, val_classes = None, np.zeros(0, np.int64)
+    confidence_val = None if val is None else (val[0], val[1], matrix[val_classes], [names[c] for c in val_classes])
     if mode == "zero-shot" and all_classes:
         # Stage 1 chooses the epoch count on the validation classes; stage 2 trains every class that long.
         sel_dir = None if out_dir is None else Path(out_dir) / "selection"
@@ -628,6 +630,8 @@ def train_dataset(dataset_spec, method: str | None = None, *, preset: str | None
     run = train(method, train_x, train_y, [names[c] for c in train_classes], matrix[train_classes],
                 val=val, out_dir=out_dir, extra_settings=settings_extra, **fit)
     run.history["validation"] = why
+    if confidence_val is not None and run.method != "random" and run.label_vectors is not None:
+        store_confidence(run, selection or run, *confidence_val, fit_on=f"validation ({why})")
     if selection is not None:
         best = {k: v for k, v in selection.history.items() if k.startswith("best_")}
         run.history["selection"] = {"epochs_run": selection.history["epochs_run"], **best}
