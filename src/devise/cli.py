@@ -164,6 +164,14 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from devise.model import load
+
+    out = load(args.model, args.vectors).export(args.out, format=args.format, vocab=args.vocab,
+                                                 check_images=args.check_images, overwrite=args.overwrite)
+    print(f"exported {args.model} to {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return 0
+
 def cmd_index(args) -> int:
     from devise.search import build_index
 
@@ -380,6 +388,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-missing", action="store_true",
                    help="leave out labels of a --vocab FILE that have no word vector (reported)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a model as ONNX files that run with onnxruntime and numpy alone")
+    p.add_argument("model", metavar="MODEL", help=f"a model preset ({', '.join(list_presets('model'))}) or a run folder")
+    p.add_argument("--format", default="onnx", choices=("onnx",), help="file format (default onnx)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist, or --overwrite)")
+    p.add_argument("--vectors", default=None, help=CONSE_VECTORS_HELP)
+    p.add_argument("--vocab", default="wordnet", help="vocabulary of labels.npy: wordnet (default), imagenet1k, a FILE")
+    p.add_argument("--check-images", nargs="+", default=None, metavar="IMAGE",
+                   help="image files or folders to check the export on (default: 64 of the data home's)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("index", help="embed a folder of images into a FAISS search index (adds to an existing one)")
     p.add_argument("folders", nargs="+", metavar="FOLDER", help="image folders or files")

@@ -275,6 +275,17 @@ class DeviseModel:
             vocabulary = Vocabulary.of_labels(list(labels), self.encode_labels(labels))
         return rank_labels(score_labels(self.encode_images(images), vocabulary), vocabulary, top)
 
+    # ------------------------------------------------------------ export
+
+    def export(self, out_dir, format: str = "onnx", **options) -> Path:
+        """Write this model for use without devise (format "onnx": devise.export.export_onnx, the
+        `export` extra; options: vocab, check_images, check_texts, overwrite)."""
+        from devise.export import EXPORT_FORMATS  # onnx and jax2onnx load only here
+
+        if format not in EXPORT_FORMATS:
+            raise DeviseError(f"unknown export format '{format}': choose one of {', '.join(EXPORT_FORMATS)}")
+        return EXPORT_FORMATS[format](self, out_dir, **options)
+
     # ------------------------------------------------------------ saving
 
     def save(self, folder) -> Path:
