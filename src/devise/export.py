@@ -335,7 +335,13 @@ def export_onnx(model, out_dir, vocab: str = "wordnet", check_images=None, check
 
 
 def _move_into_place(folder: Path, out: Path) -> None:
-    """Rename the finished folder to `out` (an old one is moved aside first and removed after)."""
+    """Rename the finished folder to `out` (an old one is moved aside first and removed after), its
+    files readable as the umask allows (temporary files are created private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+    folder.chmod(0o777 & ~umask)
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
