@@ -207,7 +207,8 @@ def parity(reference: np.ndarray, exported: np.ndarray, labels: np.ndarray, what
     return figures
 
 
-def _session(path: Path, threads: int | None = None):
+def onnx_session(path: Path, threads: int | None = None):
+    """An onnxruntime CPU session (threads: intra-op threads; None: onnxruntime's default)."""
     _, ort = _onnx_modules()
     options = ort.SessionOptions()
     if threads:
@@ -271,7 +272,7 @@ def _export_text(model, folder: Path, labels: np.ndarray, vocabulary, texts, man
     write_onnx(text_forward(text_encoder), [spec, spec], ["input_ids", "attention_mask"], folder / "text.onnx")
     max_length = text_encoder.config.max_seq_length
     texts = list(texts) if texts is not None else default_check_texts(vocabulary)
-    exported = _session(folder / "text.onnx").run(None, tokenize(folder / "tokenizer.json", texts, max_length))[0]
+    exported = onnx_session(folder / "text.onnx").run(None, tokenize(folder / "tokenizer.json", texts, max_length))[0]
     manifest["text"] = {"kind": "minilm", "files": ["text.onnx", "text.onnx.data", "tokenizer.json"],
                         "inputs": {"input_ids": "int32 (B, L)", "attention_mask": "int32 (B, L)"},
                         "max_length": max_length, "label_text": "a label is its own text; a WordNet synset "
@@ -305,7 +306,7 @@ def export_onnx(model, out_dir, vocab: str = "wordnet", check_images=None, check
     try:
         forward = image_forward(model, *grouped_backbone(model))
         write_onnx(forward, [jax.ShapeDtypeStruct(("B", size, size, 3), np.uint8)], ["images"], folder / "image.onnx")
-        exported = _session(folder / "image.onnx").run(None, {"images": images})[0]
+        exported = onnx_session(folder / "image.onnx").run(None, {"images": images})[0]
         manifest = {
             "format": "onnx", "opset": ONNX_OPSET, "versions": _versions(), "model": model.name,
             "method": model.method, "backbone": model.backbone_name, "T": model.T if model.method != "devise" else None,
