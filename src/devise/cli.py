@@ -168,7 +168,8 @@ def cmd_export(args) -> int:
     from devise.model import load
 
     out = load(args.model, args.vectors).export(args.out, format=args.format, vocab=args.vocab,
-                                                 check_images=args.check_images, overwrite=args.overwrite)
+                                                 check_images=args.check_images, overwrite=args.overwrite,
+                                                 max_abs=args.max_abs)
     print(f"exported {args.model} to {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 
@@ -397,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", default="wordnet", help="vocabulary of labels.npy: wordnet (default), imagenet1k, a FILE")
     p.add_argument("--check-images", nargs="+", default=None, metavar="IMAGE",
                    help="image files or folders to check the export on (default: 64 of the data home's)")
+    p.add_argument("--max-abs", type=float, default=None, metavar="D",
+                   help="largest onnxruntime vs Keras difference the check accepts (default 1e-4)")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.set_defaults(func=cmd_export)
 

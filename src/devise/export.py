@@ -82,7 +82,7 @@ def grouped_backbone(model):
 
     grouped = load_backbone(model.backbone_name, depthwise="grouped", precision="float32")
     if not model.settings.get("backbone_weights"):
-        return grouped.features_model, grouped.classifier
+        return resize_by_matrices(grouped.features_model), grouped.classifier
     import keras
 
     features_model = keras.models.clone_model(grouped.features_model)  # load_backbone's models are shared
@@ -91,7 +91,39 @@ def grouped_backbone(model):
         if mine.name != theirs.name:
             raise DeviseError(f"{model.name}: backbone layer {theirs.name} has no grouped counterpart")
         mine.set_weights(theirs.get_weights())
-    return features_model, None
+    return resize_by_matrices(features_model), None
+
+
+def resize_by_matrices(features_model):
+    """A side-by-side backbone's ResizeImages layers as two matrix products each (the same layers
+    otherwise, shared): jax2onnx's resize cannot take a symbolic batch. The (out, in) matrix is the
+    resize itself applied to a basis (resize is linear and separable), so it holds the same weights."""
+    import keras
+    from keras import ops
+
+    from devise.backbones import ResizeImages, to_uint8
+
+    class MatrixResize(keras.layers.Layer):
+        def __init__(self, matrix, **kwargs):
+            super().__init__(**kwargs)
+            self.matrix = np.asarray(matrix, np.float32)
+
+        def call(self, images):
+            # one einsum, operands in jax.image.resize's order: in JAX the same pixels, bit for bit
+            weights = self.matrix.T
+            return to_uint8(ops.einsum("bhwc,hi,wj->bijc", ops.cast(images, "float32"), weights, weights))
+
+    def swap(layer):
+        if not isinstance(layer, ResizeImages):
+            return layer
+        size = int(features_model.input_shape[1])
+        basis = np.eye(size, dtype=np.float32).reshape(1, size, 1, size)  # one column: copied across W
+        resized = ops.image.resize(basis, (layer.size, layer.size), interpolation="bilinear", antialias=True)
+        return MatrixResize(np.asarray(resized)[0, :, 0, :], name=layer.name)
+
+    if not any(isinstance(layer, ResizeImages) for layer in features_model.layers):
+        return features_model
+    return keras.models.clone_model(features_model, clone_function=swap)
 
 
 def conse_mix(probabilities, class_vectors: np.ndarray, T: int):
@@ -196,14 +228,15 @@ def top_entries(vectors: np.ndarray, labels: np.ndarray, k: int = TOP_K) -> np.n
     return np.argsort(-(vectors @ labels.T), axis=1, kind="stable")[:, :k]
 
 
-def parity(reference: np.ndarray, exported: np.ndarray, labels: np.ndarray, what: str) -> dict:
+def parity(reference: np.ndarray, exported: np.ndarray, labels: np.ndarray, what: str, bound: float) -> dict:
     """Max abs difference and top-k agreement of two (N, D) unit-vector sets; DeviseError past the bounds."""
     max_abs = float(np.abs(reference - exported).max())
     same = int((top_entries(reference, labels) == top_entries(exported, labels)).all(axis=1).sum())
-    figures = {"count": len(reference), "max_abs": max_abs, f"same_top{TOP_K}": same}
-    if not max_abs <= PARITY_MAX_ABS or same != len(reference):
+    figures = {"count": len(reference), "max_abs": max_abs, f"same_top{TOP_K}": same, "bound": bound}
+    if not max_abs <= bound or same != len(reference):
+        hint = " (the top-5 agree: max_abs= / --max-abs accepts a larger difference)" if same == len(reference) else ""
         raise DeviseError(f"ONNX export failed its check on {what}: max abs difference {max_abs:.2e} (bound "
-                          f"{PARITY_MAX_ABS:g}), same top-{TOP_K} on {same}/{len(reference)}; nothing written")
+                          f"{bound:g}), same top-{TOP_K} on {same}/{len(reference)}; nothing written{hint}")
     return figures
 
 
@@ -255,7 +288,7 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-def _export_text(model, folder: Path, labels: np.ndarray, vocabulary, texts, manifest: dict) -> None:
+def _export_text(model, folder: Path, labels: np.ndarray, vocabulary, texts, manifest: dict, bound: float) -> None:
     """text.onnx + tokenizer.json (MiniLM), checked; or the word vectors (vectors.npy + words.txt)."""
     import jax
 
@@ -277,16 +310,18 @@ def _export_text(model, folder: Path, labels: np.ndarray, vocabulary, texts, man
                         "inputs": {"input_ids": "int32 (B, L)", "attention_mask": "int32 (B, L)"},
                         "max_length": max_length, "label_text": "a label is its own text; a WordNet synset "
                         "(or a label linked to one) is 'name, a kind of <first hypernym's first lemma>'"}
-    manifest["parity"]["texts"] = parity(text_encoder.encode(texts), exported, labels, "texts")
+    manifest["parity"]["texts"] = parity(text_encoder.encode(texts), exported, labels, "texts", bound)
 
 
 def export_onnx(model, out_dir, vocab: str = "wordnet", check_images=None, check_texts=None,
-                overwrite: bool = False, progress: bool = True) -> Path:
+                overwrite: bool = False, max_abs: float | None = None) -> Path:
     """Write `model` (a DeviseModel) as ONNX files into out_dir (see the module docstring); returns it.
 
     vocab: the vocabulary labels.npy holds ("wordnet", "imagenet1k" or a label FILE); check_images: image
     files (or folders) to check on (default: default_check_images); check_texts: texts (default: 64
-    of the vocabulary's label texts). overwrite: replace an existing out_dir (else an error)."""
+    of the vocabulary's label texts). overwrite: replace an existing out_dir (else an error). max_abs: the
+    check's bound (default PARITY_MAX_ABS; a side-by-side backbone, which rounds its resized input to
+    uint8 inside, flips a few pixels' rounding in onnxruntime and reaches ~4e-4 with the same top-5)."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise DeviseError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
@@ -294,6 +329,7 @@ def export_onnx(model, out_dir, vocab: str = "wordnet", check_images=None, check
     import jax
 
     model.check_open_vocabulary()
+    bound = PARITY_MAX_ABS if max_abs is None else float(max_abs)
     start = time.perf_counter()
     vocabulary = load_vocabulary(vocab, model.vectors_spec)
     labels = np.ascontiguousarray(vocabulary.matrix[vocabulary.entry_term], np.float32)  # one row per entry
@@ -316,9 +352,9 @@ def export_onnx(model, out_dir, vocab: str = "wordnet", check_images=None, check
             "label_space": {"vectors": model.vectors_spec, "dim": int(vocabulary.matrix.shape[1])},
             "labels": {"vocab": vocabulary.name, "count": len(vocabulary.labels), "files": ["labels.npy", "labels.txt"],
                        "rank": "scores = vectors @ labels.T; stable argsort, best first"},
-            "parity": {"images": parity(model.encode_images(images), exported, labels, "images")},
+            "parity": {"images": parity(model.encode_images(images), exported, labels, "images", bound)},
         }
-        _export_text(model, folder, labels, vocabulary, check_texts, manifest)
+        _export_text(model, folder, labels, vocabulary, check_texts, manifest, bound)
         save_npy(folder / "labels.npy", labels)
         lines = [f"{label}\t{synset or ''}" for label, synset in zip(vocabulary.labels, vocabulary.synsets)]
         atomic_write(folder / "labels.txt", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
