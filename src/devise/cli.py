@@ -13,6 +13,7 @@ from pathlib import Path
 
 from devise import defaults
 from devise.errors import DeviseError
+from devise.export import EXPORT_FORMATS
 from devise.presets import DEFAULT_MODEL, PRESETS, list_presets
 from devise.train import HEADS, LOSSES, METHODS, OPTIMIZERS
 
@@ -392,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a model as ONNX files that run with onnxruntime and numpy alone")
     p.add_argument("model", metavar="MODEL", help=f"a model preset ({', '.join(list_presets('model'))}) or a run folder")
-    p.add_argument("--format", default="onnx", choices=("onnx",), help="file format (default onnx)")
+    p.add_argument("--format", default="onnx", choices=sorted(EXPORT_FORMATS), help="file format (default onnx)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist, or --overwrite)")
     p.add_argument("--vectors", default=None, help=CONSE_VECTORS_HELP)
     p.add_argument("--vocab", default="wordnet", help="vocabulary of labels.npy: wordnet (default), imagenet1k, a FILE")
