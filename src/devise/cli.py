@@ -13,6 +13,7 @@ from pathlib import Path
 
 from devise import defaults
 from devise.errors import DeviseError
+from devise.export import EXPORT_FORMATS
 from devise.presets import DEFAULT_MODEL, PRESETS, list_presets
 from devise.train import HEADS, LOSSES, METHODS, OPTIMIZERS
 
@@ -163,6 +164,15 @@ def cmd_predict(args) -> int:
         print(format_predictions(results))
     return 0
 
+
+def cmd_export(args) -> int:
+    from devise.model import load
+
+    out = load(args.model, args.vectors).export(args.out, format=args.format, vocab=args.vocab,
+                                                 check_images=args.check_images, overwrite=args.overwrite,
+                                                 max_abs=args.max_abs)
+    print(f"exported {args.model} to {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return 0
 
 def cmd_index(args) -> int:
     from devise.search import build_index
@@ -384,6 +394,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer 'unknown' when the top label's probability is below P (default: the model's "
                         "threshold, chosen on validation data; 0: always name a label)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a model as ONNX files that run with onnxruntime and numpy alone")
+    p.add_argument("model", metavar="MODEL", help=f"a model preset ({', '.join(list_presets('model'))}) or a run folder")
+    p.add_argument("--format", default="onnx", choices=sorted(EXPORT_FORMATS), help="file format (default onnx)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist, or --overwrite)")
+    p.add_argument("--vectors", default=None, help=CONSE_VECTORS_HELP)
+    p.add_argument("--vocab", default="wordnet", help="vocabulary of labels.npy: wordnet (default), imagenet1k, a FILE")
+    p.add_argument("--check-images", nargs="+", default=None, metavar="IMAGE",
+                   help="image files or folders to check the export on (default: 64 of the data home's)")
+    p.add_argument("--max-abs", type=float, default=None, metavar="D",
+                   help="largest onnxruntime vs Keras difference the check accepts (default 1e-4)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("index", help="embed a folder of images into a FAISS search index (adds to an existing one)")
     p.add_argument("folders", nargs="+", metavar="FOLDER", help="image folders or files")

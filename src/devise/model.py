@@ -355,6 +355,17 @@ class DeviseModel:
         unknown = {"label": UNKNOWN, "synset": None, "score": None, "probability": None}
         return [[unknown, *preds] if answer(preds, threshold) == UNKNOWN else preds for preds in ranked]
 
+    # ------------------------------------------------------------ export
+
+    def export(self, out_dir, format: str = "onnx", **options) -> Path:
+        """Write this model for use without devise (format "onnx": devise.export.export_onnx, the
+        `export` extra; options: vocab, check_images, check_texts, overwrite)."""
+        from devise.export import EXPORT_FORMATS  # onnx and jax2onnx load only here
+
+        if format not in EXPORT_FORMATS:
+            raise DeviseError(f"unknown export format '{format}': choose one of {', '.join(EXPORT_FORMATS)}")
+        return EXPORT_FORMATS[format](self, out_dir, **options)
+
     # ------------------------------------------------------------ saving
 
     def save(self, folder) -> Path:
