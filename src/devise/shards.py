@@ -178,13 +178,13 @@ def read_shards(folder: str | os.PathLike):
         yield read_shard(folder, k, plan)
 
 
-def read_valid(folder: str | os.PathLike, k: int, plan: dict | None = None) -> np.ndarray:
-    """Only shard k's valid mask (the vectors stay on disk): how many rows a builder will get, up front."""
+def read_member(folder: str | os.PathLike, k: int, key: str, plan: dict | None = None) -> np.ndarray:
+    """Only shard k's `paths` or `valid` (the vectors stay on disk): what a builder will get, up front."""
     plan = plan or _read_plan(Path(folder))
     file = Path(folder) / plan["shards"][k]["name"]
     try:
         with np.load(file, allow_pickle=False) as data:
-            return np.asarray(data["valid"], bool)
+            return data[key]
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise DeviseError(f"{file}: unreadable shard ({exc}); delete it and run the embedding job again") from None
 
