@@ -11,7 +11,7 @@ The kind (registry KINDS) is chosen by size, dimension and the memory cap:
 - hnsw (IndexHNSWFlat) at or above APPROX_THRESHOLD while vectors and graph fit (today's rule when no cap);
 - ivfpq above that: IVF with product quantization, trained on a sample, re-ranked by 8-bit scalar-quantized
   copies of the vectors (`Refine(SQ8)`, 1 byte a dimension) when those fit, so recall stays near exact.
-  nlist ~ sqrt(N) (a power of two, at least 39 training rows a list); PQ with D/8 sub-quantizers of 8 bits
+  nlist ~ sqrt(N) (a power of two, at least 39 training rows a list); PQ with D/4 sub-quantizers of 8 bits
   (fewer bits when N is small); nprobe (and the re-rank depth) tuned on half of the recall queries to reach
   RECALL_TARGET, recall then measured on the other half.
 Recall@10 against exact search (streamed over the embeddings file) on RECALL_QUERIES indexed rows used as
@@ -42,8 +42,8 @@ INDEX_SHARE = 0.5  # of the memory cap for the index itself; the rest: paths, a 
 BLOCK_ROWS = 16_384  # rows read at a time from the embeddings file (24 MB at 384-d)
 RECALL_QUERIES, RECALL_K, RECALL_TARGET = 1000, 10, 0.95
 TRAIN_ROWS_PER_LIST, MIN_TRAIN_ROWS = 40, 10_000  # k-means' 39 a centroid; PQ's 256 centroids x 39
-NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-K_FACTORS = (4, 8, 16, 32)  # candidates re-ranked per result by the SQ8 copies
+NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+K_FACTORS = (4, 8, 16, 32, 64)  # candidates re-ranked per result by the SQ8 copies
 
 
 def parse_memory(text: str | int | None) -> int | None:
@@ -244,12 +244,12 @@ KINDS = {
 
 
 def ivfpq_params(count: int, dim: int, refine: bool = True) -> dict:
-    """nlist a power of two near sqrt(N) with >= 39 training rows a list; D/8 sub-quantizers (a divisor
+    """nlist a power of two near sqrt(N) with >= 39 training rows a list; D/4 sub-quantizers (a divisor
     of D); 8-bit codes, fewer when N is too small to train 256 centroids each."""
     nlist = 2 ** round(math.log2(max(1.0, math.sqrt(count))))
     while nlist > 1 and count < 39 * nlist:
         nlist //= 2
-    m = max(k for k in range(1, max(1, dim // 8) + 1) if dim % k == 0)
+    m = max(k for k in range(1, max(1, dim // 4) + 1) if dim % k == 0)
     nbits = max(1, min(8, int(math.log2(max(2, count // 39)))))
     return {"nlist": nlist, "m": m, "nbits": nbits, "refine": refine}
 

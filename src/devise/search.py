@@ -39,6 +39,8 @@ from devise.shards import check_complete, read_member
 from devise.vectors import embed_labels, load_vectors
 
 INDEX_VERSION = 1
+
+
 @dataclass
 class ImageIndex:
     """A loaded image index: paths[i] has embeddings[i]; `index` is the FAISS index over them."""
