@@ -177,8 +177,13 @@ def cmd_export(args) -> int:
 def cmd_index(args) -> int:
     from devise.search import build_index
 
-    index = build_index(args.folders, model=args.model, out=args.out, vectors=args.vectors)
-    print(f"{args.out}: {len(index)} images ({index.kind} index, model {index.model}); "
+    if not args.folders and args.shards is None:
+        raise DeviseError("give image folders to index, or --shards FOLDER of embedded rows")
+    index = build_index(args.folders or None, model=args.model, out=args.out, vectors=args.vectors,
+                        memory_cap=args.memory_cap, shards=args.shards)
+    recall = f", recall@10 {index.recall['recall@10']:.3f} against exact" if index.recall and \
+        not index.recall.get("exact") else ""
+    print(f"{args.out}: {len(index)} images ({index.kind} index{recall}, model {index.model}); "
           f"{len(index.added)} embedded now, {len(index.removed)} removed, {len(index.unreadable)} unreadable")
     return 0
 
@@ -409,10 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("index", help="embed a folder of images into a FAISS search index (adds to an existing one)")
-    p.add_argument("folders", nargs="+", metavar="FOLDER", help="image folders or files")
+    p.add_argument("folders", nargs="*", metavar="FOLDER", help="image folders or files")
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--vectors", default=None, help=CONSE_VECTORS_HELP)
     p.add_argument("--out", required=True, metavar="INDEX", help="index folder")
+    p.add_argument("--memory-cap", default=None, metavar="SIZE",
+                   help="keep the index within SIZE (e.g. 2GB): exact while it fits, compressed IVF-PQ above")
+    p.add_argument("--shards", default=None, metavar="FOLDER",
+                   help="index the rows of a shard folder embedded elsewhere (its model) instead of images")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="search an image index by text or by an example image")

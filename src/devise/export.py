@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from devise.assets import atomic_write, atomic_write_json, foolbox_data_dir
+from devise.assets import foolbox_data_dir
+from devise.storage import atomic_write, atomic_write_json
 from devise.errors import DeviseError
 from devise.images import CROP_FRACTION, POLICY_VERSION, load_images, scan_image_files
 from devise.vectors import MINILM_SPEC, sentence_label_text

@@ -14,8 +14,10 @@ the same --out waits, then adds to what the first wrote. Rebuilding into
 the same folder embeds only new or changed files, unless what the old embeddings came from changed (the
 model folder's files, the decode policy): then it embeds every file again and says why.
 
-Exact inner-product search (IndexFlatIP) below APPROX_THRESHOLD images, HNSW above it; see
-APPROX_THRESHOLD for what was measured. Scores are cosines (all vectors are unit-norm).
+The index files are written from rows, streaming, by devise.index_build: exact inner-product search
+(IndexFlatIP) below APPROX_THRESHOLD images, HNSW above it; with a memory cap, a compressed IVF-PQ index
+where those would not fit, its recall@10 against exact search stored in meta.json. Rows may also come from
+a shard folder another engine wrote (devise.shards). Scores are cosines (all vectors are unit-norm).
 """
 from __future__ import annotations
 
@@ -29,20 +31,17 @@ import numpy as np
 
 from devise.storage import atomic_write, check_files, file_entries, locked
 from devise.errors import DeviseError
+from devise.index_build import APPROX_THRESHOLD, apply_search_params, build_index_files, concat_rows, parse_memory
+from devise.index_build import file_stamp as _stamp
+from devise.index_build import rows_from_arrays, rows_from_index_file, rows_from_shards
 from devise.images import POLICY_VERSION as IMAGE_POLICY_VERSION
 from devise.images import expand_image_paths, load_image
 from devise.model import load, model_files_stamp, model_name
 from devise.presets import DEFAULT_MODEL
+from devise.shards import check_complete, read_member
 from devise.vectors import embed_labels, load_vectors
 
 INDEX_VERSION = 1
-# Measured on the shared 2-core CPU, one FAISS thread, 50-d unit vectors in 2000 clusters, one query at a
-# time (k=10): IndexFlatIP 0.27 / 0.66 / 5.2 ms per query at 10K / 50K / 200K images; HNSW (M=32,
-# efConstruction=80, efSearch=128) 0.30 / 0.70 / 1.4 ms with recall@10 = 1.000 at all three, but 1.7 /
-# 16 / 96 s to build. Below ~50K exact search is as fast and builds instantly; by 200K it is 4x slower.
-# The switch sits between, at 100K images (HNSW build there: under a minute).
-APPROX_THRESHOLD = 100_000
-HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
 
 
 @dataclass
@@ -57,35 +56,10 @@ class ImageIndex:
     vectors_spec: str
     kind: str
     stamps: list[list[int]]
+    recall: dict | None = None  # {"recall@10": .., ...} against exact search, measured when it was built
 
     def __len__(self) -> int:
         return len(self.paths)
-
-
-def _stamp(path: str) -> list[int] | None:
-    """Size, mtime, device and inode (the layout serve.IndexedFiles reads): a file replaced by another one
-    (a rename over it, `cp -p`, rsync -t) with the same size and mtime still counts as changed."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino]
-
-
-def _faiss_index(embeddings: np.ndarray, kind: str):
-    import faiss
-
-    dim = embeddings.shape[1]
-    if kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-    else:
-        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    if len(embeddings):
-        index.add(np.ascontiguousarray(embeddings, np.float32))
-    if kind == "hnsw":
-        index.hnsw.efSearch = HNSW_EF_SEARCH
-    return index
 
 
 def _read_meta(folder: Path) -> dict | None:
@@ -115,10 +89,8 @@ def load_index(folder: str | os.PathLike) -> ImageIndex:
             raise
         meta = newer
         embeddings, index = _read_generation(folder, meta)
-    if meta["kind"] == "hnsw":
-        index.hnsw.efSearch = HNSW_EF_SEARCH
     return ImageIndex(folder, meta["paths"], embeddings, index, meta["model"], meta["vectors"], meta["kind"],
-                      meta["stamps"])
+                      meta["stamps"], meta.get("recall"))
 
 
 def _read_generation(folder: Path, meta: dict):
@@ -128,39 +100,51 @@ def _read_generation(folder: Path, meta: dict):
     gen, count = meta["generation"], len(meta["paths"])
     check_files(folder, meta.get("files", {}), "meta.json", hashes=False)  # indexes before it: no sizes
     try:
-        embeddings = np.load(folder / f"embeddings-{gen}.npy")
+        embeddings = np.load(folder / f"embeddings-{gen}.npy", mmap_mode="r")  # read where used, never whole
         index = faiss.read_index(str(folder / f"index-{gen}.faiss"))
     except (OSError, ValueError, RuntimeError) as exc:
         raise DeviseError(f"{folder}: index files damaged ({exc.__class__.__name__}: {exc}); rebuild it") from None
     if index.ntotal != count or embeddings.shape != (count, meta.get("dim", embeddings.shape[-1])):
         raise DeviseError(f"{folder}: index files disagree with meta.json; rebuild the index")
-    if not np.isfinite(embeddings).all():
+    if not all(np.isfinite(embeddings[lo:lo + 65536]).all() for lo in range(0, count, 65536)):  # in blocks
         raise DeviseError(f"{folder / f'embeddings-{gen}.npy'}: damaged (non-finite values); rebuild the index")
+    apply_search_params(index, meta["kind"], meta.get("params", {}))
     return embeddings, index
 
 
-def build_index(folder_or_paths, model=DEFAULT_MODEL, out: str | os.PathLike = "devise.index", *,
+def build_index(folder_or_paths=None, model=DEFAULT_MODEL, out: str | os.PathLike = "devise.index", *,
                 approx_threshold: int = APPROX_THRESHOLD, progress: bool = True,
-                vectors: str | None = None) -> ImageIndex:
+                vectors: str | None = None, memory_cap: int | str | None = None,
+                shards: str | os.PathLike | None = None) -> ImageIndex:
     """Embed images (a folder, searched recursively, or a list of files) into an index folder `out`.
 
     If `out` already holds an index of the same model and vectors, only files that are new or changed
     since are embedded (all of them if the model folder's files or the decode policy changed); files that
     no longer exist are dropped. Removed and unreadable files, and a full re-embedding, are reported in
     one warning. model: a preset name, a trained run folder or a DeviseModel; vectors: a preset's label space.
+    memory_cap ('2GB' or bytes): the index kept within it, compressed where exact search would not fit
+    (devise.index_build). shards: instead of images, a complete shard folder (devise.shards) whose rows
+    were embedded elsewhere; its model and label space are the index's, its rows replace older ones.
     A second build into the same `out` waits for the first (a lock), then adds to its index.
     """
     out = Path(out)
     _check_out(out)  # before any embedding: a bad --out must not cost the whole run
     with locked(out):
-        return _build_index(folder_or_paths, model, out, approx_threshold, progress, vectors)
+        return _build_index(folder_or_paths, model, out, approx_threshold, progress, vectors, memory_cap, shards)
 
 
-def _build_index(folder_or_paths, model, out: Path, approx_threshold: int, progress: bool, vectors) -> ImageIndex:
-    sources = [folder_or_paths] if isinstance(folder_or_paths, (str, os.PathLike)) else list(folder_or_paths)
+def _build_index(folder_or_paths, model, out: Path, approx_threshold: int, progress: bool, vectors, memory_cap,
+                 shards) -> ImageIndex:
+    memory_cap = parse_memory(memory_cap)
     skipped: list[str] = []  # entries the walker left out: reported in this function's one warning
-    listing = [str(Path(p).resolve()) for p in expand_image_paths(sources, skipped)]
-    model_id = model_name(model)  # devise.load's meaning of the name: a preset's, or a resolved folder
+    if shards is not None:
+        plan = check_complete(shards)
+        model_id, vectors_spec, dim = plan["model"], plan["vectors"], plan["dim"]
+        listing = [p for k in range(len(plan["shards"])) for p in read_member(shards, k, "paths", plan).tolist()]
+    else:
+        sources = [folder_or_paths] if isinstance(folder_or_paths, (str, os.PathLike)) else list(folder_or_paths)
+        listing = [str(Path(p).resolve()) for p in expand_image_paths(sources, skipped)]
+        model_id = model_name(model)  # devise.load's meaning of the name: a preset's, or a resolved folder
     old, old_meta, damaged = None, _read_meta(out), None
     if old_meta is not None:
         try:
@@ -171,63 +155,63 @@ def _build_index(folder_or_paths, model, out: Path, approx_threshold: int, progr
         if old.model != model_id:
             raise DeviseError(f"{out}: index was built with model '{old.model}', not '{model_id}'; "
                               "use another --out or the same --model")
-    model = load(model, vectors)
-    model.check_open_vocabulary()
+    if shards is None:
+        model = load(model, vectors)
+        model.check_open_vocabulary()
+        vectors_spec, dim = model.vectors_spec, model.dim
     # What every embedding depends on besides its file: if any of it changed, no old row can be kept.
-    source = {"model_files": model_files_stamp(model_id), "image_policy": IMAGE_POLICY_VERSION}
+    source = {"model_files": plan["model_files"], "image_policy": plan["image_policy"]} if shards is not None \
+        else {"model_files": model_files_stamp(model_id), "image_policy": IMAGE_POLICY_VERSION}
     stale_because = []
     if old is not None:
-        if old.vectors_spec != model.vectors_spec:
+        if old.vectors_spec != vectors_spec:
             raise DeviseError(f"{out}: index was built with vectors '{old.vectors_spec}', not "
-                              f"'{model.vectors_spec}'; use another --out or the same --vectors")
+                              f"'{vectors_spec}'; use another --out or the same --vectors")
         stale_because = [{"model_files": "model folder files", "image_policy": "image decode policy"}[k]
                          for k, v in source.items() if old_meta.get(k) != v]
 
     # Keep old rows whose file still exists unchanged; embed the rest (old files that changed included).
     keep_paths, keep_rows, keep_stamps, removed, changed = [], [], [], [], []
+    replaced = set(listing) if shards is not None else set()  # a shard's row wins over an older one
     if old is not None:
         for i, (path, stamp) in enumerate(zip(old.paths, old.stamps)):
             now = _stamp(path)
             if now is None:
                 removed.append(path)
-            elif now == stamp and not stale_because:
+            elif now == stamp and not stale_because and path not in replaced:
                 keep_paths.append(path)
                 keep_rows.append(i)
                 keep_stamps.append(stamp)
-            else:
+            elif path not in replaced:
                 changed.append(path)
-    known = set(keep_paths)
-    todo = list(dict.fromkeys([*changed, *(p for p in listing if p not in known)]))
-    with warnings.catch_warnings(record=True):  # load_images' own warning: reported below in one line
-        warnings.simplefilter("always")
-        new_emb, valid = model.encode_paths(todo, progress=progress, cache=True) if todo else \
-            (np.zeros((0, model.dim), np.float32), np.zeros(0, bool))
-    broken = [p for p, ok, row in zip(todo, valid, new_emb) if ok and not np.isfinite(row).all()]
-    if broken:  # never into an index: a NaN row matches nothing and hides every result of a query
-        raise DeviseError(f"{model_id}: non-finite embeddings for {len(broken)} image(s) (first: {broken[0]}); "
-                          "the model's weights or its feature cache are damaged")
+    if shards is not None:
+        new_rows = rows_from_shards(shards)
+        valid = np.concatenate([read_member(shards, k, "valid", plan) for k in range(len(plan["shards"]))] or
+                               [np.zeros(0, bool)])
+        todo, removed = listing, removed + changed  # changed files not in the shards cannot be embedded here
+    else:
+        known = set(keep_paths)
+        todo = list(dict.fromkeys([*changed, *(p for p in listing if p not in known)]))
+        with warnings.catch_warnings(record=True):  # load_images' own warning: reported below in one line
+            warnings.simplefilter("always")
+            new_emb, valid = model.encode_paths(todo, progress=progress, cache=True) if todo else \
+                (np.zeros((0, dim), np.float32), np.zeros(0, bool))
+        new_rows = rows_from_arrays([p for p, ok in zip(todo, valid) if ok], new_emb[valid])
     unreadable = [p for p, ok in zip(todo, valid) if not ok]
     new_paths = [p for p, ok in zip(todo, valid) if ok]
 
-    paths = keep_paths + new_paths
-    old_emb = old.embeddings[keep_rows] if old is not None else np.zeros((0, model.dim), np.float32)
-    embeddings = np.concatenate([old_emb, new_emb[valid]]).astype(np.float32)
-    stamps = keep_stamps + [_stamp(p) for p in new_paths]
-    kind = "flat" if len(paths) < approx_threshold else "hnsw"
-    index = _faiss_index(embeddings, kind)
-
-    gen = old_meta["generation"] + 1 if old_meta is not None else 1
-
-    def save_embeddings(tmp: str) -> None:
-        with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to a name
-            np.save(fh, embeddings)
-
-    atomic_write(out / f"embeddings-{gen}.npy", save_embeddings)
-    atomic_write(out / f"index-{gen}.faiss", lambda tmp: _write_faiss(index, tmp))
-    files = file_entries(out, [f"embeddings-{gen}.npy", f"index-{gen}.faiss"], hashes=False)
-    meta = {"version": INDEX_VERSION, "generation": gen, "model": model_id, "vectors": model.vectors_spec,
-            **source, "dim": int(model.dim), "kind": kind, "count": len(paths), "paths": paths, "stamps": stamps,
-            "files": files}
+    old_file = out / f"embeddings-{old_meta['generation']}.npy" if old is not None else None
+    rows = concat_rows(rows_from_index_file(old_file, keep_rows, keep_paths, keep_stamps) if keep_rows else None,
+                       new_rows)
+    rows.dim = rows.dim or int(dim)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = old_meta["generation"] + 1 if old is not None else 1
+    built = build_index_files(out, gen, rows, memory_cap=memory_cap, approx_threshold=approx_threshold,
+                              progress=progress)
+    meta = {"version": INDEX_VERSION, "generation": gen, "model": model_id, "vectors": vectors_spec,
+            **source, "dim": int(dim), "kind": built.kind, "params": built.params, "recall": built.recall,
+            "memory_cap": memory_cap, "count": len(built.paths), "paths": built.paths, "stamps": built.stamps,
+            "files": file_entries(out, [f"embeddings-{gen}.npy", f"index-{gen}.faiss"], hashes=False)}
     atomic_write(out / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
     for stale in (f"embeddings-{gen - 1}.npy", f"index-{gen - 1}.faiss"):
         (out / stale).unlink(missing_ok=True)
@@ -247,18 +231,9 @@ def _build_index(folder_or_paths, model, out: Path, approx_threshold: int, progr
         problems.append(f"{len(unreadable)} unreadable file(s) skipped: {', '.join(unreadable)}")
     if problems:
         warnings.warn("; ".join(problems), stacklevel=3)
-    result = ImageIndex(out, paths, embeddings, index, model_id, model.vectors_spec, kind, stamps)
+    result = load_index(out)
     result.added, result.removed, result.unreadable, result.skipped = new_paths, removed, unreadable, skipped
     return result
-
-
-def _write_faiss(index, path: str) -> None:
-    """faiss.write_index through a Python file: a full disk is an OSError (storage says it in one line), not
-    faiss' RuntimeError."""
-    import faiss
-
-    with open(path, "wb") as fh:
-        faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write))
 
 
 def _check_out(out: Path) -> None:
