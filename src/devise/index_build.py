@@ -78,7 +78,8 @@ class Rows:
 
 
 def rows_from_arrays(paths, vectors, stamps=None) -> Rows:
-    vectors = np.asarray(vectors, np.float32).reshape(len(paths), -1)
+    vectors = np.asarray(vectors, np.float32)
+    vectors = vectors.reshape(len(paths), vectors.shape[-1] if vectors.ndim == 2 else -1)  # (0, D) stays (0, D)
     return Rows(len(paths), vectors.shape[1], lambda: iter([(list(paths), vectors, stamps)]))
 
 
@@ -160,7 +161,7 @@ def read_rows(file, rows) -> np.ndarray:
 def write_rows(file: Path, rows: Rows) -> tuple[list, list]:
     """Stream `rows` into the .npy `file` (atomically); returns their paths and stamps. A row that is not
     finite is refused, naming its image (a NaN would poison every search)."""
-    check_free_space(file.parent, rows.count * rows.dim * 4, "the index's embeddings")
+    check_free_space(file, rows.count * rows.dim * 4, "the index's embeddings")
     paths, stamps = [], []
 
     def write(tmp):

@@ -205,7 +205,7 @@ def _build_index(folder_or_paths, model, out: Path, approx_threshold: int, progr
                        new_rows)
     rows.dim = rows.dim or int(dim)
     out.mkdir(parents=True, exist_ok=True)
-    gen = old_meta["generation"] + 1 if old is not None else 1
+    gen = old_meta["generation"] + 1 if old_meta is not None else 1
     built = build_index_files(out, gen, rows, memory_cap=memory_cap, approx_threshold=approx_threshold,
                               progress=progress)
     meta = {"version": INDEX_VERSION, "generation": gen, "model": model_id, "vectors": vectors_spec,

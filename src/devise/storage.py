@@ -241,8 +241,9 @@ def check_free_space(folder: str | os.PathLike, nbytes: int, what: str = "") -> 
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    if free < nbytes + FREE_SPACE_MARGIN:
-        need = (nbytes + FREE_SPACE_MARGIN) / 2**20
+    margin = min(FREE_SPACE_MARGIN, max(nbytes // 4, 1 << 20))  # a small file needs a small margin
+    if free < nbytes + margin:
+        need = (nbytes + margin) / 2**20
         raise DeviseError(f"{folder}: cannot write {what or 'its files'} (no space left on device: needs "
                           f"{need:,.0f} MiB, {free / 2**20:,.0f} MiB free)")
 
