@@ -5,6 +5,7 @@ The tests that export skip when the `export` extra (onnxruntime, jax2onnx) is no
 import ast
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,8 +123,9 @@ def test_the_example_names_images_as_devise_predict_does(conse_export, foolbox_p
     assert main(["predict", *images]) == 0
     predicted = capsys.readouterr().out
 
-    def ranked(text):  # labels and synsets in rank order (scores may differ in the last printed digit)
-        return [line.split(None, 2)[2] for line in text.splitlines() if line.startswith("  ")]
+    def ranked(text):  # labels and synsets in rank order (scores, and predict's probabilities, left out)
+        rows = (re.match(r"\s+\d+\.\s+[+-]?\d\.\d+(?:\s+\d+\.\d%)?\s+(.*)$", line) for line in text.splitlines())
+        return [row.group(1) for row in rows if row]
 
     assert len(ranked(example)) == 5 * len(images)
     assert ranked(example) == ranked(predicted)
