@@ -37,11 +37,10 @@ from devise.confidence import UNKNOWN, Confidence, answer, rank_with_probabiliti
 from devise.conse import cached_imagenet1k_class_vectors, conse_embed, conse_from_logits
 from devise.errors import DeviseError
 from devise.features import backbone_forward, extract_features
-from devise.images import describe, frame_array, load_image, load_images
+from devise.images import describe, frame_array, load_image
 from devise.pipeline import bucket as _bucket
 from devise.pipeline import choose_decoder, decode_chunks, forward_chunks, padded_batches
 from devise.presets import CONSE_CONFIDENCE, DEFAULT_MODEL, PRESETS
-from devise.ranking import rank_labels, score_labels
 from devise.runtime import default_batch_size, pad_batch, predict_in_batches
 from devise.vectors import GLOVE_SPEC, embed_labels, label_list, load_vectors, quiet_dropped_labels, unit_rows
 from devise.vocabulary import Vocabulary, load_vocabulary
