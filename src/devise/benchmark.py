@@ -169,6 +169,8 @@ def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, me
                                            softmax_only=kind == "softmax", **evaluation,
                                            **({} if kind in ("softmax", "random") else confidence(first)))
         models[name] = model
+        # Wall seconds to fit (both stages) and score the method on this seed: what the recipe costs.
+        results[name]["cost"] = {"seconds": round(time.perf_counter() - t0, 2)}
         zsl = results[name].get("zsl", {})
         seen = results[name].get("seen", {})
         log(f"  {name:<20} {time.perf_counter() - t0:6.1f} s   zsl hit@1 {zsl.get('hit@1', float('nan')):.3f} "
@@ -311,6 +313,9 @@ def render_report(report: dict, stds: dict | None = None) -> str:
         "of the first fit for calibration; the seen-class test set is a held-out style.",
         "",
         render_tables(report, stds),
+        "",
+        "Seconds per seed to fit (both stages) and score each method: " + ", ".join(
+            f"{m} {v['cost']['seconds']:.0f}" for m, v in report["methods"].items() if "cost" in v) + ".",
         "",
         render_confidence_tables(report),
         "",

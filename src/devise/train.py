@@ -179,7 +179,7 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
           loss: str = "hinge", head: str = "linear", epochs: int = 100, batch_size: int = 128,
           learning_rate: float | None = None, optimizer: str = "adam", seed: int = 0, out_dir=None,
           margin: float = 0.1, truncated: bool = True, normalize_output: bool = False,
-          temperature: float = 0.1, patience: int = 8, top_k: int = 5, T: int = 10,
+          temperature: float = 0.1, patience: int = 8, top_k: int = 5, T: int = 10, hidden: int | None = None,
           vectors_spec: str | None = None,
           backbone_name: str | None = None, extra_settings: dict | None = None, callbacks=(),
           verbose: int = 1, ensemble: int = 1) -> DeviseModel:
@@ -237,7 +237,7 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
         "epochs": int(epochs), "batch_size": int(batch_size), "learning_rate": learning_rate,
         "optimizer": optimizer, "seed": int(seed), "margin": float(margin), "truncated": bool(truncated),
         "normalize_output": bool(normalize_output), "temperature": float(temperature),
-        "patience": int(patience), "top_k": int(top_k), "T": int(T),
+        "patience": int(patience), "top_k": int(top_k), "T": int(T), "hidden": hidden,
         "vectors": vectors_spec, "backbone": backbone_name, "feature_dim": int(features.shape[1]),
         "vector_dim": None if label_vectors is None else int(label_vectors.shape[1]),
         "num_classes": len(class_names), "num_train": int(len(labels)),
@@ -248,7 +248,8 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
     }
 
     keras.utils.set_random_seed(int(seed))
-    model = build_head(settings["head"], features.shape[1], len(class_names) if classifies else label_vectors.shape[1])
+    model = build_head(settings["head"], features.shape[1], len(class_names) if classifies else label_vectors.shape[1],
+                       **({"hidden": int(hidden)} if hidden else {}))
     loss_fn = make_loss(method, loss, label_vectors, margin=margin, truncated=truncated,
                         normalize_output=normalize_output, temperature=temperature, seed=int(seed))
     if getattr(loss_fn, "seed_generator", None) is not None:
