@@ -37,11 +37,12 @@ def test_benchmark_writes_the_report_and_the_metrics_schema(subset, tmp_path):
     zsl_keys = {"hit@1", "hit@2", "hit@5", "hit@10", "per_class_top1", "hp@2", "hp@5", "hp@10", "hp@20"}
     for name, entry in saved["methods"].items():
         if name == "softmax":  # a closed-set classifier: seen classes only
-            assert set(entry) == {"seen", "seen_std"}
+            assert set(entry) == {"seen", "seen_std", "cost"}
             continue
         assert set(entry["zsl"]) == zsl_keys and set(entry["zsl_std"]) == zsl_keys
         assert set(entry["gzsl"]) == {"u", "s", "H"} and set(entry["gzsl_calibrated"]) == {"u", "s", "H", "gamma"}
         assert all(0 <= v <= 1 for v in entry["zsl"].values())
+        assert entry["cost"]["seconds"] > 0  # what fitting and scoring the method took, per seed
         if name != "random_hinge_linear":  # the control's scores mean nothing: no confidence for it
             for group in ("confidence_seen", "confidence_zsl"):
                 assert {"auroc", "fpr95", "aurc", "aurc_cosine", "ece", "ece_t1", "risk@0.5"} <= set(entry[group])
@@ -56,6 +57,7 @@ def test_benchmark_writes_the_report_and_the_metrics_schema(subset, tmp_path):
     assert methods["softmax"]["seen"]["hit@1"] > 0.5
     text = (tmp_path / "report.md").read_text()
     assert "| devise_hinge_linear |" in text and "Generalized zero-shot" in text and "Confidence, unseen" in text
+    assert "Seconds per seed to fit (both stages) and score each method: softmax " in text
     for plot in ("hit_at_k.png", "unseen_grid.png", "risk_coverage.png"):
         assert (tmp_path / plot).stat().st_size > 10_000
 
