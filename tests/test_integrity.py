@@ -310,3 +310,20 @@ def test_a_resumed_feature_cache_on_a_nearly_full_disk_is_one_line_not_sigbus(tm
         assert "features.npy: cannot write (no space left on device)" in result.stdout
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+
+
+def test_a_vectors_file_converted_on_a_full_data_home_is_one_line_not_sigbus(small_disk, tmp_path, monkeypatch):
+    """Its matrix.npy is a memory map: written into a sparse file on a full disk it would die of SIGBUS."""
+    from devise.vectors import load_vectors
+
+    text = tmp_path / "vectors.txt"
+    rng = np.random.default_rng(0)
+    text.write_text("".join(f"word{i} " + " ".join(f"{v:.4f}" for v in rng.standard_normal(50)) + "\n"
+                            for i in range(2000)))
+    home = small_disk / "home"
+    home.mkdir()
+    monkeypatch.setenv("DEVISE_HOME", str(home))
+    _fill(small_disk)
+    with pytest.raises(DeviseError, match="no space left on device") as error:
+        load_vectors(str(text))
+    assert "matrix.npy" in str(error.value) and "\n" not in str(error.value)

@@ -55,7 +55,8 @@ import numpy as np
 from devise import defaults
 from devise.assets import data_home, glove_6b_50d_files, wordnet_dir
 from devise.errors import DeviseError
-from devise.storage import discard_damaged, locked, publish_folder, remove, remove_partials, write_errors
+from devise.storage import (check_free_space, discard_damaged, locked, preallocate, publish_folder, remove,
+                            remove_partials, write_errors)
 from devise.text_encoder import EncodingCache, TextEncoder
 from devise.wordnet import load_wordnet
 
@@ -552,6 +553,16 @@ def _read_converted(folder: Path, name: str, discard: bool) -> WordVectors | Non
     return WordVectors(words, matrix, name, cache_dir=folder)
 
 
+def _matrix_file(folder: Path, shape) -> np.ndarray:
+    """folder/matrix.npy as a float32 memory map with its disk blocks allocated up front: on a full disk a
+    write into a sparse memory map is killed by SIGBUS, while this fails with one line naming the file."""
+    path = folder / "matrix.npy"
+    check_free_space(folder, 4 * int(np.prod(shape)), what="matrix.npy")
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=tuple(shape))
+    preallocate(path)
+    return out
+
+
 def _load_packaged_glove(cache: bool) -> WordVectors:
     emb_path, index_path = glove_6b_50d_files()
 
@@ -561,7 +572,7 @@ def _load_packaged_glove(cache: bool) -> WordVectors:
         source = np.load(emb_path, mmap_mode="r")
         if source.shape[0] != len(words):
             raise DeviseError(f"{emb_path}: {source.shape[0]} vectors but {len(words)} words in {index_path.name}")
-        out = np.lib.format.open_memmap(folder / "matrix.npy", mode="w+", dtype=np.float32, shape=source.shape)
+        out = _matrix_file(folder, source.shape)
         for start in range(0, source.shape[0], 100_000):
             out[start:start + 100_000] = unit_rows(source[start:start + 100_000])
         out.flush()
@@ -619,8 +630,7 @@ def _parse_text(path: Path, folder: Path) -> list[str]:
                 expected_rows += block.count(b"\n")
                 last = block[-1:]
         expected_rows += last != b"\n"  # a last line without a newline; blank lines are trimmed below
-    out = np.lib.format.open_memmap(folder / "matrix.npy", mode="w+", dtype=np.float32,
-                                    shape=(max(expected_rows, 0), dim))
+    out = _matrix_file(folder, (max(expected_rows, 0), dim))
     words = _fill_with_pyarrow(path, out, header, dim, expected_rows)
     if words is None:  # anything unusual: the line-by-line parser below, which names the bad line
         words = _fill_line_by_line(path, out, header, dim, expected_rows)
@@ -762,7 +772,7 @@ def _parse_word2vec_bin(path: Path, folder: Path) -> list[str]:
         if len(fields) != 2 or not all(x.isdigit() for x in fields):
             raise DeviseError(f"{path}:1: not a word2vec binary file (expected the header 'V D')")
         rows, dim = int(fields[0]), int(fields[1])
-        out = np.lib.format.open_memmap(folder / "matrix.npy", mode="w+", dtype=np.float32, shape=(rows, dim))
+        out = _matrix_file(folder, (rows, dim))
         words: list[str] = []
         record_bytes = 4 * dim
         for row in range(rows):
