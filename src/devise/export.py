@@ -76,14 +76,15 @@ def _onnx_modules():
 # ---------------------------------------------------------------- the graphs (keras.ops)
 
 def grouped_backbone(model):
-    """The model's backbone built with grouped depthwise convolutions: (features_model, classifier or None).
-    A pretrained backbone is built again from its checkpoint; a fine-tuned one (a run's backbone_weights)
-    is a copy whose weights are copied layer by layer."""
+    """The model's backbone built with grouped depthwise convolutions: (features_model, classifier or None),
+    the features model in its ONNX-friendly form (onnx_features_model). A pretrained backbone is built again
+    from its checkpoint; a fine-tuned one (a run's backbone_weights) is a copy whose weights are copied layer
+    by layer."""
     from devise.backbones import load_backbone, weighted_layers
 
     grouped = load_backbone(model.backbone_name, depthwise="grouped", precision="float32")
     if not model.settings.get("backbone_weights"):
-        return resize_by_matrices(grouped.features_model), grouped.classifier
+        return onnx_features_model(grouped.features_model), grouped.classifier
     import keras
 
     features_model = keras.models.clone_model(grouped.features_model)  # load_backbone's models are shared
@@ -92,17 +93,30 @@ def grouped_backbone(model):
         if mine.name != theirs.name:
             raise DeviseError(f"{model.name}: backbone layer {theirs.name} has no grouped counterpart")
         mine.set_weights(theirs.get_weights())
-    return resize_by_matrices(features_model), None
+    return onnx_features_model(features_model), None
 
 
-def resize_by_matrices(features_model):
-    """A side-by-side backbone's ResizeImages layers as two matrix products each (the same layers
-    otherwise, shared): jax2onnx's resize cannot take a symbolic batch. The (out, in) matrix is the
-    resize itself applied to a basis (resize is linear and separable), so it holds the same weights."""
+def relu6_as_clip(x):
+    """ReLU6 as one clip: the same numbers as min(max(x, 0), 6), but jax2onnx writes one Clip node (its
+    relu6 is Max + Min), which onnxruntime fuses into the convolution before it."""
+    from keras import ops
+
+    return ops.clip(x, 0.0, 6.0)
+
+
+def onnx_features_model(features_model):
+    """The features model as onnxruntime runs it fast, the same numbers (a copy; the layers it does not
+    change are shared, so are their weights):
+    - ReLU6 activations as relu6_as_clip (one Clip each, fused into the Conv: no layout change around it);
+    - the per-channel preprocessing on channels-first pixels (onnxruntime broadcasts (1, 1, 1, 3) element by
+      element, a tenth of the run; (1, 3, 1, 1) is one loop per plane): the same subtraction and division;
+    - a side-by-side backbone's ResizeImages as one einsum with the resize's matrix (jax2onnx's resize
+      cannot take a symbolic batch). The (out, in) matrix is the resize itself applied to a basis (resize
+      is linear and separable), so it holds the same weights."""
     import keras
     from keras import ops
 
-    from devise.backbones import ResizeImages, to_uint8
+    from devise.backbones import ImagePreprocess, ResizeImages, to_uint8
 
     class MatrixResize(keras.layers.Layer):
         def __init__(self, matrix, **kwargs):
@@ -114,17 +128,32 @@ def resize_by_matrices(features_model):
             weights = self.matrix.T
             return to_uint8(ops.einsum("bhwc,hi,wj->bijc", ops.cast(images, "float32"), weights, weights))
 
-    def swap(layer):
-        if not isinstance(layer, ResizeImages):
-            return layer
-        size = int(features_model.input_shape[1])
-        basis = np.eye(size, dtype=np.float32).reshape(1, size, 1, size)  # one column: copied across W
-        resized = ops.image.resize(basis, (layer.size, layer.size), interpolation="bilinear", antialias=True)
-        return MatrixResize(np.asarray(resized)[0, :, 0, :], name=layer.name)
+    class ChannelsFirstPreprocess(ImagePreprocess):
+        def call(self, images):
+            x = ops.transpose(ops.cast(images, "float32"), (0, 3, 1, 2))
+            if self.bgr:
+                x = ops.flip(x, axis=1)
+            mean, std = (ops.reshape(ops.convert_to_tensor(v), (1, 3, 1, 1)) for v in (self.mean, self.std))
+            return ops.transpose((x - mean) / std, (0, 2, 3, 1))
 
-    if not any(isinstance(layer, ResizeImages) for layer in features_model.layers):
-        return features_model
-    return keras.models.clone_model(features_model, clone_function=swap)
+    def swap(layer):
+        if isinstance(layer, ResizeImages):
+            size = int(features_model.input_shape[1])
+            basis = np.eye(size, dtype=np.float32).reshape(1, size, 1, size)  # one column: copied across W
+            resized = ops.image.resize(basis, (layer.size, layer.size), interpolation="bilinear", antialias=True)
+            return MatrixResize(np.asarray(resized)[0, :, 0, :], name=layer.name)
+        if type(layer) is ImagePreprocess:
+            return ChannelsFirstPreprocess(layer.mean, layer.std, layer.bgr, name=layer.name)
+        if getattr(layer, "activation", None) is keras.activations.relu6:
+            config = {**layer.get_config(), "activation": relu6_as_clip}
+            config.update({key: "zeros" for key in config if key.endswith("_initializer")})  # weights copied below
+            clipped = type(layer).from_config(config)
+            clipped.build(layer.input.shape)
+            clipped.set_weights(layer.get_weights())
+            return clipped
+        return layer
+
+    return keras.models.clone_model(features_model, clone_function=swap, recursive=True)
 
 
 def conse_mix(probabilities, class_vectors: np.ndarray, T: int):
@@ -241,12 +270,15 @@ def parity(reference: np.ndarray, exported: np.ndarray, labels: np.ndarray, what
     return figures
 
 
-def onnx_session(path: Path, threads: int | None = None):
-    """An onnxruntime CPU session (threads: intra-op threads; None: onnxruntime's default)."""
+def onnx_session(path: Path, threads: int | None = None, spinning: bool = False):
+    """An onnxruntime CPU session (threads: intra-op threads; None: onnxruntime's default). spinning: let
+    idle intra-op threads busy-wait (onnxruntime's default): on a machine whose cores are shared with
+    other work that makes a run wait for descheduled spinners (2-4x slower on the 2 shared cores here)."""
     _, ort = _onnx_modules()
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
