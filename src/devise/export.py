@@ -20,7 +20,9 @@ same top-5 entries; otherwise a DeviseError and nothing is written.
 
 The backbone is rebuilt with grouped depthwise convolutions holding the same weights (backbones.py's
 "grouped" formulation): ONE Conv node per layer instead of k*k shifted multiply-adds, about a tenth of
-the graph and faster in onnxruntime. The graph is traced from the Keras models (keras.ops) by jax2onnx,
+the graph and faster in onnxruntime; onnx_features_model then writes ReLU6 as one Clip and the
+preprocessing channels-first (onnxruntime fuses the Clip into the Conv and keeps one layout), and a
+side-by-side backbone's resize as XLA's own sums (same numbers throughout). The graph is traced from the Keras models (keras.ops) by jax2onnx,
 so export needs the JAX backend and the `export` extra (onnx, onnxruntime, jax2onnx).
 """
 from __future__ import annotations
