@@ -150,24 +150,34 @@ def onnx_features_model(features_model):
         def __init__(self, matrix, **kwargs):
             super().__init__(**kwargs)
             matrix = np.asarray(matrix, np.float32)  # (out, in)
-            taps = matrix != 0
-            first, last = taps.argmax(axis=1), matrix.shape[1] - 1 - taps[:, ::-1].argmax(axis=1)
-            position = first[None] + np.arange(int((last - first).max()) + 1)[:, None]  # (taps, out)
-            self.index = np.minimum(position, matrix.shape[1] - 1).astype(np.int32)
-            self.weight = np.where(position <= last[None], matrix[np.arange(len(matrix))[None], self.index], 0)
+            taps, column = matrix != 0, np.arange(matrix.shape[1])
+            self.rows = self.slots(matrix, taps)
+            self.lanes = [self.slots(matrix, taps & (column % 2 == lane)) for lane in (0, 1)]
 
-        def chain(self, x, axis, weight):
+        @staticmethod
+        def slots(matrix, keep):
+            """(index, weight), each (slot, out): output j's kept taps in ascending order; weight 0 past
+            its last (a zero weight leaves the sum as it is)."""
+            index = np.zeros((int(keep.sum(axis=1).max()), len(matrix)), np.int32)
+            weight = np.zeros(index.shape, np.float32)
+            for j, row in enumerate(keep):
+                columns = np.flatnonzero(row)
+                index[:len(columns), j], weight[:len(columns), j] = columns, matrix[j, columns]
+            return index, weight
+
+        @staticmethod
+        def chain(x, axis, slots):
             shape = [1, 1, 1, 1]
-            shape[axis] = weight.shape[1]
+            shape[axis] = slots[0].shape[1]
             acc = None
-            for index, w in zip(self.index, weight):  # a zero weight leaves the sum as it is
-                tap, w = ops.take(x, index, axis=axis), w.astype(np.float32).reshape(shape)
+            for index, w in zip(*slots):
+                tap, w = ops.take(x, index, axis=axis), w.reshape(shape)
                 acc = tap * w if acc is None else fused_multiply_add(tap, w, acc)
             return acc
 
         def call(self, images):
-            rows = self.chain(ops.cast(images, "float32"), 1, self.weight)
-            even, odd = (self.chain(rows, 2, np.where(self.index % 2 == lane, self.weight, 0)) for lane in (0, 1))
+            rows = self.chain(ops.cast(images, "float32"), 1, self.rows)
+            even, odd = (self.chain(rows, 2, lane) for lane in self.lanes)
             return to_uint8(even + odd)
 
     class ChannelsFirstPreprocess(ImagePreprocess):
