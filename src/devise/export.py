@@ -22,8 +22,9 @@ The backbone is rebuilt with grouped depthwise convolutions holding the same wei
 "grouped" formulation): ONE Conv node per layer instead of k*k shifted multiply-adds, about a tenth of
 the graph and faster in onnxruntime; onnx_features_model then writes ReLU6 as one Clip and the
 preprocessing channels-first (onnxruntime fuses the Clip into the Conv and keeps one layout), and a
-side-by-side backbone's resize as XLA's own sums (same numbers throughout). The graph is traced from the Keras models (keras.ops) by jax2onnx,
-so export needs the JAX backend and the `export` extra (onnx, onnxruntime, jax2onnx).
+side-by-side backbone's resize as XLA's own sums (same numbers throughout). The graph is traced from
+the Keras models (keras.ops) by jax2onnx, so export needs the JAX backend and the `export` extra (onnx,
+onnxruntime, jax2onnx).
 """
 from __future__ import annotations
 
@@ -405,8 +406,8 @@ def export_onnx(model, out_dir, vocab: str = "wordnet", check_images=None, check
     vocab: the vocabulary labels.npy holds ("wordnet", "imagenet1k" or a label FILE); check_images: image
     files (or folders) to check on (default: default_check_images); check_texts: texts (default: 64
     of the vocabulary's label texts). overwrite: replace an existing out_dir (else an error). max_abs: the
-    check's bound (default PARITY_MAX_ABS; a side-by-side backbone, which rounds its resized input to
-    uint8 inside, flips a few pixels' rounding in onnxruntime and reaches ~4e-4 with the same top-5)."""
+    check's bound (default PARITY_MAX_ABS; a larger one accepts a model whose sums onnxruntime orders
+    otherwise, e.g. on a CPU where XLA resizes a side-by-side backbone's input in another order)."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise DeviseError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
