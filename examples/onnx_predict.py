@@ -34,7 +34,9 @@ if __name__ == "__main__":
     folder, paths = Path(sys.argv[1]), sys.argv[2:]
     manifest = json.loads((folder / "manifest.json").read_text())
     images = np.stack([frame(p, manifest["image"]["size"], manifest["framing"]["crop_fraction"]) for p in paths])
-    session = onnxruntime.InferenceSession(str(folder / "image.onnx"), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep: shared cores
+    session = onnxruntime.InferenceSession(str(folder / "image.onnx"), options, providers=["CPUExecutionProvider"])
     scores = session.run(None, {"images": images})[0] @ np.load(folder / "labels.npy").T
     labels = [line.split("\t") for line in (folder / "labels.txt").read_text().splitlines()]
     for path, row in zip(paths, scores):

@@ -20,8 +20,11 @@ same top-5 entries; otherwise a DeviseError and nothing is written.
 
 The backbone is rebuilt with grouped depthwise convolutions holding the same weights (backbones.py's
 "grouped" formulation): ONE Conv node per layer instead of k*k shifted multiply-adds, about a tenth of
-the graph and faster in onnxruntime. The graph is traced from the Keras models (keras.ops) by jax2onnx,
-so export needs the JAX backend and the `export` extra (onnx, onnxruntime, jax2onnx).
+the graph and faster in onnxruntime; onnx_features_model then writes ReLU6 as one Clip and the
+preprocessing channels-first (onnxruntime fuses the Clip into the Conv and keeps one layout), and a
+side-by-side backbone's resize as XLA's own sums (same numbers throughout). The graph is traced from
+the Keras models (keras.ops) by jax2onnx, so export needs the JAX backend and the `export` extra (onnx,
+onnxruntime, jax2onnx).
 """
 from __future__ import annotations
 
@@ -76,14 +79,15 @@ def _onnx_modules():
 # ---------------------------------------------------------------- the graphs (keras.ops)
 
 def grouped_backbone(model):
-    """The model's backbone built with grouped depthwise convolutions: (features_model, classifier or None).
-    A pretrained backbone is built again from its checkpoint; a fine-tuned one (a run's backbone_weights)
-    is a copy whose weights are copied layer by layer."""
+    """The model's backbone built with grouped depthwise convolutions: (features_model, classifier or None),
+    the features model in its ONNX-friendly form (onnx_features_model). A pretrained backbone is built again
+    from its checkpoint; a fine-tuned one (a run's backbone_weights) is a copy whose weights are copied layer
+    by layer."""
     from devise.backbones import load_backbone, weighted_layers
 
     grouped = load_backbone(model.backbone_name, depthwise="grouped", precision="float32")
     if not model.settings.get("backbone_weights"):
-        return resize_by_matrices(grouped.features_model), grouped.classifier
+        return onnx_features_model(grouped.features_model), grouped.classifier
     import keras
 
     features_model = keras.models.clone_model(grouped.features_model)  # load_backbone's models are shared
@@ -92,39 +96,117 @@ def grouped_backbone(model):
         if mine.name != theirs.name:
             raise DeviseError(f"{model.name}: backbone layer {theirs.name} has no grouped counterpart")
         mine.set_weights(theirs.get_weights())
-    return resize_by_matrices(features_model), None
+    return onnx_features_model(features_model), None
 
 
-def resize_by_matrices(features_model):
-    """A side-by-side backbone's ResizeImages layers as two matrix products each (the same layers
-    otherwise, shared): jax2onnx's resize cannot take a symbolic batch. The (out, in) matrix is the
-    resize itself applied to a basis (resize is linear and separable), so it holds the same weights."""
+def relu6_as_clip(x):
+    """ReLU6 as one clip: the same numbers as min(max(x, 0), 6), but jax2onnx writes one Clip node (its
+    relu6 is Max + Min), which onnxruntime fuses into the convolution before it."""
+    from keras import ops
+
+    return ops.clip(x, 0.0, 6.0)
+
+
+def fused_multiply_add(a, b, c):
+    """a * b + c rounded once, in float32 ops alone (keras.ops; ONNX has no FMA): Dekker's exact product
+    p + e = a * b (Veltkamp's split), Knuth's exact sum s + t = p + c, then s + (t + e). Faithful, and
+    bit-identical to a hardware FMA on all 9.6M resized pixels of the export check's 64 images."""
+    def split(x):  # x = high + low, each half of float32's 24-bit significand (Veltkamp, 2**12 + 1)
+        scaled = x * 4097.0
+        high = scaled - (scaled - x)
+        return high, x - high
+
+    p = a * b
+    (a1, a2), (b1, b2) = split(a), split(b)
+    e = ((a1 * b1 - p) + a1 * b2 + a2 * b1) + a2 * b2
+    s = p + c
+    v = s - p
+    t = (p - (s - v)) + (c - v)
+    return s + (t + e)
+
+
+def onnx_features_model(features_model):
+    """The features model as onnxruntime runs it fast, the same numbers (a copy; the layers it does not
+    change are shared, so are their weights):
+    - ReLU6 activations as relu6_as_clip (one Clip each, fused into the Conv: no layout change around it);
+    - the per-channel preprocessing on channels-first pixels (onnxruntime broadcasts (1, 1, 1, 3) element by
+      element, a tenth of the run; (1, 3, 1, 1) is one loop per plane): the same subtraction and division;
+    - a side-by-side backbone's ResizeImages as MatrixResize: jax2onnx's resize cannot take a symbolic
+      batch, and the pixels are rounded to uint8, so the sums must be XLA's to the last bit. Its (out, in)
+      matrix is the resize itself applied to a basis (resize is linear and separable): the same weights."""
     import keras
     from keras import ops
 
-    from devise.backbones import ResizeImages, to_uint8
+    from devise.backbones import ImagePreprocess, ResizeImages, to_uint8
 
     class MatrixResize(keras.layers.Layer):
+        """ResizeImages with XLA-CPU's arithmetic spelled out, so onnxruntime gets the same float pixels
+        bit for bit before they are rounded to uint8 (any other order of the sums rounds ~3 pixels in
+        100,000 the other way, up to 6e-3 on the features). XLA contracts H first, as one fused
+        multiply-add chain over the taps in ascending order (Eigen), then W with two accumulators, even
+        and odd input columns, each such a chain, added at the end (XNNPACK): found on x86 with jax 0.10,
+        bit for bit; elsewhere XLA may sum otherwise, and the export check says so. ONNX has no fused
+        multiply-add: fused_multiply_add computes it in float32 with error-free transformations."""
+
         def __init__(self, matrix, **kwargs):
             super().__init__(**kwargs)
-            self.matrix = np.asarray(matrix, np.float32)
+            matrix = np.asarray(matrix, np.float32)  # (out, in)
+            taps, column = matrix != 0, np.arange(matrix.shape[1])
+            self.rows = self.slots(matrix, taps)
+            self.lanes = [self.slots(matrix, taps & (column % 2 == lane)) for lane in (0, 1)]
+
+        @staticmethod
+        def slots(matrix, keep):
+            """(index, weight), each (slot, out): output j's kept taps in ascending order; weight 0 past
+            its last (a zero weight leaves the sum as it is)."""
+            index = np.zeros((int(keep.sum(axis=1).max()), len(matrix)), np.int32)
+            weight = np.zeros(index.shape, np.float32)
+            for j, row in enumerate(keep):
+                columns = np.flatnonzero(row)
+                index[:len(columns), j], weight[:len(columns), j] = columns, matrix[j, columns]
+            return index, weight
+
+        @staticmethod
+        def chain(x, axis, slots):
+            shape = [1, 1, 1, 1]
+            shape[axis] = slots[0].shape[1]
+            acc = None
+            for index, w in zip(*slots):
+                tap, w = ops.take(x, index, axis=axis), w.reshape(shape)
+                acc = tap * w if acc is None else fused_multiply_add(tap, w, acc)
+            return acc
 
         def call(self, images):
-            # one einsum, operands in jax.image.resize's order: in JAX the same pixels, bit for bit
-            weights = self.matrix.T
-            return to_uint8(ops.einsum("bhwc,hi,wj->bijc", ops.cast(images, "float32"), weights, weights))
+            rows = self.chain(ops.cast(images, "float32"), 1, self.rows)
+            even, odd = (self.chain(rows, 2, lane) for lane in self.lanes)
+            return to_uint8(even + odd)
+
+    class ChannelsFirstPreprocess(ImagePreprocess):
+        def call(self, images):
+            x = ops.transpose(ops.cast(images, "float32"), (0, 3, 1, 2))
+            if self.bgr:
+                x = ops.flip(x, axis=1)
+            mean, std = (np.asarray(v, np.float32).reshape(1, 3, 1, 1) for v in (self.mean, self.std))
+            return ops.transpose((x - mean) / std, (0, 2, 3, 1))
 
     def swap(layer):
-        if not isinstance(layer, ResizeImages):
-            return layer
-        size = int(features_model.input_shape[1])
-        basis = np.eye(size, dtype=np.float32).reshape(1, size, 1, size)  # one column: copied across W
-        resized = ops.image.resize(basis, (layer.size, layer.size), interpolation="bilinear", antialias=True)
-        return MatrixResize(np.asarray(resized)[0, :, 0, :], name=layer.name)
+        if isinstance(layer, ResizeImages):
+            size = int(features_model.input_shape[1])
+            basis = np.eye(size, dtype=np.float32).reshape(1, size, 1, size)  # one column: copied across W
+            resized = ops.image.resize(basis, (layer.size, layer.size), interpolation="bilinear", antialias=True)
+            return MatrixResize(np.asarray(resized)[0, :, 0, :], name=layer.name)
+        if type(layer) is ImagePreprocess:
+            return ChannelsFirstPreprocess(layer.mean, layer.std, layer.bgr, name=layer.name)
+        if getattr(layer, "activation", None) is keras.activations.relu6:
+            config = {**layer.get_config(), "activation": relu6_as_clip}
+            config.update({key: "zeros" for key in config if key.endswith("_initializer")})  # weights copied below
+            clipped = type(layer).from_config(config)
+            clipped.build(layer.input.shape)
+            clipped.set_weights(layer.get_weights())
+            return clipped
+        return layer
 
-    if not any(isinstance(layer, ResizeImages) for layer in features_model.layers):
-        return features_model
-    return keras.models.clone_model(features_model, clone_function=swap)
+    return keras.models.clone_model(features_model, clone_function=swap, recursive=True)
 
 
 def conse_mix(probabilities, class_vectors: np.ndarray, T: int):
@@ -241,12 +323,15 @@ def parity(reference: np.ndarray, exported: np.ndarray, labels: np.ndarray, what
     return figures
 
 
-def onnx_session(path: Path, threads: int | None = None):
-    """An onnxruntime CPU session (threads: intra-op threads; None: onnxruntime's default)."""
+def onnx_session(path: Path, threads: int | None = None, spinning: bool = False):
+    """An onnxruntime CPU session (threads: intra-op threads; None: onnxruntime's default). spinning: let
+    idle intra-op threads busy-wait (onnxruntime's default): on a machine whose cores are shared with
+    other work that makes a run wait for descheduled spinners (2-4x slower on the 2 shared cores here)."""
     _, ort = _onnx_modules()
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -321,8 +406,8 @@ def export_onnx(model, out_dir, vocab: str = "wordnet", check_images=None, check
     vocab: the vocabulary labels.npy holds ("wordnet", "imagenet1k" or a label FILE); check_images: image
     files (or folders) to check on (default: default_check_images); check_texts: texts (default: 64
     of the vocabulary's label texts). overwrite: replace an existing out_dir (else an error). max_abs: the
-    check's bound (default PARITY_MAX_ABS; a side-by-side backbone, which rounds its resized input to
-    uint8 inside, flips a few pixels' rounding in onnxruntime and reaches ~4e-4 with the same top-5)."""
+    check's bound (default PARITY_MAX_ABS; a larger one accepts a model whose sums onnxruntime orders
+    otherwise, e.g. on a CPU where XLA resizes a side-by-side backbone's input in another order)."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise DeviseError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
