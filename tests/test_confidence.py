@@ -49,6 +49,30 @@ def test_probabilities_background_and_threshold_by_hand():
     np.testing.assert_array_equal(confidence.select_background(pool, labels, 2), pool[[1, 3]])
 
 
+def test_seen_temperature_by_hand():
+    conf = confidence.Confidence(temperature=0.1, seen_temperature=0.05)
+    # training classes (by name) take the seen temperature, new labels the other; none seen: one scalar
+    np.testing.assert_allclose(conf.label_temperatures(["cat", "tiger", "dog"], ["dog", "cat"]), [0.05, 0.1, 0.05])
+    assert conf.label_temperatures(["tiger"], ["dog"]) == 0.1
+    assert confidence.Confidence(temperature=0.1).label_temperatures(["dog"], ["dog"]) == 0.1
+    # per-label logits: 0.5/0.05 and 0.3/0.1, the background 0.5 at its own temperature 0.1
+    p = confidence.probabilities(np.array([[0.5, 0.3]]), np.array([0.05, 0.1]), np.array([[0.5]]), 0.1)
+    assert p[0, 0] == pytest.approx(np.exp(10) / (np.exp(10) + np.exp(3) + np.exp(5)))
+    with pytest.raises(DeviseError):
+        confidence.probabilities(np.array([[0.5, 0.3]]), np.array([0.05, 0.1]), np.array([[0.5]]))
+    # images whose class is always clearly first: the seen fit is sharper than the background's T
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.0, 0.3, (200, 10))
+    true = rng.integers(0, 10, 200)
+    scores[np.arange(200), true] = 0.6
+    embeddings = np.eye(12, dtype=np.float32)[rng.integers(0, 12, 200)]
+    pool, labels = np.eye(12, dtype=np.float32), np.zeros((10, 12), np.float32)
+    fitted = confidence.fit_seen_temperature(confidence.Confidence(temperature=0.1, background=2), scores, true,
+                                             embeddings, pool, labels, fit_on="held out")
+    assert fitted.seen_temperature < 0.1 and fitted.temperature == 0.1 and fitted.seen_fit_on == "held out"
+    assert confidence.Confidence.from_dict(fitted.to_dict()) == fitted
+
+
 # ---------------------------------------------------------------- the real model on real photos
 
 @pytest.fixture(scope="module")
