@@ -274,7 +274,8 @@ def render_tables(report: dict, stds: dict | None = None) -> str:
 
 
 CONFIDENCE_GROUPS = ("confidence_seen", "confidence_zsl")
-CONFIDENCE_COLUMNS = ["auroc", "fpr95", "auroc_cosine", "fpr95_cosine", "aurc", "aurc_cosine", "ece_t1", "ece",
+CONFIDENCE_COLUMNS = ["auroc", "fpr95", "auroc_cosine", "fpr95_cosine", "auroc_normalised", "fpr95_normalised",
+                      "aurc", "aurc_cosine", "ece_t1", "ece",
                       "kept_known", "auroc_3labels", "kept_known_3labels", "unknown_rejected_3labels"]
 
 
@@ -288,7 +289,8 @@ def render_confidence_tables(report: dict) -> str:
         if rows:
             stds = {m: methods[m].get(f"{group}_std", {}) for m in rows}
             parts += [f"Confidence, {title}: known (the image's class in the vocabulary) vs unknown (it removed) "
-                      "AUROC / FPR@95%TPR of the top-1 probability and of the raw top-1 cosine; AURC of top-1 "
+                      "AUROC / FPR@95%TPR of the top-1 probability, of the raw top-1 cosine and of the top-1 "
+                      "cosine minus the image's mean cosine to its 10 nearest WordNet nouns (normalised); AURC of top-1 "
                       "answers ranked by probability and by cosine; ECE of the top-1 probability at T=1 and "
                       "after the temperature (on seen classes their seen-class temperature); at the default "
                       "threshold, the known images answered; with "

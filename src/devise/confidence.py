@@ -114,6 +114,19 @@ def select_background(pool: np.ndarray, label_matrix: np.ndarray, size: int = BA
     return pool[np.sort(keep)]
 
 
+IMAGE_OFFSET_K = 10  # nearest candidate nouns averaged into an image's offset
+
+
+def image_offset(embeddings: np.ndarray, pool: np.ndarray, k: int = IMAGE_OFFSET_K) -> np.ndarray:
+    """(N,) each image's mean cosine to its k nearest background candidates (WordNet nouns): how close
+    the image lies to words in general. The top-1 cosine minus it (the image side of CSLS, Conneau et
+    al. 2018, against a fixed vocabulary) tells known from unknown better than the cosine or the
+    probability on the emoji benchmark's validation classes (benchmarks/confidence.py SCORES=1)."""
+    sims = np.asarray(embeddings, np.float32) @ np.asarray(pool, np.float32).T
+    k = min(k, sims.shape[1])
+    return np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
+
+
 # ---------------------------------------------------------------- probabilities
 
 def _log_normaliser(logits: np.ndarray, background_scores: np.ndarray | None, background_temperature) -> np.ndarray:

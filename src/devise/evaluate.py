@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from devise import metrics
-from devise.confidence import Confidence, fit_confidence, fit_seen_temperature, probabilities, select_background
+from devise.confidence import (Confidence, fit_confidence, fit_seen_temperature, image_offset, probabilities,
+                               select_background)
 from devise.datasets import load_dataset, validation_split, zero_shot_split
 from devise.errors import DeviseError
 from devise.features import extract_features
@@ -224,6 +225,7 @@ def confidence_measures(embeddings: np.ndarray, true: np.ndarray, matrix: np.nda
     out = {"auroc": metrics.auroc(known, unknown), "fpr95": metrics.fpr_at_tpr(known, unknown),
            "auroc_cosine": metrics.auroc(scores.max(axis=1), removed.max(axis=1)),
            "fpr95_cosine": metrics.fpr_at_tpr(scores.max(axis=1), removed.max(axis=1)),
+           **_normalised_measures(scores, removed, embeddings, pool),
            "aurc": metrics.aurc(known, correct), "aurc_cosine": metrics.aurc(scores.max(axis=1), correct),
            "ece": metrics.expected_calibration_error(known, correct),
            "ece_t1": metrics.expected_calibration_error(top(scores, 1.0, 1.0), correct),
@@ -246,6 +248,15 @@ def confidence_measures(embeddings: np.ndarray, true: np.ndarray, matrix: np.nda
         at = max(0, int(np.ceil(c * len(true))) - 1)
         out[f"risk@{c:.1f}"], out[f"risk_cosine@{c:.1f}"] = float(risk[at]), float(risk_cos[at])
     return out
+
+
+def _normalised_measures(scores, removed, embeddings, pool) -> dict:
+    """Known vs unknown AUROC / FPR@95 of the image-normalised top-1 cosine (confidence.image_offset)."""
+    if pool is None or len(pool) == 0:
+        return {}
+    offset = image_offset(embeddings, pool)
+    known, unknown = scores.max(axis=1) - offset, removed.max(axis=1) - offset
+    return {"auroc_normalised": metrics.auroc(known, unknown), "fpr95_normalised": metrics.fpr_at_tpr(known, unknown)}
 
 
 def evaluate_run(run_dir, dataset=None) -> dict:
