@@ -64,7 +64,8 @@ class Confidence:
         `temperature` for every other; a scalar when all share one."""
         if self.seen_temperature is None or labels is None or not seen_names:
             return self.temperature
-        seen = np.isin(np.asarray(list(labels), dtype=object), np.asarray(list(seen_names), dtype=object))
+        names = set(seen_names)
+        seen = np.fromiter((label in names for label in labels), bool, len(labels))
         if not seen.any():
             return self.temperature
         return np.where(seen, self.seen_temperature, self.temperature)
