@@ -139,3 +139,29 @@ def test_cli_prints_the_probability_and_the_answer(tmp_path, capsys):
     assert "answer: car" in text and "%" in text
     assert main(["predict", str(photo), "--vocab", str(labels), "--min-confidence", "2"]) == 2
     assert "min_confidence must be a probability" in capsys.readouterr().err
+
+
+def test_a_fit_on_held_out_images_of_the_training_classes_is_a_seen_fit():
+    """store_confidence on held-out images of a run's own classes (a run validated by image) records its
+    fit as the seen-class temperature too; real emoji images, backbone, MiniLM, a briefly trained head."""
+    from devise.datasets import load_dataset
+    from devise.features import extract_features
+    from devise.train import class_label_vectors, train
+    from devise.vectors import load_vectors
+
+    emoji = load_dataset("emoji")
+    classes = np.arange(12)
+    keep = np.flatnonzero(np.isin(emoji.labels, classes))
+    labels = np.asarray(emoji.labels)[keep]
+    held = np.isin(np.asarray(emoji.styles)[keep], ("openmoji", "twitter", "google"))
+    features = np.asarray(extract_features([emoji.paths[i] for i in keep]).features, np.float32)
+    matrix, _, _ = class_label_vectors(emoji, load_vectors("minilm"))
+    names = [emoji.classes[c] for c in classes]
+    run = train("devise", features[~held], labels[~held], names, matrix[classes], epochs=3, verbose=0,
+                vectors_spec="minilm")
+    assert held.sum() >= confidence.MIN_FIT_IMAGES
+    conf = confidence.store_confidence(run, run, features[held], labels[held], matrix[classes], names)
+    assert conf.seen_temperature == conf.temperature > 0 and conf.seen_fit_on == conf.fit_on
+    assert run.confidence == conf
+    np.testing.assert_allclose(conf.label_temperatures([names[0], "a new label"], run.class_names),
+                               [conf.seen_temperature, conf.temperature])
