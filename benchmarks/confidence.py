@@ -10,6 +10,7 @@ devise.confidence.BACKGROUND. Prints `RESULT name value` lines (means over seeds
     METHODS=conse_imagenet1k,devise_hinge_mlp SEEDS=0,1,2 python benchmarks/confidence.py
     PRESETS=1 python benchmarks/confidence.py     # the ConSE presets' fits (presets.CONSE_CONFIDENCE)
     THROUGHPUT=1 python benchmarks/confidence.py  # predict's images/s with and without the probability
+    SCORES=1 python benchmarks/confidence.py      # known-vs-unknown scores and the seen-class temperature
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from collections import defaultdict
 import numpy as np
 
 import devise  # noqa: F401  (registers the emoji dataset)
-from devise import benchmark, confidence, defaults, evaluate
+from devise import benchmark, confidence, defaults, evaluate, metrics
 from devise.datasets import load_dataset
 from devise.features import extract_features
 from devise.wordnet import load_wordnet
@@ -154,6 +155,182 @@ def throughput(repeats: int = 7, n_images: int = 64) -> None:
     print(f"RESULT background_selection_s_imagenet1k {select_s:.3f} (once per vocabulary)")
 
 
+# ---------------------------------------------------------------- known-vs-unknown scores (SCORES=1)
+# Every score is computed from one problem (images against a vocabulary, maybe with its true class
+# removed): s (N, L) cosines, n (N, B) cosines to the vocabulary's background, near (N, 10) the image's
+# nearest candidate background nouns (none a near-duplicate of an asked label), mu (L,) / knn (L,) each
+# label's mean cosine to all / its 10 nearest reference images (training-class images: hubness), r (N,)
+# the image's mean cosine to its 10 nearest candidate nouns; fits: temperatures fit on validation.
+
+
+def _logsumexp(a):
+    top = a.max(axis=1, keepdims=True)
+    return (top + np.log(np.exp(a - top).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def _second(a):
+    return np.sort(a, axis=1)[:, -2]
+
+
+SCORES = {
+    "cosine": lambda q, f: q["s"].max(1),
+    "mcm": lambda q, f: confidence.probabilities(q["s"], f["mcm"], q["n"]).max(1),
+    "mcm_no_background": lambda q, f: confidence.probabilities(q["s"], f["mcm_no_background"]).max(1),
+    "neglabel": lambda q, f: confidence.probabilities(q["s"], f["mcm"], q["n"]).sum(1),
+    "energy": lambda q, f: f["mcm_no_background"] * _logsumexp(q["s"] / f["mcm_no_background"]),
+    "margin": lambda q, f: q["s"].max(1) - _second(q["s"]),
+    "near_background": lambda q, f: confidence.probabilities(q["s"], f["near_background"], q["near"]).max(1),
+    "hubness_center": lambda q, f: (q["s"] - q["mu"]).max(1),
+    "hubness_csls": lambda q, f: (2 * q["s"] - q["knn"]).max(1) - q["r"],
+    "image_normalised": lambda q, f: q["s"].max(1) - q["r"],
+    "image_normalised_center": lambda q, f: (q["s"] - q["mu"]).max(1) - q["r"],
+}
+STUDY_METHODS = ("devise_softmax_mlp", "conse_t10", "devise_conse_mean", "devise_hinge_mlp", "conse_imagenet1k")
+
+
+def _embeddings(seeds=SEEDS, methods=STUDY_METHODS) -> dict:
+    """{(method, seed): arrays}: the stage-1 and final models' embeddings of every image, label vectors
+    and the split (cached in the data home: the training runs once)."""
+    from devise.assets import data_home
+    from devise.storage import atomic_save_npz
+
+    dataset = load_dataset(defaults.BENCHMARK)
+    fs = extract_features(dataset, defaults.TRAIN_BACKBONE)
+    features, logits = np.asarray(fs.features, np.float32), np.asarray(fs.logits, np.float32)
+    space = evaluate.label_space(dataset, defaults.VECTORS)
+    usable = np.asarray(fs.valid) & space.has_vector[np.asarray(dataset.labels)]
+    folder = data_home() / "confidence-study"
+    folder.mkdir(parents=True, exist_ok=True)
+    out, store, order = {}, {}, []
+
+    def encode(model, prefix):
+        store[prefix + "_emb"] = np.asarray(model.encode_features(features, logits), np.float32)
+        store[prefix + "_mat"] = np.asarray(evaluate.unit_vectors(model, space.vectors, space.names), np.float32)
+
+    def on_calibration(model, *a, train_classes, val_classes, seen_images, val_images, **kw):
+        encode(model, "s1")  # the stage-1 model: validation classes and the held-out style
+        store.update(train_classes=train_classes, val_classes=val_classes, cal_seen=seen_images, val_images=val_images)
+        return 0.0
+
+    def on_evaluation(model, *a, train_classes, unseen_classes, seen_test, unseen_images, **kw):
+        encode(model, "s2")  # the final model: the test images
+        store.update(seen_classes=train_classes, unseen_classes=unseen_classes, seen_test=seen_test,
+                     unseen_images=unseen_images, labels=np.asarray(dataset.labels), usable=usable)
+        atomic_save_npz(folder / f"{order.pop(0)}_seed{on_evaluation.seed}.npz", **store)
+        store.clear()
+        return {}
+
+    originals = benchmark.calibration_gamma, benchmark.evaluate_split
+    benchmark.calibration_gamma, benchmark.evaluate_split = on_calibration, on_evaluation
+    try:
+        for seed in seeds:
+            paths = {m: folder / f"{m}_seed{seed}.npz" for m in methods}
+            if not all(p.is_file() for p in paths.values()):
+                order[:], on_evaluation.seed = list(methods), seed
+                benchmark.run_seed(dataset, features, logits, usable, space, seed, list(methods), load_wordnet(),
+                                   defaults.VECTORS, {}, pool=None)
+            out.update({(m, seed): dict(np.load(p)) for m, p in paths.items()})
+    finally:
+        benchmark.calibration_gamma, benchmark.evaluate_split = originals
+    return out
+
+
+def _problem(emb, matrix, labels, images, classes, reference, pool) -> dict:
+    from devise.ranking import label_statistics
+
+    images = np.asarray(images, np.int64)
+    y = evaluate.relabel(labels[images], np.asarray(classes))
+    x, y = emb[images[y >= 0]], y[y >= 0]
+    m = matrix[classes]
+    knn, mu = label_statistics(reference, m)
+    to_pool = x @ pool.T
+    # the nearest candidates that are no near-duplicate of an asked label (known: the full vocabulary;
+    # unknown: its class removed, so a noun near only that class becomes eligible)
+    pool_label = pool @ m.T
+    order = np.argsort(pool_label, axis=1)
+    first, second = np.take_along_axis(pool_label, order[:, -1:], 1)[:, 0], np.take_along_axis(pool_label, order[:, -2:-1], 1)[:, 0]
+    eligible = {"known": np.broadcast_to(first < confidence.DUPLICATE_COSINE, to_pool.shape),
+                "unknown": np.where(order[None, :, -1] == y[:, None], second[None], first[None]) < confidence.DUPLICATE_COSINE}
+    near = {k: -np.sort(-np.where(e, to_pool, -np.inf), axis=1)[:, :10] for k, e in eligible.items()}
+    return dict(y=y, s=x @ m.T, n=x @ confidence.select_background(pool, m, confidence.BACKGROUND).T, near=near,
+                mu=mu, knn=knn, r=np.sort(to_pool, axis=1)[:, -10:].mean(axis=1))
+
+
+def _vocabulary(d, stage, images, classes, pool):
+    """(embeddings, pool, label matrix) of a problem's images (of the classes) for fit_confidence."""
+    images = np.asarray(images, np.int64)
+    images = images[evaluate.relabel(d["labels"][images], np.asarray(classes)) >= 0]
+    return d[f"{stage}_emb"][images], pool, d[f"{stage}_mat"][classes]
+
+
+def _known_unknown(q, fits) -> dict:
+    """{score: (AUROC, FPR@95, AURC)} of known (the vocabulary) vs unknown (the image's class removed)."""
+    rows = np.arange(len(q["y"]))
+    removed = q["s"].copy()
+    removed[rows, q["y"]] = -np.inf
+    known, unknown = {**q, "near": q["near"]["known"]}, {**q, "s": removed, "near": q["near"]["unknown"]}
+    correct = q["s"].argmax(1) == q["y"]
+    out = {}
+    for name, score in SCORES.items():
+        k, u = score(known, fits), score(unknown, fits)
+        out[name] = (metrics.auroc(k, u), metrics.fpr_at_tpr(k, u), metrics.aurc(k, correct))
+    return out
+
+
+def score_study() -> None:
+    """Known-vs-unknown scores (SCORES) and the seen-class temperature, per method and seed: chosen on
+    the validation classes (stage-1 model), then the test figures of every score (final model)."""
+    from devise.metrics import expected_calibration_error
+
+    pool = confidence.background_pool(defaults.VECTORS)
+    rows = defaultdict(list)
+    for (method, seed), d in sorted(_embeddings().items()):
+        labels, ids = d["labels"], np.arange(len(d["labels"]))
+        held = np.isin(ids, np.concatenate([d["cal_seen"], d["seen_test"], d["val_images"]]))
+        ref1 = d["s1_emb"][d["usable"] & np.isin(labels, d["train_classes"]) & ~held]
+        ref2 = d["s2_emb"][d["usable"] & np.isin(labels, d["seen_classes"]) & ~np.isin(ids, d["seen_test"])]
+        problems = {"val_unseen": _problem(d["s1_emb"], d["s1_mat"], labels, d["val_images"], d["val_classes"], ref1, pool),
+                    "val_seen": _problem(d["s1_emb"], d["s1_mat"], labels, d["cal_seen"], d["train_classes"], ref1, pool),
+                    "test_unseen": _problem(d["s2_emb"], d["s2_mat"], labels, d["unseen_images"], d["unseen_classes"], ref2, pool),
+                    "test_seen": _problem(d["s2_emb"], d["s2_mat"], labels, d["seen_test"], d["seen_classes"], ref2, pool)}
+        v = problems["val_unseen"]
+        fits = {"mcm": confidence.fit_temperature(v["s"], v["y"], v["n"]),
+                "mcm_no_background": confidence.fit_temperature(v["s"], v["y"]),
+                "near_background": confidence.fit_temperature(v["s"], v["y"], v["near"]["known"])}
+        vs = problems["val_seen"]
+        seen_t = confidence.fit_temperature(vs["s"], vs["y"], vs["n"], fits["mcm"])
+        for tag, q in problems.items():
+            for name, values in _known_unknown(q, fits).items():
+                for key, value in zip(("auroc", "fpr95", "aurc"), values):
+                    rows[(tag, method, name, key)].append(value)
+            correct = q["s"].argmax(1) == q["y"]
+            for t_name, t in (("temperature", fits["mcm"]), ("seen_temperature", seen_t)):
+                top = confidence.probabilities(q["s"], t, q["n"], fits["mcm"]).max(1)
+                rows[(tag, method, "ece", t_name)].append(expected_calibration_error(top, correct))
+        rows[("fit", method, "temperature", "")].append(fits["mcm"])
+        rows[("fit", method, "seen_temperature", "")].append(seen_t)
+        # the benchmark's protocol (evaluate.validation_confidence, evaluate_split) on the same embeddings
+        conf = confidence.fit_confidence(v["s"], v["y"], *_vocabulary(d, "s1", d["val_images"], d["val_classes"], pool))
+        conf = confidence.fit_seen_temperature(conf, vs["s"], vs["y"], *_vocabulary(d, "s1", d["cal_seen"], d["train_classes"], pool))
+        for group, images, classes, seen in (("confidence_seen", d["seen_test"], d["seen_classes"], True),
+                                             ("confidence_zsl", d["unseen_images"], d["unseen_classes"], False)):
+            y = evaluate.relabel(labels[images], classes)
+            emb, _, matrix = _vocabulary(d, "s2", images, classes, pool)
+            for key, value in evaluate.confidence_measures(emb, y[y >= 0], matrix, conf, pool, seen=seen).items():
+                rows[("protocol", method, group, key)].append(value)
+    for key, values in sorted(rows.items()):
+        print(f"RESULT {'/'.join(k for k in key if k)} {np.mean(values):.4f} +- {np.std(values):.4f}")
+    # the choice: the best mean validation AUROC over methods and seeds (validation classes only)
+    val = {name: np.mean([np.mean(rows[("val_unseen", m, name, "auroc")]) for m in STUDY_METHODS]) for name in SCORES}
+    best = max(val, key=val.get)
+    print(f"RESULT chosen_on_validation {best} (validation AUROC {val[best]:.4f}; cosine {val['cosine']:.4f})")
+    print("\n| score | " + " | ".join(f"val {m} | test {m}" for m in STUDY_METHODS) + " |")
+    for name in SCORES:
+        print(f"| {name} | " + " | ".join(
+            f"{np.mean(rows[('val_unseen', m, name, 'auroc')]):.3f} | {np.mean(rows[('test_unseen', m, name, 'auroc')]):.3f}"
+            for m in STUDY_METHODS) + " |")
+
+
 if __name__ == "__main__":
-    mode = {"PRESETS": preset_fits, "THROUGHPUT": throughput}
+    mode = {"PRESETS": preset_fits, "THROUGHPUT": throughput, "SCORES": score_study}
     next((fn for key, fn in mode.items() if os.environ.get(key) == "1"), main)()

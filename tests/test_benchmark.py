@@ -45,9 +45,11 @@ def test_benchmark_writes_the_report_and_the_metrics_schema(subset, tmp_path):
         assert entry["cost"]["seconds"] > 0  # what fitting and scoring the method took, per seed
         if name != "random_hinge_linear":  # the control's scores mean nothing: no confidence for it
             for group in ("confidence_seen", "confidence_zsl"):
-                assert {"auroc", "fpr95", "aurc", "aurc_cosine", "ece", "ece_t1", "risk@0.5"} <= set(entry[group])
+                assert {"auroc", "fpr95", "aurc", "aurc_cosine", "ece", "ece_t1", "risk@0.5", "auroc_normalised"} \
+                    <= set(entry[group])
                 assert all(0 <= v <= 1 for v in entry[group].values()), entry[group]
             assert entry["confidence_fit"]["temperature"] > 0
+            assert entry["confidence_fit"]["seen_temperature"] > 0  # fit on the held-out style
     n_unseen = round(0.25 * N_CLASSES)
     chance5 = 5 / n_unseen
     methods = report["methods"]

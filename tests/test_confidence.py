@@ -49,6 +49,30 @@ def test_probabilities_background_and_threshold_by_hand():
     np.testing.assert_array_equal(confidence.select_background(pool, labels, 2), pool[[1, 3]])
 
 
+def test_seen_temperature_by_hand():
+    conf = confidence.Confidence(temperature=0.1, seen_temperature=0.05)
+    # training classes (by name) take the seen temperature, new labels the other; none seen: one scalar
+    np.testing.assert_allclose(conf.label_temperatures(["cat", "tiger", "dog"], ["dog", "cat"]), [0.05, 0.1, 0.05])
+    assert conf.label_temperatures(["tiger"], ["dog"]) == 0.1
+    assert confidence.Confidence(temperature=0.1).label_temperatures(["dog"], ["dog"]) == 0.1
+    # per-label logits: 0.5/0.05 and 0.3/0.1, the background 0.5 at its own temperature 0.1
+    p = confidence.probabilities(np.array([[0.5, 0.3]]), np.array([0.05, 0.1]), np.array([[0.5]]), 0.1)
+    assert p[0, 0] == pytest.approx(np.exp(10) / (np.exp(10) + np.exp(3) + np.exp(5)))
+    with pytest.raises(DeviseError):
+        confidence.probabilities(np.array([[0.5, 0.3]]), np.array([0.05, 0.1]), np.array([[0.5]]))
+    # images whose class is always clearly first: the seen fit is sharper than the background's T
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.0, 0.3, (200, 10))
+    true = rng.integers(0, 10, 200)
+    scores[np.arange(200), true] = 0.6
+    embeddings = np.eye(12, dtype=np.float32)[rng.integers(0, 12, 200)]
+    pool, labels = np.eye(12, dtype=np.float32), np.zeros((10, 12), np.float32)
+    fitted = confidence.fit_seen_temperature(confidence.Confidence(temperature=0.1, background=2), scores, true,
+                                             embeddings, pool, labels, fit_on="held out")
+    assert fitted.seen_temperature < 0.1 and fitted.temperature == 0.1 and fitted.seen_fit_on == "held out"
+    assert confidence.Confidence.from_dict(fitted.to_dict()) == fitted
+
+
 # ---------------------------------------------------------------- the real model on real photos
 
 @pytest.fixture(scope="module")
@@ -115,3 +139,29 @@ def test_cli_prints_the_probability_and_the_answer(tmp_path, capsys):
     assert "answer: car" in text and "%" in text
     assert main(["predict", str(photo), "--vocab", str(labels), "--min-confidence", "2"]) == 2
     assert "min_confidence must be a probability" in capsys.readouterr().err
+
+
+def test_a_fit_on_held_out_images_of_the_training_classes_is_a_seen_fit():
+    """store_confidence on held-out images of a run's own classes (a run validated by image) records its
+    fit as the seen-class temperature too; real emoji images, backbone, MiniLM, a briefly trained head."""
+    from devise.datasets import load_dataset
+    from devise.features import extract_features
+    from devise.train import class_label_vectors, train
+    from devise.vectors import load_vectors
+
+    emoji = load_dataset("emoji")
+    classes = np.arange(12)
+    keep = np.flatnonzero(np.isin(emoji.labels, classes))
+    labels = np.asarray(emoji.labels)[keep]
+    held = np.isin(np.asarray(emoji.styles)[keep], ("openmoji", "twitter", "google"))
+    features = np.asarray(extract_features([emoji.paths[i] for i in keep]).features, np.float32)
+    matrix, _, _ = class_label_vectors(emoji, load_vectors("minilm"))
+    names = [emoji.classes[c] for c in classes]
+    run = train("devise", features[~held], labels[~held], names, matrix[classes], epochs=3, verbose=0,
+                vectors_spec="minilm")
+    assert held.sum() >= confidence.MIN_FIT_IMAGES
+    conf = confidence.store_confidence(run, run, features[held], labels[held], matrix[classes], names)
+    assert conf.seen_temperature == conf.temperature > 0 and conf.seen_fit_on == conf.fit_on
+    assert run.confidence == conf
+    np.testing.assert_allclose(conf.label_temperatures([names[0], "a new label"], run.class_names),
+                               [conf.seen_temperature, conf.temperature])

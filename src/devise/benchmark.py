@@ -114,11 +114,13 @@ def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, me
                        val_images=val_images)
 
     def confidence(stage1_model, **kw):
-        """The stage-1 model's temperature and threshold on the validation classes (None without a pool)."""
+        """The stage-1 model's temperature and threshold on the validation classes, its seen-class
+        temperature on the held-out style of the training classes ({} without a pool)."""
         if pool is None:
             return {}
         conf = validation_confidence(stage1_model, features, labels, space, val_classes=val_classes,
-                                     val_images=val_images, pool=pool, **kw)
+                                     val_images=val_images, pool=pool, train_classes=train_classes,
+                                     seen_images=cal_seen, **kw)
         return dict(confidence=conf, pool=pool)
     log(f"seed {seed}: {len(seen_classes)} seen ({len(train_classes)} training + {len(val_classes)} validation) / "
         f"{len(unseen_classes)} unseen classes; {len(refit_images)} training images, "
@@ -276,7 +278,8 @@ def render_tables(report: dict, stds: dict | None = None) -> str:
 
 
 CONFIDENCE_GROUPS = ("confidence_seen", "confidence_zsl")
-CONFIDENCE_COLUMNS = ["auroc", "fpr95", "auroc_cosine", "fpr95_cosine", "aurc", "aurc_cosine", "ece_t1", "ece",
+CONFIDENCE_COLUMNS = ["auroc", "fpr95", "auroc_cosine", "fpr95_cosine", "auroc_normalised", "fpr95_normalised",
+                      "aurc", "aurc_cosine", "ece_t1", "ece",
                       "kept_known", "auroc_3labels", "kept_known_3labels", "unknown_rejected_3labels"]
 
 
@@ -290,16 +293,19 @@ def render_confidence_tables(report: dict) -> str:
         if rows:
             stds = {m: methods[m].get(f"{group}_std", {}) for m in rows}
             parts += [f"Confidence, {title}: known (the image's class in the vocabulary) vs unknown (it removed) "
-                      "AUROC / FPR@95%TPR of the top-1 probability and of the raw top-1 cosine; AURC of top-1 "
+                      "AUROC / FPR@95%TPR of the top-1 probability, of the raw top-1 cosine and of the top-1 "
+                      "cosine minus the image's mean cosine to its 10 nearest WordNet nouns (normalised); AURC of top-1 "
                       "answers ranked by probability and by cosine; ECE of the top-1 probability at T=1 and "
-                      "after the temperature; at the default threshold, the known images answered; with "
+                      "after the temperature (on seen classes their seen-class temperature); at the default "
+                      "threshold, the known images answered; with "
                       "3-label vocabularies, AUROC and the known answered / the all-wrong ones called unknown",
                       metrics_table(rows, CONFIDENCE_COLUMNS, stds, percent=())]
     fits = {m: v["confidence_fit"] for m, v in methods.items() if "confidence_fit" in v}
     if fits:
         parts += ["Temperature and default threshold (keeps 95% of in-vocabulary images), fit per seed on the "
-                  "validation classes' images by the stage-1 model (means)",
-                  metrics_table(fits, ["temperature", "min_confidence"], percent=())]
+                  "validation classes' images by the stage-1 model; the seen-class temperature on the held-out "
+                  "style of its training classes (means)",
+                  metrics_table(fits, ["temperature", "min_confidence", "seen_temperature"], percent=())]
     return "\n\n".join(parts)
 
 

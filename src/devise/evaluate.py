@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from devise import metrics
-from devise.confidence import Confidence, fit_confidence, probabilities, select_background
+from devise.confidence import (Confidence, fit_confidence, fit_seen_temperature, image_offset, probabilities,
+                               select_background)
 from devise.datasets import load_dataset, validation_split, zero_shot_split
 from devise.errors import DeviseError
 from devise.features import extract_features
@@ -99,10 +100,12 @@ def evaluate_split(model, features: np.ndarray, labels: np.ndarray, space: Label
     result["seen"] = ranking_metrics(model.predict_scores(seen_x, vec_tr, names_tr, logits=rows(seen_test)),
                                      seen_y, wn_tr, wordnet)
     if confidence is not None:
-        result["confidence_fit"] = {"temperature": confidence.temperature, "min_confidence": confidence.min_confidence}
+        result["confidence_fit"] = {"temperature": confidence.temperature, "min_confidence": confidence.min_confidence,
+                                    **({} if confidence.seen_temperature is None
+                                       else {"seen_temperature": confidence.seen_temperature})}
         seen_emb = model.encode_features(seen_x, rows(seen_test))
         result["confidence_seen"] = confidence_measures(seen_emb, seen_y, unit_vectors(model, vec_tr, names_tr),
-                                                        confidence, pool)
+                                                        confidence, pool, seen=True)
     if len(unseen_classes) == 0:  # a run trained on every class: nothing to score zero-shot
         return result
 
@@ -178,40 +181,54 @@ SMALL_VOCABULARY = 3  # the handful-of-labels test: vocabularies of this many cl
 
 def validation_confidence(model, features: np.ndarray, labels: np.ndarray, space: LabelSpace, *, val_classes,
                           val_images, pool: np.ndarray, logits: np.ndarray | None = None,
-                          fit_on: str = "validation classes") -> Confidence:
+                          fit_on: str = "validation classes", train_classes=None, seen_images=None) -> Confidence:
     """The temperature and default threshold of a model, fit on VALIDATION images against the validation
-    classes (zero-shot, as users ask new labels), never on test images."""
-    val_images = np.asarray(val_images, np.int64)
-    y = relabel(labels[val_images], np.asarray(val_classes))
-    val_images, y = val_images[y >= 0], y[y >= 0]
-    names, vectors, _ = space.subset(val_classes)
-    embeddings = model.encode_features(features[val_images], None if logits is None else logits[val_images])
-    matrix = unit_vectors(model, vectors, names)
-    return fit_confidence(embeddings @ matrix.T, y, embeddings, pool, matrix,
-                          fit_on=f"{fit_on}: {len(y)} images, {len(names)} classes")
+    classes (zero-shot, as users ask new labels), never on test images. With train_classes and
+    seen_images (held-out images of the training classes, e.g. a held-out style), also its seen-class
+    temperature (confidence.fit_seen_temperature)."""
+    def problem(images, classes):
+        images = np.asarray(images, np.int64)
+        y = relabel(labels[images], np.asarray(classes))
+        images, y = images[y >= 0], y[y >= 0]
+        names, vectors, _ = space.subset(classes)
+        embeddings = model.encode_features(features[images], None if logits is None else logits[images])
+        matrix = unit_vectors(model, vectors, names)
+        return embeddings @ matrix.T, y, embeddings, pool, matrix
+
+    scores, y, *rest = problem(val_images, val_classes)
+    conf = fit_confidence(scores, y, *rest, fit_on=f"{fit_on}: {len(y)} images, {scores.shape[1]} classes")
+    if seen_images is None or len(seen_images) == 0:
+        return conf
+    scores, y, *rest = problem(seen_images, train_classes)
+    return fit_seen_temperature(conf, scores, y, *rest, fit_on=f"held-out images of the training classes: "
+                                                                f"{len(y)} images, {scores.shape[1]} classes")
 
 
 def confidence_measures(embeddings: np.ndarray, true: np.ndarray, matrix: np.ndarray, conf: Confidence,
-                        pool: np.ndarray | None, seed: int = 0) -> dict:
+                        pool: np.ndarray | None, seed: int = 0, seen: bool = False) -> dict:
     """Known vs unknown, selective prediction and calibration of one set of images against a vocabulary
     (`matrix`, unit rows; true: each image's row). "known": the vocabulary as it is; "unknown": the image's
     class removed. The probability against the raw top-1 cosine; ECE before (T=1) and after the temperature;
-    `risk@c`: the error rate of the fraction c most confident answers (the risk-coverage curve)."""
+    `risk@c`: the error rate of the fraction c most confident answers (the risk-coverage curve).
+    seen: the vocabulary is the model's training classes (their seen_temperature, where fit)."""
+    # Every label a training class: their temperature (the background's stays conf.temperature).
+    label_t = conf.seen_temperature if seen and conf.seen_temperature is not None else conf.temperature
     rows = np.arange(len(true))
     background = select_background(pool, matrix, conf.background) if conf.background and pool is not None         else np.zeros((0, matrix.shape[1]), np.float32)
     extra = embeddings @ background.T
     scores = embeddings @ matrix.T
     removed = scores.copy()
     removed[rows, true] = -np.inf
-    top = lambda s, t=conf.temperature: probabilities(s, t, extra).max(axis=1)  # noqa: E731
+    top = lambda s, t=label_t, bt=conf.temperature: probabilities(s, t, extra, bt).max(axis=1)  # noqa: E731
     known, unknown = top(scores), top(removed)
     correct = scores.argmax(axis=1) == true
     out = {"auroc": metrics.auroc(known, unknown), "fpr95": metrics.fpr_at_tpr(known, unknown),
            "auroc_cosine": metrics.auroc(scores.max(axis=1), removed.max(axis=1)),
            "fpr95_cosine": metrics.fpr_at_tpr(scores.max(axis=1), removed.max(axis=1)),
+           **_normalised_measures(scores, removed, embeddings, pool),
            "aurc": metrics.aurc(known, correct), "aurc_cosine": metrics.aurc(scores.max(axis=1), correct),
            "ece": metrics.expected_calibration_error(known, correct),
-           "ece_t1": metrics.expected_calibration_error(top(scores, 1.0), correct),
+           "ece_t1": metrics.expected_calibration_error(top(scores, 1.0, 1.0), correct),
            "kept_known": float(np.mean(known >= conf.min_confidence)),
            "unknown_rejected": float(np.mean(unknown < conf.min_confidence))}
     # A handful of labels: the class and 2 others ("known") vs 3 others ("unknown"), seeded.
@@ -221,7 +238,7 @@ def confidence_measures(embeddings: np.ndarray, true: np.ndarray, matrix: np.nda
         offsets = 1 + np.argsort(rng.random((len(true), n_labels - 1)), axis=1)[:, :SMALL_VOCABULARY]
         others = (true[:, None] + offsets) % n_labels  # distinct classes, never the image's own
         small_known = np.concatenate([true[:, None], others[:, 1:]], axis=1)
-        small = lambda picks: probabilities(scores[rows[:, None], picks], conf.temperature, extra).max(axis=1)  # noqa: E731
+        small = lambda picks: probabilities(scores[rows[:, None], picks], label_t, extra, conf.temperature).max(axis=1)  # noqa: E731
         k3, u3 = small(small_known), small(others)
         out.update(auroc_3labels=metrics.auroc(k3, u3), kept_known_3labels=float(np.mean(k3 >= conf.min_confidence)),
                    unknown_rejected_3labels=float(np.mean(u3 < conf.min_confidence)))
@@ -231,6 +248,15 @@ def confidence_measures(embeddings: np.ndarray, true: np.ndarray, matrix: np.nda
         at = max(0, int(np.ceil(c * len(true))) - 1)
         out[f"risk@{c:.1f}"], out[f"risk_cosine@{c:.1f}"] = float(risk[at]), float(risk_cos[at])
     return out
+
+
+def _normalised_measures(scores, removed, embeddings, pool) -> dict:
+    """Known vs unknown AUROC / FPR@95 of the image-normalised top-1 cosine (confidence.image_offset)."""
+    if pool is None or len(pool) == 0:
+        return {}
+    offset = image_offset(embeddings, pool)
+    known, unknown = scores.max(axis=1) - offset, removed.max(axis=1) - offset
+    return {"auroc_normalised": metrics.auroc(known, unknown), "fpr95_normalised": metrics.fpr_at_tpr(known, unknown)}
 
 
 def evaluate_run(run_dir, dataset=None) -> dict:
