@@ -107,9 +107,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "ray_engine.json").write_text(json.dumps(result, indent=1))
     for name in ("throughput_ratio", "in_process_s", "ray_s", "ray_cluster_start_s", "identical_paths", "max_abs_diff"):
-        print(f"RESULT ray_{name} {result[name]}")
+        print(f"RESULT {name} {result[name]}")
     for name, value in result["node_lost"].items():
-        print(f"RESULT ray_node_lost_{name} {value}")
+        print(f"RESULT node_lost_{name} {value}")
 
 
 if __name__ == "__main__":
