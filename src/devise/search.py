@@ -128,7 +128,8 @@ def build_index(folder_or_paths=None, model=DEFAULT_MODEL, out: str | os.PathLik
     were embedded elsewhere; its model and label space are the index's, its rows replace older ones.
     ray: "auto" or a Ray cluster's address: the new files are embedded on Ray (devise.ray_engine) into a
     shard folder under out/shards (a killed run resumes from its finished shards) that the builder streams
-    like `shards`; removed once the index is written. A second build into the same `out` waits for the first (a lock), then adds to its index.
+    like `shards`; removed once the index is written.
+    A second build into the same `out` waits for the first (a lock), then adds to its index.
     """
     out = Path(out)
     _check_out(out)  # before any embedding: a bad --out must not cost the whole run
