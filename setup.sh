@@ -3,7 +3,7 @@
 # the Python dependencies, and the offline assets (emoji images from npm, built into $DEVISE_HOME).
 #   ./setup.sh          runtime install
 #   ./setup.sh --dev    also the test tools (pytest, Playwright driving Debian's chromium, foolbox photos)
-#                       and the ONNX export extra
+#                       and the ONNX export and Ray extras (.[ray]: the multi-node engine's tests run in CI)
 set -euo pipefail
 cd "$(dirname "$0")"
 DEV=0
@@ -31,7 +31,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 if [ "$DEV" = 1 ]; then
-  .venv/bin/python -m pip install -q -e '.[dev,export]'  # export: tests/test_export.py
+  .venv/bin/python -m pip install -q -e '.[dev,export,ray]'  # export: tests/test_export.py; ray: test_ray_engine.py
   # foolbox ships 20 real ImageNet photos in foolbox/data; we read the files, never import foolbox.
   .venv/bin/python -m pip install -q --no-deps foolbox==3.3.4
 else

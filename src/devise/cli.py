@@ -63,6 +63,8 @@ CONSE_VECTORS_HELP = ("label space of a preset model: minilm, glove-6b-50d or a 
                       "preset's own); a run folder uses its own")
 MODEL_HELP = (f"a model preset ({', '.join(list_presets('model'))}; default %(default)s, no training) or a run "
               "folder made by 'devise train'")
+RAY_HELP = ("run on a Ray cluster: 'auto' (this machine's, else a local one) or its address (HOST:6379); needs "
+            "pip install -e '.[ray]'")
 
 
 def _print_json(obj) -> None:
@@ -87,8 +89,13 @@ def cmd_features(args) -> int:
     from devise.features import extract_features
 
     dataset = load_dataset(args.dataset)
-    fs = extract_features(dataset, args.backbone, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                          decode=args.decode)
+    if args.ray is not None:
+        from devise.ray_engine import extract_features_on_ray
+
+        fs = extract_features_on_ray(dataset, args.backbone, chunk_size=args.chunk_size, address=args.ray)
+    else:
+        fs = extract_features(dataset, args.backbone, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                              decode=args.decode)
     print(f"{int(fs.valid.sum())} of {len(fs.paths)} images -> features {fs.features.shape} "
           f"{'+ ImageNet logits ' if fs.logits is not None else ''}in {fs.folder}")
     return 0
@@ -180,7 +187,7 @@ def cmd_index(args) -> int:
     if not args.folders and args.shards is None:
         raise DeviseError("give image folders to index, or --shards FOLDER of embedded rows")
     index = build_index(args.folders or None, model=args.model, out=args.out, vectors=args.vectors,
-                        memory_cap=args.memory_cap, shards=args.shards)
+                        memory_cap=args.memory_cap, shards=args.shards, ray=args.ray)
     recall = f", recall@10 {index.recall['recall@10']:.3f} against exact" if index.recall and \
         not index.recall.get("exact") else ""
     print(f"{args.out}: {len(index)} images ({index.kind} index{recall}, model {index.model}); "
@@ -286,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", choices=("auto", "threads", "processes", "gpu"), default="auto",
                    help="auto (default): JPEGs on the GPU where nvImageCodec and CUDA are there, else the faster "
                         "CPU mode here (processes from 4 cores); or threads / processes, one per core")
+    p.add_argument("--ray", metavar="ADDRESS", default=None, help=RAY_HELP)
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("evaluate", help="the paper's metrics for one trained run folder")
@@ -422,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the index within SIZE (e.g. 2GB): exact while it fits, compressed IVF-PQ above")
     p.add_argument("--shards", default=None, metavar="FOLDER",
                    help="index the rows of a shard folder embedded elsewhere (its model) instead of images")
+    p.add_argument("--ray", metavar="ADDRESS", default=None, help=RAY_HELP)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="search an image index by text or by an example image")

@@ -244,15 +244,41 @@ def backbone_forward(backbone):
     return lambda x, **kwargs: tuple(forward(x, **kwargs))
 
 
+def forward_batch_size(batch_size: int | None = None) -> int:
+    """Images per forward batch (default: runtime.default_batch_size), a multiple of the devices in use."""
+    batch_size = batch_size or default_batch_size()
+    return -(-batch_size // device_count()) * device_count()  # split evenly across devices
+
+
+def forward_arrays(backbone, images: np.ndarray, batch_size: int | None = None):
+    """Decoded uint8 (N, S, S, 3) -> (features (N, F), ImageNet logits (N, 1000) or None), through the
+    pipeline in the padded batches extract_features runs (the same compiled shape: the same numbers).
+    For callers that decode elsewhere (devise.ray_engine's model actors)."""
+    features = np.zeros((len(images), backbone.feature_dim), np.float32)
+    logits = np.zeros((len(images), 1000), np.float32) if backbone.classifier is not None else None
+
+    def write(start, feats, logs):
+        features[start:start + len(feats)] = feats
+        if logits is not None:
+            logits[start:start + len(feats)] = logs
+
+    forward_chunks([(None, padded_batches(0, images, forward_batch_size(batch_size)))], backbone_forward(backbone),
+                   write)
+    return features, logits
+
+
 def extract_features(dataset_or_paths, backbone=defaults.TRAIN_BACKBONE, *, batch_size: int | None = None,
-                     chunk_size: int = 512, decode: str = "auto", progress: bool = True) -> FeatureSet:
+                     chunk_size: int = 512, decode: str = "auto", progress: bool = True,
+                     engine=None) -> FeatureSet:
     """Pooled features (and ImageNet logits) for a dataset or a list of image paths, cached on disk.
 
     `backbone` is a name or a Backbone from devise.backbones.load_backbone. Images are decoded once into
     the uint8 store while the forward runs on the chunk decoded before. A second call with the same
     images and backbone reads the cache (the image store may be deleted by then: the cache keeps its own
     valid mask); a killed run resumes at the first unfinished chunk of either. decode: as in
-    build_image_store.
+    build_image_store. engine: None (here), or engine(paths, backbone, arrays, chunks, mark_done) that
+    fills the cache's arrays at rows lo:lo+rows of each chunk c -> (lo, rows) still to do elsewhere and
+    calls mark_done(c) after each (devise.ray_engine.extract_features_on_ray); no image store is written.
     """
     # Here, not at the top: decoding processes import this module, and must not start Keras and JAX.
     from devise.backbones import load_backbone
@@ -261,17 +287,17 @@ def extract_features(dataset_or_paths, backbone=defaults.TRAIN_BACKBONE, *, batc
     if not paths:
         raise DeviseError("no images to compute features for (empty image list)")
     bb = load_backbone(backbone) if isinstance(backbone, str) else backbone
-    decoder = choose_decoder(decode, say=progress)
+    decoder = choose_decoder(decode, say=progress and engine is None)
     store_folder = image_store_folder(paths, bb.image_size, decoder.policy)
-    key = hashlib.sha256(f"{FEATURES_VERSION}|{bb.cache_key}|{store_folder.name}".encode()).hexdigest()[:20]
-    folder = data_home() / "features" / bb.name / key
+    folder = feature_cache_folder(paths, bb, decoder.policy)
     arrays = _open_features(folder, bb)
     if arrays is None:
         with locked(folder):  # one writer: a second run of the same images waits, then reads its result
             arrays = _open_features(folder, bb)
             if arrays is None:
                 try:
-                    _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decoder, progress)
+                    _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decoder, progress,
+                                      engine)
                 finally:
                     decoder.close()
                 arrays = _open_features(folder, bb)
@@ -279,6 +305,13 @@ def extract_features(dataset_or_paths, backbone=defaults.TRAIN_BACKBONE, *, batc
         raise DeviseError(f"{folder}: the feature cache just written is unreadable (see the warning above)")
     return FeatureSet(features=arrays["features"], logits=arrays.get("logits"), paths=paths,
                       valid=np.asarray(arrays["valid"]), backbone=bb.name, folder=folder)
+
+
+def feature_cache_folder(paths: list[str], bb, decoder_policy: str = "") -> Path:
+    """Where the feature cache of these images with backbone `bb` lives (keyed by its image store's key)."""
+    store = image_store_folder(paths, bb.image_size, decoder_policy)
+    key = hashlib.sha256(f"{FEATURES_VERSION}|{bb.cache_key}|{store.name}".encode()).hexdigest()[:20]
+    return data_home() / "features" / bb.name / key
 
 
 def _open_features(folder: Path, bb) -> dict | None:
@@ -307,7 +340,8 @@ def _open_features(folder: Path, bb) -> dict | None:
     return arrays
 
 
-def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decoder, progress) -> None:
+def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, decoder, progress,
+                      engine=None) -> None:
     n = len(paths)
     n_chunks = -(-n // chunk_size)
     shapes = {"features": (n, bb.feature_dim), "valid": (n,)}
@@ -317,9 +351,14 @@ def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, d
     cache = _ChunkedArrays(folder, shapes, dtypes, n_chunks)
     if cache.done:
         tqdm.write(f"resuming features: {len(cache.done)} of {n_chunks} chunks already done")
+    meta = {"backbone": bb.name, "cache_key": bb.cache_key, "images": store_folder.name, "count": n}
+    if engine is not None:
+        engine(paths, bb, cache.arrays, {c: (c * chunk_size, min(chunk_size, n - c * chunk_size))
+                                         for c in range(n_chunks) if c not in cache.done}, cache.mark_done)
+        cache.finish(meta)
+        return
     done_images = sum(min(chunk_size, n - c * chunk_size) for c in cache.done)
-    batch_size = batch_size or default_batch_size()
-    batch_size = -(-batch_size // device_count()) * device_count()  # split evenly across devices
+    batch_size = forward_batch_size(batch_size)
     forward = backbone_forward(bb)
     process, processes = process_index_and_count()
     skip = cache.done
@@ -354,7 +393,7 @@ def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, d
               disable=not progress) as bar:
         forward_chunks(batches(), forward, write, chunk_done,
                        forward_kwargs={"process_local": True} if processes > 1 else None)
-    cache.finish({"backbone": bb.name, "cache_key": bb.cache_key, "images": store_folder.name, "count": n})
+    cache.finish(meta)
 
 
 def _host_share(paths, size, lo, hi, batch_size, process, processes):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from devise.storage import atomic_write, check_files, file_entries, locked
+from devise.storage import atomic_write, check_files, file_entries, locked, remove
 from devise.errors import DeviseError
 from devise.index_build import APPROX_THRESHOLD, apply_search_params, build_index_files, concat_rows, parse_memory
 from devise.index_build import file_stamp as _stamp
@@ -38,10 +38,11 @@ from devise.images import POLICY_VERSION as IMAGE_POLICY_VERSION
 from devise.images import expand_image_paths, load_image
 from devise.model import load, model_files_stamp, model_name
 from devise.presets import DEFAULT_MODEL
-from devise.shards import check_complete, read_member
+from devise.shards import check_complete, load_plan, paths_digest, read_member
 from devise.vectors import embed_labels, load_vectors
 
 INDEX_VERSION = 1
+RAY_SHARDS = "shards"  # the folder in an index folder where a --ray build's shards wait for the index
 
 
 @dataclass
@@ -115,7 +116,7 @@ def _read_generation(folder: Path, meta: dict):
 def build_index(folder_or_paths=None, model=DEFAULT_MODEL, out: str | os.PathLike = "devise.index", *,
                 approx_threshold: int = APPROX_THRESHOLD, progress: bool = True,
                 vectors: str | None = None, memory_cap: int | str | None = None,
-                shards: str | os.PathLike | None = None) -> ImageIndex:
+                shards: str | os.PathLike | None = None, ray: str | None = None) -> ImageIndex:
     """Embed images (a folder, searched recursively, or a list of files) into an index folder `out`.
 
     If `out` already holds an index of the same model and vectors, only files that are new or changed
@@ -125,16 +126,26 @@ def build_index(folder_or_paths=None, model=DEFAULT_MODEL, out: str | os.PathLik
     memory_cap ('2GB' or bytes): the index kept within it, compressed where exact search would not fit
     (devise.index_build). shards: instead of images, a complete shard folder (devise.shards) whose rows
     were embedded elsewhere; its model and label space are the index's, its rows replace older ones.
+    ray: "auto" or a Ray cluster's address: the new files are embedded on Ray (devise.ray_engine) into a
+    shard folder under out/shards (a killed run resumes from its finished shards) that the builder streams
+    like `shards`; removed once the index is written.
     A second build into the same `out` waits for the first (a lock), then adds to its index.
     """
     out = Path(out)
     _check_out(out)  # before any embedding: a bad --out must not cost the whole run
+    if ray is not None:
+        if shards is not None:
+            raise DeviseError("give images to embed on Ray, or a shard folder already embedded, not both")
+        from devise.ray_engine import require_ray
+
+        require_ray()  # without the extra: one line saying how to install it, before any work
     with locked(out):
-        return _build_index(folder_or_paths, model, out, approx_threshold, progress, vectors, memory_cap, shards)
+        return _build_index(folder_or_paths, model, out, approx_threshold, progress, vectors, memory_cap, shards,
+                            ray)
 
 
 def _build_index(folder_or_paths, model, out: Path, approx_threshold: int, progress: bool, vectors, memory_cap,
-                 shards) -> ImageIndex:
+                 shards, ray) -> ImageIndex:
     memory_cap = parse_memory(memory_cap)
     skipped: list[str] = []  # entries the walker left out: reported in this function's one warning
     if shards is not None:
@@ -185,18 +196,19 @@ def _build_index(folder_or_paths, model, out: Path, approx_threshold: int, progr
             elif path not in replaced:
                 changed.append(path)
     if shards is not None:
-        new_rows = rows_from_shards(shards)
-        valid = np.concatenate([read_member(shards, k, "valid", plan) for k in range(len(plan["shards"]))] or
-                               [np.zeros(0, bool)])
+        new_rows, valid = rows_from_shards(shards), _shard_valid(shards, plan)
         todo, removed = listing, removed + changed  # changed files not in the shards cannot be embedded here
     else:
         known = set(keep_paths)
         todo = list(dict.fromkeys([*changed, *(p for p in listing if p not in known)]))
         with warnings.catch_warnings(record=True):  # load_images' own warning: reported below in one line
             warnings.simplefilter("always")
-            new_emb, valid = model.encode_paths(todo, progress=progress, cache=True) if todo else \
-                (np.zeros((0, dim), np.float32), np.zeros(0, bool))
-        new_rows = rows_from_arrays([p for p, ok in zip(todo, valid) if ok], new_emb[valid])
+            if ray is not None and todo:
+                new_rows, valid = _embed_on_ray(todo, model, out, ray, progress)
+            else:
+                new_emb, valid = model.encode_paths(todo, progress=progress, cache=True) if todo else \
+                    (np.zeros((0, dim), np.float32), np.zeros(0, bool))
+                new_rows = rows_from_arrays([p for p, ok in zip(todo, valid) if ok], new_emb[valid])
     unreadable = [p for p, ok in zip(todo, valid) if not ok]
     new_paths = [p for p, ok in zip(todo, valid) if ok]
 
@@ -215,6 +227,8 @@ def _build_index(folder_or_paths, model, out: Path, approx_threshold: int, progr
     atomic_write(out / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
     for stale in (f"embeddings-{gen - 1}.npy", f"index-{gen - 1}.faiss"):
         (out / stale).unlink(missing_ok=True)
+    if ray is not None:
+        remove(out / RAY_SHARDS)  # the index holds the rows now
 
     problems = []
     if damaged:
@@ -234,6 +248,22 @@ def _build_index(folder_or_paths, model, out: Path, approx_threshold: int, progr
     result = load_index(out)
     result.added, result.removed, result.unreadable, result.skipped = new_paths, removed, unreadable, skipped
     return result
+
+
+def _shard_valid(folder, plan: dict) -> np.ndarray:
+    """The valid flags of a shard folder's rows, in order (its vectors stay on disk)."""
+    return np.concatenate([read_member(folder, k, "valid", plan) for k in range(len(plan["shards"]))] or
+                          [np.zeros(0, bool)])
+
+
+def _embed_on_ray(paths: list[str], model, out: Path, address: str, progress: bool):
+    """(Rows, valid) of `paths` embedded on a Ray cluster into out/shards/<digest of the list> (one folder per
+    list of files: a rerun of a killed build resumes it), streamed by the builder like a --shards folder."""
+    from devise.ray_engine import embed_on_ray
+
+    folder = out / RAY_SHARDS / paths_digest(paths)[:16]
+    embed_on_ray(paths, model, folder, address=address, progress=progress)
+    return rows_from_shards(folder), _shard_valid(folder, load_plan(folder))
 
 
 def _check_out(out: Path) -> None:
