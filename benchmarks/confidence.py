@@ -5,7 +5,7 @@ Per seed and method, the stage-1 model (fit on the training classes) is scored o
 against the validation classes for every background size in BACKGROUNDS (the temperature refit for each):
 known vs unknown AUROC (the class removed), the 3-label known/unknown AUROC and how many 3-wrong-label
 vocabularies answer "unknown" at the default threshold. Then the test measures of run_seed with
-devise.confidence.BACKGROUND. Prints `RESULT name value` lines (means over seeds).
+devise.evaluation.confidence.BACKGROUND. Prints `RESULT name value` lines (means over seeds).
 
     METHODS=conse_imagenet1k,devise_hinge_mlp SEEDS=0,1,2 python benchmarks/confidence.py
     PRESETS=1 python benchmarks/confidence.py     # the ConSE presets' fits (presets.CONSE_CONFIDENCE)
@@ -21,10 +21,11 @@ from collections import defaultdict
 import numpy as np
 
 import devise  # noqa: F401  (registers the emoji dataset)
-from devise import benchmark, confidence, defaults, evaluate, metrics
-from devise.datasets import load_dataset
-from devise.features import extract_features
-from devise.wordnet import load_wordnet
+from devise.evaluation import benchmark, confidence, evaluate, metrics
+from devise import defaults
+from devise.data.datasets import load_dataset
+from devise.data.features import extract_features
+from devise.labels.wordnet import load_wordnet
 
 SEEDS = tuple(int(s) for s in os.environ.get("SEEDS", "0,1,2").split(","))
 METHODS = os.environ.get("METHODS", "conse_imagenet1k,devise_hinge_mlp").split(",")
@@ -88,8 +89,8 @@ def main() -> None:
 def preset_fits(backbone: str = "efficientnet_lite0", seed: int = 0, backgrounds=(100, 1000)) -> None:
     """The ConSE model presets' confidence (presets.CONSE_CONFIDENCE): fit on the benchmark's validation
     split of `seed` (validation-class images against the validation classes) on the preset's own backbone."""
-    from devise.datasets import validation_split, zero_shot_split
-    from devise.model import conse_model
+    from devise.data.datasets import validation_split, zero_shot_split
+    from devise.models.model import conse_model
 
     dataset = load_dataset(defaults.BENCHMARK)
     fs = extract_features(dataset, backbone)
@@ -120,11 +121,11 @@ def preset_fits(backbone: str = "efficientnet_lite0", seed: int = 0, backgrounds
 def throughput(repeats: int = 7, n_images: int = 64) -> None:
     """predict's cost of the probability: images -> ranked labels with and without it (the ConSE preset,
     the ImageNet-1K vocabulary, the background selected once as the server does), interleaved, medians."""
-    from devise.confidence import background_pool, rank_with_probabilities, select_background
-    from devise.images import load_images
-    from devise.model import load
-    from devise.ranking import rank_labels, score_labels
-    from devise.vocabulary import load_vocabulary
+    from devise.evaluation.confidence import background_pool, rank_with_probabilities, select_background
+    from devise.data.images import load_images
+    from devise.models.model import load
+    from devise.evaluation.ranking import rank_labels, score_labels
+    from devise.labels.vocabulary import load_vocabulary
 
     model = load("conse")
     dataset = load_dataset(defaults.BENCHMARK)
@@ -236,7 +237,7 @@ def _embeddings(seeds=SEEDS, methods=STUDY_METHODS) -> dict:
 
 
 def _problem(emb, matrix, labels, images, classes, reference, pool) -> dict:
-    from devise.ranking import label_statistics
+    from devise.evaluation.ranking import label_statistics
 
     images = np.asarray(images, np.int64)
     y = evaluate.relabel(labels[images], np.asarray(classes))
@@ -280,7 +281,7 @@ def _known_unknown(q, fits) -> dict:
 def score_study() -> None:
     """Known-vs-unknown scores (SCORES) and the seen-class temperature, per method and seed: chosen on
     the validation classes (stage-1 model), then the test figures of every score (final model)."""
-    from devise.metrics import expected_calibration_error
+    from devise.evaluation.metrics import expected_calibration_error
 
     pool = confidence.background_pool(defaults.VECTORS)
     rows = defaultdict(list)

@@ -7,7 +7,7 @@ Both paths get 2 threads (onnxruntime intra-op threads; XLA on this 2-core machi
 same 64 real images; per batch size the median of `repeats` timed runs (after one warm-up), in rounds
 that time every path at every batch back to back, so they share the machine's load; each path's best
 batch is compared (goal >= 1.4x).
-onnxruntime runs as devise.export.onnx_session configures it (idle threads sleep) and, for comparison,
+onnxruntime runs as devise.models.export.onnx_session configures it (idle threads sleep) and, for comparison,
 with onnxruntime's default of spinning idle threads (much slower when the cores are shared).
 Unless --no-shifted, the image graph is also exported from the shifted-depthwise form (what a plain
 trace of today's CPU model gives) to show why the export builds grouped convolutions.
@@ -61,8 +61,8 @@ def shifted_graph(model, folder: Path, images: np.ndarray, threads: int, batch: 
     import jax
     import onnx
 
-    from devise.backbones import load_backbone
-    from devise.export import image_forward, onnx_session, write_onnx
+    from devise.models.backbones import load_backbone
+    from devise.models.export import image_forward, onnx_session, write_onnx
 
     shifted = load_backbone(model.backbone_name, depthwise="shifted", precision="float32")
     size = shifted.image_size
@@ -88,8 +88,8 @@ def main() -> None:
     import onnx
 
     import devise
-    from devise.export import default_check_images, onnx_session
-    from devise.images import load_images
+    from devise.models.export import default_check_images, onnx_session
+    from devise.data.images import load_images
 
     model = devise.load(args.model)
     images, _ = load_images(default_check_images(), model.backbone.image_size)

@@ -5,7 +5,7 @@ same process, and against one `model.predict` per image as the Keras blog did. S
 - from the store: features with the uint8 store already built (store read + forward + cache write);
 - cold: features from the image files in an empty data home (decode + store + forward + cache write);
 - decode only in threads and in spawned processes (`decode="threads"` / `"processes"`), same files: the
-  CPU default mode here (devise.pipeline.cpu_decode_mode) against the better of the two; on a GPU with
+  CPU default mode here (devise.data.pipeline.cpu_decode_mode) against the better of the two; on a GPU with
   nvImageCodec the default decode (and cold features) decode JPEGs on the GPU.
 Images: N emoji benchmark images (PNG) if it is built, else (or with --photos) copies of foolbox's 20
 ImageNet JPEG photos. Repeats are interleaved so load on a noisy machine hits every variant alike.
@@ -26,10 +26,10 @@ from pathlib import Path
 import devise  # noqa: F401
 import numpy as np
 
-from devise.backbones import load_backbone
-from devise.features import backbone_forward, build_image_store, extract_features
-from devise.images import load_images
-from devise.pipeline import choose_decoder, cpu_decode_mode
+from devise.models.backbones import load_backbone
+from devise.data.features import backbone_forward, build_image_store, extract_features
+from devise.data.images import load_images
+from devise.data.pipeline import choose_decoder, cpu_decode_mode
 from devise.runtime import default_batch_size, pad_batch, platform
 
 

@@ -48,10 +48,10 @@ def validation_data(run):
     """(uint8 images, labels into val_classes, image indices, class-vector matrix, dataset) of the run's
     validation classes, rebuilt from its recorded split."""
     from devise import defaults
-    from devise.datasets import load_dataset, validation_split, zero_shot_split
-    from devise.features import build_image_store, extract_features
-    from devise.train import VALIDATION_FRACTION, class_label_vectors
-    from devise.vectors import load_vectors
+    from devise.data.datasets import load_dataset, validation_split, zero_shot_split
+    from devise.data.features import build_image_store, extract_features
+    from devise.training.train import VALIDATION_FRACTION, class_label_vectors
+    from devise.labels.vectors import load_vectors
 
     s = run.settings
     assert s["validation"] == "zero-shot" and s.get("stage") != "refit", s["validation"]
@@ -78,16 +78,16 @@ def validation_data(run):
 
 
 def hits(emb, y, class_vectors):
-    from devise.metrics import flat_hit_at_k
+    from devise.evaluation.metrics import flat_hit_at_k
 
     h = flat_hit_at_k(unit(emb) @ class_vectors.T, y, (1, 5))
     return h[1], h[5]
 
 
 def one_seed(seed, args, work: Path):
-    from devise.finetune import finetune_run, training_images
-    from devise.model import load_model_folder
-    from devise.train import train_dataset
+    from devise.training.finetune import finetune_run, training_images
+    from devise.models.model import load_model_folder
+    from devise.training.train import train_dataset
 
     t0 = time.perf_counter()
     run_dir, ft_dir = (work / f"seed{seed}" / "run",

@@ -46,7 +46,7 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 $PY -c "import devise, jax, keras; print('jax', jax.__version__, 'keras', keras.__version__, jax.devices())" || exit 1
-$PY -c "from devise.pipeline import choose_decoder; choose_decoder()"  # the decode path, said in one line
+$PY -c "from devise.data.pipeline import choose_decoder; choose_decoder()"  # the decode path, said in one line
 
 failed=()
 step() {  # step NAME SECONDS COMMAND...

@@ -26,13 +26,14 @@ import time
 import numpy as np
 
 import devise  # noqa: F401
-from devise import benchmark, defaults, evaluate, metrics
-from devise.datasets import DEFAULT_TEST_STYLE, load_dataset, zero_shot_split
-from devise.evaluate import label_space
-from devise.features import extract_features
-from devise.ranking import label_statistics
-from devise.vectors import unit_rows
-from devise.wordnet import load_wordnet
+from devise.evaluation import benchmark, evaluate, metrics
+from devise import defaults
+from devise.data.datasets import DEFAULT_TEST_STYLE, load_dataset, zero_shot_split
+from devise.evaluation.evaluate import label_space
+from devise.data.features import extract_features
+from devise.evaluation.ranking import label_statistics
+from devise.labels.vectors import unit_rows
+from devise.labels.wordnet import load_wordnet
 
 BACKBONE = os.environ.get("BACKBONE", defaults.TRAIN_BACKBONE)  # the features every method trains on
 SEEDS = tuple(int(s) for s in os.environ.get("SEEDS", "0,1,2").split(","))

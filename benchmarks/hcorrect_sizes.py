@@ -10,8 +10,8 @@ import json
 import time
 
 from devise.assets import imagenet1k_classes
-from devise.metrics import hcorrect_set_sizes
-from devise.wordnet import WordNet, load_wordnet
+from devise.evaluation.metrics import hcorrect_set_sizes
+from devise.labels.wordnet import WordNet, load_wordnet
 
 KS = (2, 5, 10, 20)
 

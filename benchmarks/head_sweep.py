@@ -26,12 +26,12 @@ import time
 import numpy as np
 
 import devise  # noqa: F401
-from devise.benchmark import METHODS, _calibration_holdout
-from devise.datasets import validation_split, zero_shot_split
-from devise.evaluate import relabel
-from devise.metrics import choose_calibration, flat_hit_at_k, generalized_zero_shot
-from devise.train import class_label_vectors, train
-from devise.vectors import GLOVE_SPEC, load_vectors, unit_rows
+from devise.evaluation.benchmark import METHODS, _calibration_holdout
+from devise.data.datasets import validation_split, zero_shot_split
+from devise.evaluation.evaluate import relabel
+from devise.evaluation.metrics import choose_calibration, flat_hit_at_k, generalized_zero_shot
+from devise.training.train import class_label_vectors, train
+from devise.labels.vectors import GLOVE_SPEC, load_vectors, unit_rows
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from label_text import benchmark_inputs, class_texts  # noqa: E402

@@ -4,7 +4,7 @@ vectors of dim 384 under a memory cap (issue 21).
 The vectors are synthetic, drawn to match real embeddings: the default model (ConSE, MiniLM label space)
 embeds the emoji benchmark's 5,112 images (features from the feature cache); their mean and covariance
 (eigen-spectrum) define a Gaussian; rows are sampled from it in chunks and normalized to unit length. Each
-size is built in its own subprocess by devise.index_build (the builder `devise index` uses), streaming the
+size is built in its own subprocess by devise.serving.index_build (the builder `devise index` uses), streaming the
 rows, so its peak memory (ru_maxrss of that process: Python, numpy, FAISS, paths and index together) is
 the build's alone. Recall@10 is the builder's own measure stored in meta.json (1,000 indexed rows as
 queries, half of them tuning nprobe/re-rank depth, the other half measured); query time is the median of
@@ -34,8 +34,8 @@ CHUNK = 16_384
 
 def fit_spectrum(out: Path) -> Path:
     """Mean and covariance eigen-decomposition of the default model's embeddings of the emoji benchmark."""
-    from devise.datasets import load_dataset
-    from devise.model import load
+    from devise.data.datasets import load_dataset
+    from devise.models.model import load
 
     dataset = load_dataset("emoji")
     vectors, valid = load("conse").encode_paths(dataset.paths, progress=True, cache=True)
@@ -59,7 +59,7 @@ def synthetic(spectrum, n: int, seed: int):
 def child(n: int, cap: str, spectrum_file: str) -> None:
     import faiss
 
-    from devise.index_build import Rows, apply_search_params, build_index_files, parse_memory
+    from devise.serving.index_build import Rows, apply_search_params, build_index_files, parse_memory
 
     spectrum = dict(np.load(spectrum_file))
     dim = len(spectrum["scale"])

@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     args = parser.parse_args()
-    from devise.search import load_index
+    from devise.serving.search import load_index
 
     scratch = Path(tempfile.mkdtemp(prefix="devise-integrity-"))
     try:

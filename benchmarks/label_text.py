@@ -25,15 +25,15 @@ import sys
 import numpy as np
 
 import devise  # noqa: F401  (sets the Keras backend)
-from devise.benchmark import _calibration_holdout
-from devise.datasets import load_dataset, validation_split, zero_shot_split
-from devise.evaluate import relabel
-from devise.features import extract_features
-from devise.metrics import flat_hit_at_k
-from devise.presets import recipe_settings
-from devise.train import train
-from devise.vectors import load_vectors, unit_rows
-from devise.wordnet import load_wordnet
+from devise.evaluation.benchmark import _calibration_holdout
+from devise.data.datasets import load_dataset, validation_split, zero_shot_split
+from devise.evaluation.evaluate import relabel
+from devise.data.features import extract_features
+from devise.evaluation.metrics import flat_hit_at_k
+from devise.models.presets import recipe_settings
+from devise.training.train import train
+from devise.labels.vectors import load_vectors, unit_rows
+from devise.labels.wordnet import load_wordnet
 
 SETTINGS = {
     "hinge": {k: v for k, v in recipe_settings("devise_hinge_mlp").items() if k != "method"},

@@ -29,8 +29,8 @@ import numpy as np
 
 import devise  # noqa: F401  (sets the Keras backend)
 from devise import runtime
-from devise.text_encoder import TextEncoder, bucket_length
-from devise.wordnet import load_wordnet
+from devise.models.text_encoder import TextEncoder, bucket_length
+from devise.labels.wordnet import load_wordnet
 
 
 def labels(count: int) -> list[str]:

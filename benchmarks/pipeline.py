@@ -1,4 +1,4 @@
-"""The one pipeline (devise.pipeline) against today's loops, on JPEG photos, ratios in one process:
+"""The one pipeline (devise.data.pipeline) against today's loops, on JPEG photos, ratios in one process:
 - predict/index of a folder vs cold `devise features`: model.encode_paths (what `devise predict` runs),
   encode_paths(cache=True) in an empty data home (`devise index`), extract_features in an empty data home;
 - pipeline vs old loop: encode_paths against the loop it replaced (decode a chunk of 256, then forward it
@@ -24,9 +24,9 @@ import numpy as np
 from PIL import Image
 
 from devise.assets import imagenet1k_classes
-from devise.features import extract_features
-from devise.images import load_images
-from devise.model import DeviseModel, random_label_vectors
+from devise.data.features import extract_features
+from devise.data.images import load_images
+from devise.models.model import DeviseModel, random_label_vectors
 
 
 def timing_model() -> DeviseModel:
@@ -38,7 +38,7 @@ def timing_model() -> DeviseModel:
 
 
 def old_encode_paths(model: DeviseModel, paths: list[str]) -> np.ndarray:
-    """model.encode_paths before devise.pipeline: decode a chunk, then forward it, nothing overlapped."""
+    """model.encode_paths before devise.data.pipeline: decode a chunk, then forward it, nothing overlapped."""
     rows = []
     for start in range(0, len(paths), 256):
         images, ok = load_images(paths[start:start + 256], model.backbone.image_size)

@@ -19,7 +19,7 @@ import devise  # noqa: F401
 import numpy as np
 from keras import ops
 
-from devise.ranking import top_k_labels
+from devise.evaluation.ranking import top_k_labels
 
 DIM, K, BATCH = 50, 10, 1024
 

@@ -26,7 +26,7 @@ import numpy as np
 
 
 def in_process(paths, model) -> tuple[float, np.ndarray]:
-    from devise.features import feature_cache_folder, image_store_folder
+    from devise.data.features import feature_cache_folder, image_store_folder
 
     start = time.perf_counter()
     bb = model.backbone  # timed: the Ray figure includes each actor loading its model too
@@ -41,8 +41,8 @@ def in_process(paths, model) -> tuple[float, np.ndarray]:
 
 
 def on_ray(paths, model, folder, lose_node: bool) -> dict:
-    from devise import shards
-    from devise.ray_engine import embed_on_ray, local_cluster, remove_local_node
+    from devise.data import shards
+    from devise.data.ray_engine import embed_on_ray, local_cluster, remove_local_node
 
     removed = []
     start = time.perf_counter()
@@ -72,8 +72,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N images only (default: all)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
-    from devise.datasets import load_dataset
-    from devise.model import load
+    from devise.data.datasets import load_dataset
+    from devise.models.model import load
 
     paths = [str(p) for p in load_dataset("emoji").paths][:args.limit]
     model = load("conse")

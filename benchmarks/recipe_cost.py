@@ -19,7 +19,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0", help="comma-separated benchmark seeds (default 0)")
     args = parser.parse_args()
-    from devise.benchmark import run_benchmark
+    from devise.evaluation.benchmark import run_benchmark
 
     methods = ["devise_hinge_mlp", "devise_softmax_mlp"]
     report = run_benchmark(seeds=[int(s) for s in args.seeds.split(",")], methods=methods,

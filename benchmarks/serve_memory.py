@@ -64,7 +64,7 @@ def source_images() -> list[np.ndarray]:
 
 
 def build_photo_index(images: list[np.ndarray], scratch: Path) -> Path:
-    from devise.search import build_index
+    from devise.serving.search import build_index
 
     photos = scratch / "photos"
     photos.mkdir()

@@ -24,8 +24,8 @@ import statistics
 import time
 
 import devise  # noqa: F401  (sets the Keras backend)
-from devise.text_encoder import TextEncoder
-from devise.wordnet import load_wordnet
+from devise.models.text_encoder import TextEncoder
+from devise.labels.wordnet import load_wordnet
 
 REPEATS = 3
 

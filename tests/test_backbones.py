@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 
 from devise.assets import foolbox_data_dir
-from devise import backbones
-from devise.backbones import list_backbones, load_backbone
-from devise.classify import classify
+from devise.models import backbones
+from devise.models.backbones import list_backbones, load_backbone
+from devise.models.classify import classify
 from devise.cli import main
 from devise.errors import DeviseError
-from devise.images import load_image
+from devise.data.images import load_image
 
 REFERENCE = Path(__file__).parent / "data" / "foolbox_reference.npz"
 REFERENCE_LITE2 = Path(__file__).parent / "data" / "foolbox_reference_lite2.npz"
@@ -266,7 +266,7 @@ def test_resnet50_from_a_local_weights_file(tmp_path, chelsea):
 
 def test_bfloat16_backbone_is_close_to_float32(foolbox_photos):
     """The GPU default (mixed bfloat16) run on CPU: float32 outputs, same top-1 on real photos."""
-    from devise.images import load_image
+    from devise.data.images import load_image
 
     images = np.stack([load_image(p, 224) for p in foolbox_photos[:4]])
     full = load_backbone("efficientnet_lite0", precision="float32")

@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from devise.benchmark import METHODS, run_benchmark
+from devise.evaluation.benchmark import METHODS, run_benchmark
 from devise.cli import main
-from devise.datasets import ImageDataset, load_dataset
+from devise.data.datasets import ImageDataset, load_dataset
 
 pytestmark = pytest.mark.slow  # ~1-2 min on 2 CPU cores (features of ~600 images, 7 methods fit twice)
 
@@ -95,7 +95,7 @@ def test_the_calibration_style_has_no_twin_among_the_training_styles():
     """GZSL's gamma is chosen on the calibration style as the seen images: like the test style (twitter) it
     must have no near-duplicate among the styles trained on, or seen classes look easier than they are at
     test time (google and noto share their artwork: 'noto' made gamma too large)."""
-    from devise.benchmark import CALIBRATION_STYLES, _calibration_holdout
+    from devise.evaluation.benchmark import CALIBRATION_STYLES, _calibration_holdout
     emoji = load_dataset("emoji")
     styles, labels = np.asarray(emoji.styles), np.asarray(emoji.labels)
     held = _calibration_holdout(emoji, np.arange(len(emoji)), seed=0)

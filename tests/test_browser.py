@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
-from devise.search import build_index
-from devise.serve import create_app, running_server
+from devise.serving.search import build_index
+from devise.serving.serve import create_app, running_server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -36,7 +36,7 @@ def served_page(app, height: int):
 def test_upload_and_text_search_in_chromium(tmp_path):
     import skimage.data
 
-    from devise.datasets import load_dataset
+    from devise.data.datasets import load_dataset
 
     dataset = load_dataset("emoji")
     wanted = {dataset.classes.index(c) for c in CLASSES}

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import devise.vectors as V
-from devise.text_encoder import EncodingCache
+import devise.labels.vectors as V
+from devise.models.text_encoder import EncodingCache
 
 GLOVE = "glove-6b-50d"
 
@@ -78,8 +78,8 @@ def test_damaged_text_vector_shards_are_said_removed_and_encoded_again(home):
 
 
 def test_damaged_vectors_vocabulary_and_class_vector_caches_are_recomputed(home, tmp_path):
-    from devise import vocabulary
-    from devise.conse import cached_imagenet1k_class_vectors
+    from devise.labels import vocabulary
+    from devise.models.conse import cached_imagenet1k_class_vectors
 
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\nwater buffalo\nteapot\n")
@@ -128,7 +128,8 @@ def test_damaged_vectors_vocabulary_and_class_vector_caches_are_recomputed(home,
 CHILD_COMPUTES_VOCABULARY = """
 import sys, time
 from pathlib import Path
-from devise import conse, vocabulary, vectors
+from devise.models import conse
+from devise.labels import vocabulary, vectors
 built = []
 for module, name in ((vocabulary, "_build_vocab"), (conse, "imagenet1k_class_vectors")):
     real = getattr(module, name)
@@ -150,7 +151,7 @@ print("SUM %.6f %.6f" % (matrix.sum(), class_vectors.sum()))
 CHILD_ADDS_SHARDS = """
 import sys, hashlib
 import numpy as np
-from devise.text_encoder import EncodingCache
+from devise.models.text_encoder import EncodingCache
 cache = EncodingCache(sys.argv[1])
 cache.MERGE_AT = 4  # merging all the time: the two processes merge over each other
 def vector(text):
@@ -194,8 +195,8 @@ def test_two_processes_compute_a_cache_once_and_lose_nothing(home, tmp_path):
 
 CHILD_ENCODES_LONG_LIST = """
 import sys
-import devise.text_encoder as T
-import devise.vectors as V
+import devise.models.text_encoder as T
+import devise.labels.vectors as V
 T.SAVE_EVERY_S = 0.5  # a shard every half second (each of at least PROGRESS_MIN texts)
 texts = [line for line in open(sys.argv[1]).read().splitlines()]
 print("encoding", flush=True)

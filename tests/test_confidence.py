@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from devise import confidence, metrics
+from devise.evaluation import confidence, metrics
 from devise.errors import DeviseError
-from devise.model import load
+from devise.models.model import load
 
 
 # ---------------------------------------------------------------- metrics, by hand
@@ -84,7 +84,7 @@ def model():
 def chelsea(model):
     import skimage.data
 
-    from devise.images import to_rgb_array
+    from devise.data.images import to_rgb_array
 
     return to_rgb_array(Image.fromarray(skimage.data.chelsea()), model.backbone.image_size)[None]
 
@@ -144,10 +144,10 @@ def test_cli_prints_the_probability_and_the_answer(tmp_path, capsys):
 def test_a_fit_on_held_out_images_of_the_training_classes_is_a_seen_fit():
     """store_confidence on held-out images of a run's own classes (a run validated by image) records its
     fit as the seen-class temperature too; real emoji images, backbone, MiniLM, a briefly trained head."""
-    from devise.datasets import load_dataset
-    from devise.features import extract_features
-    from devise.train import class_label_vectors, train
-    from devise.vectors import load_vectors
+    from devise.data.datasets import load_dataset
+    from devise.data.features import extract_features
+    from devise.training.train import class_label_vectors, train
+    from devise.labels.vectors import load_vectors
 
     emoji = load_dataset("emoji")
     classes = np.arange(12)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import devise  # noqa: F401
-from devise.conse import conse_embed, conse_from_logits, imagenet1k_class_vectors, softmax
+from devise.models.conse import conse_embed, conse_from_logits, imagenet1k_class_vectors, softmax
 from devise.errors import DeviseError
 
 
@@ -31,7 +31,7 @@ def test_conse_bad_shapes():
 
 @pytest.fixture(scope="module")
 def glove():
-    from devise.vectors import load_vectors
+    from devise.labels.vectors import load_vectors
     return load_vectors("glove-6b-50d")
 
 
@@ -39,11 +39,11 @@ def test_imagenet_conse_zero_shot_on_real_photos(glove):
     """The packaged ImageNet-1K classifier + GloVe: Chelsea the cat lands nearest 'cat', the coffee cup
     nearest 'coffee', among labels ConSE was never given as classes."""
     from skimage import data
-    from devise.backbones import load_backbone
-    from devise.vectors import embed_labels
+    from devise.models.backbones import load_backbone
+    from devise.labels.vectors import embed_labels
 
     backbone = load_backbone()
-    from devise.images import load_image
+    from devise.data.images import load_image
     from PIL import Image
     images = []
     for array in (data.chelsea(), data.coffee()):

@@ -4,11 +4,11 @@ import shutil
 import numpy as np
 import pytest
 
-from devise import datasets
-from devise.datasets import (ImageDataset, load_dataset, match_class_name, validation_split, wordnet_lookup,
+from devise.data import datasets
+from devise.data.datasets import (ImageDataset, load_dataset, match_class_name, validation_split, wordnet_lookup,
                              zero_shot_split)
 from devise.errors import DeviseError
-from devise.wordnet import load_wordnet
+from devise.labels.wordnet import load_wordnet
 
 
 @pytest.fixture(scope="module")

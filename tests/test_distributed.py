@@ -16,10 +16,10 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     import devise, keras
     from devise import defaults, runtime
-    from devise.backbones import load_backbone
-    from devise.features import backbone_forward, extract_features
-    from devise.images import load_image
-    from devise.train import train
+    from devise.models.backbones import load_backbone
+    from devise.data.features import backbone_forward, extract_features
+    from devise.data.images import load_image
+    from devise.training.train import train
 
     paths = sys.argv[1:9]
     images = np.stack([load_image(p, 224) for p in paths])

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from devise.datasets import load_dataset, prepare_assets, validation_split, zero_shot_split
-from devise.emoji import MIN_STYLES, STYLES, emoji_dir, emoji_manifest, frame_on_white
-from devise.wordnet import load_wordnet
+from devise.data.datasets import load_dataset, prepare_assets, validation_split, zero_shot_split
+from devise.data.emoji import MIN_STYLES, STYLES, emoji_dir, emoji_manifest, frame_on_white
+from devise.labels.wordnet import load_wordnet
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""ONNX export (devise.export): presets and trained runs run in onnxruntime as they do in Keras, and
+"""ONNX export (devise.models.export): presets and trained runs run in onnxruntime as they do in Keras, and
 examples/onnx_predict.py (onnxruntime, numpy and Pillow only) names images as `devise predict` does.
 
 The tests that export skip when the `export` extra (onnxruntime, jax2onnx) is not installed."""
@@ -45,7 +45,7 @@ def test_the_example_imports_neither_devise_nor_keras_nor_jax():
 def test_the_example_frames_images_exactly_as_devise(tmp_path, foolbox_photos):
     """Photos (JPEG draft decoding), emoji cut-outs and other Pillow modes: the same uint8 pixels."""
     from devise.assets import data_home
-    from devise.images import load_image
+    from devise.data.images import load_image
 
     frame = _example().frame
     rng = np.random.default_rng(0)
@@ -68,7 +68,7 @@ def test_the_example_frames_images_exactly_as_devise(tmp_path, foolbox_photos):
 def test_export_refuses_before_any_work(tmp_path, monkeypatch):
     """An existing folder, a random control, and a missing extra: one-line errors, nothing written."""
     from devise.cli import main
-    from devise.model import DeviseModel
+    from devise.models.model import DeviseModel
 
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
@@ -154,7 +154,7 @@ def test_the_text_model_embeds_labels_as_devise_does(conse_export):
 @pytest.fixture(scope="module")
 def small_training_set():
     """Twelve emoji classes, every style: their real images' paths, class ids and names."""
-    from devise.datasets import load_dataset
+    from devise.data.datasets import load_dataset
 
     dataset = load_dataset("emoji")
     classes = list(range(0, 240, 20))
@@ -165,9 +165,9 @@ def small_training_set():
 
 def _trained_run(folder, training_set, backbone, vectors, **options):
     """A real run on the backbone's cached features of the small set (a few epochs: cheap, not good)."""
-    from devise.features import extract_features
-    from devise.train import train
-    from devise.vectors import embed_labels, load_vectors
+    from devise.data.features import extract_features
+    from devise.training.train import train
+    from devise.labels.vectors import embed_labels, load_vectors
 
     paths, labels, names = training_set
     features = np.asarray(extract_features(paths, backbone, progress=False).features)
@@ -184,9 +184,9 @@ def test_the_exported_resize_gives_xla_pixels_bit_for_bit(tmp_path, foolbox_phot
     import jax
     import onnxruntime
 
-    from devise.backbones import ResizeImages, load_backbone
-    from devise.export import onnx_features_model, write_onnx
-    from devise.images import load_images
+    from devise.models.backbones import ResizeImages, load_backbone
+    from devise.models.export import onnx_features_model, write_onnx
+    from devise.data.images import load_images
 
     features_model = load_backbone("efficientnet_lite0_lite2", depthwise="grouped", precision="float32").features_model
     resize = next(layer for layer in features_model.layers if isinstance(layer, ResizeImages))
@@ -224,11 +224,11 @@ def test_a_trained_conse_run_exports_and_a_failed_check_leaves_nothing(tmp_path,
     export fails loudly and leaves neither the folder nor its temporary files."""
     _needs_extra()
     import devise
-    import devise.export
+    import devise.models.export
 
     _trained_run(tmp_path / "run", small_training_set, "efficientnet_lite0", "minilm", method="conse")
     run = devise.load(tmp_path / "run")
-    monkeypatch.setattr(devise.export, "PARITY_MAX_ABS", 0.0)
+    monkeypatch.setattr(devise.models.export, "PARITY_MAX_ABS", 0.0)
     with pytest.raises(DeviseError, match="failed its check on images.*the top-5 agree: .*--max-abs"):
         run.export(tmp_path / "onnx", vocab="imagenet1k")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

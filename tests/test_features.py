@@ -9,11 +9,11 @@ import time
 import numpy as np
 import pytest
 
-from devise.backbones import load_backbone
+from devise.models.backbones import load_backbone
 from devise.errors import DeviseError
-from devise.features import backbone_forward, build_image_store, extract_features
+from devise.data.features import backbone_forward, build_image_store, extract_features
 from devise.runtime import cached_forward
-from devise.images import load_image
+from devise.data.images import load_image
 
 
 @pytest.fixture
@@ -133,7 +133,7 @@ def test_two_processes_extracting_one_folder_leave_one_complete_cache(home, fool
     """Two real processes asked for the same features at once: one computes, the other waits for its lock
     and reads the result; neither destroys the finished cache (it used to end as a folder with meta.json only)."""
     paths = [str(p) for p in foolbox_photos[:10]]
-    code = ("import sys, numpy as np; from devise.features import extract_features; "
+    code = ("import sys, numpy as np; from devise.data.features import extract_features; "
             f"fs = extract_features({paths!r}, 'efficientnet_lite0', chunk_size=4, batch_size=4, progress=False); "
             "np.save(sys.argv[1], np.asarray(fs.features))")
     env = dict(os.environ, DEVISE_HOME=str(home))

@@ -15,12 +15,12 @@ import pytest
 import devise  # noqa: F401
 import keras
 from devise import defaults
-from devise.backbones import load_backbone, weighted_layers
+from devise.models.backbones import load_backbone, weighted_layers
 from devise.errors import DeviseError
-from devise.features import extract_features
-from devise.finetune import end_to_end_model, finetune_run
-from devise.model import load_model_folder
-from devise.vectors import GLOVE_SPEC
+from devise.data.features import extract_features
+from devise.training.finetune import end_to_end_model, finetune_run
+from devise.models.model import load_model_folder
+from devise.labels.vectors import GLOVE_SPEC
 
 N_CLASSES = 40
 
@@ -31,9 +31,9 @@ pytestmark = pytest.mark.slow  # ~1-2 min on 2 CPU cores: features of ~240 image
 def runs(tmp_path_factory):
     """A DeViSE run trained on a 40-class emoji tree (real images, features, GloVe), then fine-tuned for
     one epoch on 64 of its training images at batch 8."""
-    from devise.datasets import load_dataset
-    from devise.train import class_label_vectors, train_dataset
-    from devise.vectors import load_vectors
+    from devise.data.datasets import load_dataset
+    from devise.training.train import class_label_vectors, train_dataset
+    from devise.labels.vectors import load_vectors
 
     emoji = load_dataset("emoji")
     _, kept, _ = class_label_vectors(emoji, load_vectors(GLOVE_SPEC), drop_missing=True)
@@ -88,7 +88,7 @@ def test_fresh_process_embeds_with_the_finetuned_backbone(runs):
     out = runs["root"] / "embeddings.npz"
     code = f"""
         import numpy as np, devise
-        from devise.model import load
+        from devise.models.model import load
         paths = {runs["paths"][:6]!r}
         tuned, original = load({str(runs["ft"])!r}), load({str(runs["run"])!r})
         assert "finetuned" in tuned.backbone.cache_key and "finetuned" not in original.backbone.cache_key
@@ -115,7 +115,7 @@ def test_finetuned_features_have_their_own_cache(runs):
 
 
 def test_augmentation_only_while_training(runs):
-    from devise.features import build_image_store
+    from devise.data.features import build_image_store
 
     images = np.asarray(build_image_store(runs["paths"][:8], 224, progress=False)[0])
     backbone = load_model_folder(runs["ft"]).backbone
@@ -147,7 +147,7 @@ def test_resumes_after_sigkill(runs, tmp_path):
     uninterrupted fine-tuning ends (weights, augmentation and loss random state, optimizer restored)."""
     kwargs = dict(epochs=3, batch_size=8, max_images=24, verbose=0)
     whole = finetune_run(runs["run"], tmp_path / "whole", **kwargs)
-    call = (f"from devise.finetune import finetune_run; "
+    call = (f"from devise.training.finetune import finetune_run; "
             f"finetune_run({str(runs['run'])!r}, {str(tmp_path / 'resumed')!r}, **{kwargs!r})")
     proc = subprocess.Popen([sys.executable, "-c", call], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoint = tmp_path / "resumed.partial" / "checkpoint.npz"
@@ -177,7 +177,7 @@ def test_resumes_after_sigkill(runs, tmp_path):
 def test_a_run_on_a_side_by_side_backbone_is_refused_with_one_line(runs, tmp_path):
     """The default training backbone joins two networks whose layers share names: fine-tuning it would mix
     their blocks, so it is refused before anything is built."""
-    from devise.train import train_dataset
+    from devise.training.train import train_dataset
 
     tree = runs["root"] / "tree"
     train_dataset(str(tree), "devise", epochs=1, out_dir=tmp_path / "run", verbose=0)  # defaults.TRAIN_BACKBONE

@@ -1,5 +1,5 @@
 """The GPU decode path on a CPU (CI never has a GPU): the dispatcher picks the CPU here and says so once;
-the on-device framing matches devise.images' policy on the same decoded pixels; the GPU decoder's
+the on-device framing matches devise.data.images' policy on the same decoded pixels; the GPU decoder's
 plumbing (rows, CPU fallback, errors) fills the store as the CPU path does, with nvImageCodec replaced by
 Pillow (the only stand-in: nvImageCodec needs CUDA)."""
 from __future__ import annotations
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from devise import pipeline
-from devise.features import build_image_store
-from devise.gpu_decode import GpuJpegDecoder, crop_geometry, frame_on_device, gpu_jpeg_decoder
-from devise.images import to_rgb_array
+from devise.data import pipeline
+from devise.data.features import build_image_store
+from devise.data.gpu_decode import GpuJpegDecoder, crop_geometry, frame_on_device, gpu_jpeg_decoder
+from devise.data.images import to_rgb_array
 
 # Stated tolerances. On the same decoded pixels: JAX's antialiased Keys cubic in float32 against Pillow's
 # bicubic, which rounds to 8 bits between its passes (measured: mean 0.08-0.20 levels, max 8).

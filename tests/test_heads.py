@@ -4,8 +4,8 @@ import pytest
 
 import devise  # noqa: F401
 from devise.errors import DeviseError
-from devise.heads import HEAD_BUILDERS, build_head, linear_head, mlp_head, softmax_head
-from devise.train import HEADS
+from devise.models.heads import HEAD_BUILDERS, build_head, linear_head, mlp_head, softmax_head
+from devise.training.train import HEADS
 
 
 def test_linear_head_is_a_bias_free_matrix():

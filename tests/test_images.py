@@ -1,4 +1,4 @@
-"""The one decode policy (devise.images) on real photos: every mode Pillow opens, made from skimage's
+"""The one decode policy (devise.data.images) on real photos: every mode Pillow opens, made from skimage's
 chelsea / coffee, decodes to the same 8-bit RGB as the 8-bit original; cut-outs are framed whole; the
 one folder walker skips what is not a readable image file."""
 import os
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw, PngImagePlugin
 
 from devise.errors import DeviseError
-from devise.images import (
+from devise.data.images import (
     CROP_FRACTION, POLICY_VERSION, load_image, load_images, scan_image_files, to_rgb_array,
 )
 
@@ -265,7 +265,7 @@ def test_fully_transparent_image_is_blank_white(tmp_path):
 
 def test_policy_version_keys_the_image_store(monkeypatch):
     """Caches are keyed by the policy: the image store folder (and so the feature cache) moves with it."""
-    from devise import features
+    from devise.data import features
 
     assert features.IMAGE_POLICY_VERSION == POLICY_VERSION and not POLICY_VERSION.startswith("v1")
     before = features.image_store_folder(["a.jpg"], SIZE)

@@ -6,18 +6,21 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "devise"
 
 
 def import_graph() -> dict[str, set[str]]:
-    """module -> the devise modules it imports anywhere in its file (top level or inside functions)."""
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    """module -> the devise modules it imports anywhere in its file (top level or inside functions); modules
+    are named relative to the package, with their stage folder ("cli", "data.features")."""
+    paths = {".".join(p.relative_to(PACKAGE).with_suffix("").parts): p for p in sorted(PACKAGE.rglob("*.py"))}
+    modules = {name for name in paths if not name.endswith("__init__")}
     graph = {}
-    for path in sorted(PACKAGE.glob("*.py")):
+    for name, path in paths.items():
         edges = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "devise":
-                parts = node.module.split(".")
-                edges.update(parts[1:2] if len(parts) > 1 else [a.name for a in node.names])
+                base = node.module.split(".", 1)[1] if "." in node.module else ""
+                edges.add(base)
+                edges.update(f"{base}.{a.name}".lstrip(".") for a in node.names)
             elif isinstance(node, ast.Import):
-                edges.update(a.name.split(".")[1] for a in node.names if a.name.startswith("devise."))
-        graph[path.stem] = {m for m in edges if m in modules and m != path.stem and m != "__init__"}
+                edges.update(a.name.split(".", 1)[1] for a in node.names if a.name.startswith("devise."))
+        graph[name] = {m for m in edges if m in modules and m != name}
     return graph
 
 

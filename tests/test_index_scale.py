@@ -7,17 +7,17 @@ import shutil
 import numpy as np
 import pytest
 
-from devise import shards
+from devise.data import shards
 from devise.errors import DeviseError
-from devise.index_build import choose_kind, parse_memory
-from devise.search import build_index, load_index, search
+from devise.serving.index_build import choose_kind, parse_memory
+from devise.serving.search import build_index, load_index, search
 
 GLOVE = "glove-6b-50d"
 
 
 @pytest.fixture(scope="module")
 def emoji_paths():
-    from devise.datasets import load_dataset
+    from devise.data.datasets import load_dataset
 
     dataset = load_dataset("emoji")
     wanted = {dataset.classes.index(name) for name in ("cat", "dog", "guitar", "pizza")}
@@ -47,7 +47,7 @@ def test_shards_plan_resume_and_mismatch(tmp_path):
 def test_index_from_shards_equals_flat_index(emoji_paths, tmp_path):
     """Real images, real model: embedded into shards in-process, indexed from them -> the same rows and
     the same search results as the index built from the images."""
-    from devise.model import load
+    from devise.models.model import load
 
     direct = build_index(emoji_paths, out=tmp_path / "direct", progress=False, vectors=GLOVE)
     model = load("conse", GLOVE)

@@ -15,9 +15,9 @@ import pytest
 import devise  # noqa: F401
 from devise.cli import main
 from devise.errors import DeviseError
-from devise.model import load_model_folder
-from devise.search import build_index, load_index, search
-from devise.train import train
+from devise.models.model import load_model_folder
+from devise.serving.search import build_index, load_index, search
+from devise.training.train import train
 
 GLOVE = "glove-6b-50d"
 NAMES = ["cat", "dog", "cup", "car"]
@@ -25,7 +25,7 @@ NAMES = ["cat", "dog", "cup", "car"]
 
 def _run(folder: Path, seed: int, epochs: int = 1):
     """A real (tiny) trained run folder: 4 GloVe classes, seeded features of the Lite0 feature width."""
-    from devise.vectors import embed_labels, load_vectors
+    from devise.labels.vectors import embed_labels, load_vectors
 
     rng = np.random.default_rng(seed)
     vectors = embed_labels(NAMES, load_vectors(GLOVE)).matrix
@@ -211,7 +211,7 @@ def test_features_with_the_data_home_on_a_full_disk_say_one_line(photo_folder, s
 def test_wordnet_on_a_full_data_home_still_loads(small_disk, monkeypatch):
     """Its pickle cache is an optimisation: a full disk costs speed, never the answer."""
     from devise.assets import wordnet_dir
-    from devise.wordnet import _load
+    from devise.labels.wordnet import _load
 
     monkeypatch.setenv("DEVISE_HOME", str(small_disk / "home"))
     _fill(small_disk)
@@ -226,7 +226,7 @@ def test_a_damaged_fine_tuning_checkpoint_is_said_and_not_half_restored(tmp_path
     """finetune's per-epoch checkpoint.npz truncated on disk: a BadZipFile traceback before."""
     import keras
 
-    from devise.finetune import _load_finetune_checkpoint, _write_finetune_checkpoint
+    from devise.training.finetune import _load_finetune_checkpoint, _write_finetune_checkpoint
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     model.compile(optimizer="adam", loss="mse")
@@ -247,7 +247,7 @@ def test_a_damaged_emoji_class_list_is_not_taken_for_a_built_benchmark(tmp_path,
     """classes.json cut short in a built benchmark: a JSON traceback on every dataset load before; now the
     benchmark counts as not built (setup-assets, or the next load, builds it again with a warning)."""
     from devise.assets import data_home
-    from devise.emoji import built_problem, is_built
+    from devise.data.emoji import built_problem, is_built
     from devise.storage import file_entries
 
     built = data_home() / "emoji"
@@ -270,7 +270,7 @@ import sys
 import numpy as np
 from pathlib import Path
 from devise.errors import DeviseError
-from devise.features import _ChunkedArrays
+from devise.data.features import _ChunkedArrays
 folder, shape = Path(sys.argv[1]) / "cache", (20, 1000, 1000)   # 80 MB of float32, sparse until written
 if sys.argv[2] == "start":  # what a run killed after its first chunk leaves (sparse: open_memmap's)
     partial = folder.with_name("cache.partial")
@@ -314,7 +314,7 @@ def test_a_resumed_feature_cache_on_a_nearly_full_disk_is_one_line_not_sigbus(tm
 
 def test_a_vectors_file_converted_on_a_full_data_home_is_one_line_not_sigbus(small_disk, tmp_path, monkeypatch):
     """Its matrix.npy is a memory map: written into a sparse file on a full disk it would die of SIGBUS."""
-    from devise.vectors import load_vectors
+    from devise.labels.vectors import load_vectors
 
     text = tmp_path / "vectors.txt"
     rng = np.random.default_rng(0)

@@ -2,8 +2,8 @@
 import numpy as np
 
 from devise.assets import imagenet1k_classes
-from devise.vectors import embed_labels, load_vectors
-from devise.wordnet import load_wordnet
+from devise.labels.vectors import embed_labels, load_vectors
+from devise.labels.wordnet import load_wordnet
 
 
 def test_synset_without_lemma_vectors_takes_its_nearest_hypernym():
@@ -25,7 +25,7 @@ def test_every_imagenet_class_gets_a_vector_with_glove():
 def test_a_class_has_three_texts_with_or_without_a_wordnet_given():
     """Dataset classes are embedded from three texts (vectors.sentence_label_texts); reading WordNet
     itself when none is passed, as the one-text rule does."""
-    from devise.vectors import sentence_label_texts
+    from devise.labels.vectors import sentence_label_texts
 
     wordnet = load_wordnet()
     texts = sentence_label_texts("tabby", wordnet, "n02123045")

@@ -6,16 +6,16 @@ import devise  # noqa: F401  (sets the Keras backend)
 import keras
 from keras import ops
 
-from devise.losses import CosineLoss, HingeRankLoss, hinge_rank_loss
+from devise.training.losses import CosineLoss, HingeRankLoss, hinge_rank_loss
 from devise.errors import DeviseError
-from devise.vectors import unit_rows
+from devise.labels.vectors import unit_rows
 
 WORDS = ["cat", "dog", "truck", "pizza", "violin", "tiger", "bus", "apple"]
 
 
 @pytest.fixture(scope="module")
 def label_vectors():
-    from devise.vectors import embed_labels, load_vectors
+    from devise.labels.vectors import embed_labels, load_vectors
     return embed_labels(WORDS, load_vectors("glove-6b-50d")).matrix
 
 

@@ -4,10 +4,10 @@ import pytest
 
 from devise.assets import imagenet1k_classes
 from devise.errors import DeviseError
-from devise.metrics import (choose_calibration, expand_to_synsets, flat_hit_at_k, generalized_zero_shot,
+from devise.evaluation.metrics import (choose_calibration, expand_to_synsets, flat_hit_at_k, generalized_zero_shot,
                             hcorrect_set_sizes, hcorrect_sets, hierarchical_precision_at_k, per_class_top1,
                             term_synset_lists, top_k_indices)
-from devise.wordnet import WordNet, load_wordnet
+from devise.labels.wordnet import WordNet, load_wordnet
 
 #            root
 #          /      \
@@ -114,7 +114,7 @@ def test_hierarchical_precision_on_real_wordnet_and_imagenet_labels():
     assert hp[1] == pytest.approx(hit[1])  # the paper: hp@1 = hit@1
     assert 0 < hp[5] < hp[2] < hp[1] < 1
     # an oracle ranking labels by hop distance from the true label fills top-k from hCorrectSet: hp@k = 1
-    from devise.wordnet import hop_distances
+    from devise.labels.wordnet import hop_distances
     oracle = np.full((20, 1000), -99.0)
     for row, t in enumerate(true[:20]):
         dist = hop_distances([wnids[t]], 12, wn)

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from devise.errors import DeviseError
-from devise.model import load
-from devise.presets import list_presets
+from devise.models.model import load
+from devise.models.presets import list_presets
 
 
 def test_a_saved_preset_loads_back_and_a_same_named_folder_does_not_shadow_the_preset(tmp_path, monkeypatch):
@@ -34,7 +34,7 @@ def test_encode_images_takes_what_a_user_holds(tmp_path):
     import skimage.data
     from PIL import Image
 
-    from devise.images import load_image
+    from devise.data.images import load_image
 
     model = load("conse")
     size = model.backbone.image_size

@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 
 from devise.errors import DeviseError
-from devise.images import expand_image_paths
-from devise.model import load
-from devise.predict import predict
-from devise.ranking import label_statistics, rank_labels, score_labels
-from devise.vocabulary import load_vocabulary
+from devise.data.images import expand_image_paths
+from devise.models.model import load
+from devise.serving.predict import predict
+from devise.evaluation.ranking import label_statistics, rank_labels, score_labels
+from devise.labels.vocabulary import load_vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_chelsea_gets_a_cat_label_in_the_top5_with_the_defaults(photos):
     scores = [p["score"] for p in preds]
     assert scores == sorted(scores, reverse=True)
     # wordnet vocabulary: every prediction is a WordNet noun synset, the label its first lemma
-    from devise.wordnet import load_wordnet
+    from devise.labels.wordnet import load_wordnet
     wordnet = load_wordnet()
     assert all(wordnet.name(p["synset"]) == p["label"] for p in preds)
 
@@ -153,9 +153,9 @@ def test_cli_predict_json(photos, capsys):
 
 def test_random_control_run_refuses_open_vocabulary_prediction(foolbox_photos, tmp_path):
     """The random-embedding control's scores against real word vectors mean nothing: a clear error."""
-    from devise.features import extract_features
-    from devise.train import train
-    from devise.vectors import embed_labels, load_vectors
+    from devise.data.features import extract_features
+    from devise.training.train import train
+    from devise.labels.vectors import embed_labels, load_vectors
 
     names = ["cat", "dog", "cup"]
     fs = extract_features(foolbox_photos[:6], progress=False)
@@ -186,7 +186,7 @@ def _one_skip_warning(caught, folder):
 
 
 def test_predict_and_classify_skip_unreadable_entries_with_one_warning(photos, tmp_path, fail_after):
-    from devise.classify import classify
+    from devise.models.classify import classify
 
     folder = _folder_with_unreadable_entries(tmp_path / "messy", photos / "chelsea.jpg")
     with fail_after(120), pytest.warns(UserWarning) as caught:

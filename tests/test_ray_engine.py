@@ -15,10 +15,10 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on 127.0.0.1 only (see local_cluster)
 ray = pytest.importorskip("ray")
 
-from devise import shards  # noqa: E402
-from devise.model import load  # noqa: E402
-from devise.ray_engine import embed_on_ray, local_cluster, remove_local_node  # noqa: E402
-from devise.search import build_index, search  # noqa: E402
+from devise.data import shards  # noqa: E402
+from devise.models.model import load  # noqa: E402
+from devise.data.ray_engine import embed_on_ray, local_cluster, remove_local_node  # noqa: E402
+from devise.serving.search import build_index, search  # noqa: E402
 
 # slow; and Ray's node start/stop forks from this (JAX) process only to exec its binaries
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")]
@@ -35,7 +35,7 @@ def cluster():
 def images(tmp_path_factory, foolbox_photos):
     """48 real images in one folder (the 20 foolbox photos, 28 emoji of the benchmark with cats among them)
     and one unreadable file: 49 rows."""
-    from devise.datasets import load_dataset
+    from devise.data.datasets import load_dataset
 
     dataset = load_dataset("emoji")
     cat = dataset.classes.index("cat face")
@@ -103,7 +103,7 @@ def test_killed_driver_resumes(cluster, images, reference, tmp_path):
     folder = tmp_path / "shards"
     script = textwrap.dedent(f"""
         import sys, time
-        from devise.ray_engine import embed_on_ray
+        from devise.data.ray_engine import embed_on_ray
         paths = sys.argv[1:]
         # slow the driver down so the kill lands mid-job: each batch back waits a second
         embed_on_ray(paths, "conse", {str(folder)!r}, address={cluster.address!r}, shard_rows=8, batch_rows=4,
@@ -139,8 +139,8 @@ def test_killed_driver_resumes(cluster, images, reference, tmp_path):
 def test_features_on_cluster_fill_the_same_cache(cluster, images):
     """devise features --ray: the feature cache of extract_features, the same numbers (an unreadable file
     among them), so training reads it unchanged."""
-    from devise.features import extract_features
-    from devise.ray_engine import extract_features_on_ray
+    from devise.data.features import extract_features
+    from devise.data.ray_engine import extract_features_on_ray
 
     subset = images[20:32]
     with pytest.warns(UserWarning, match="025-broken.jpg"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from devise.errors import DeviseError
-from devise.search import build_index, load_index, search
+from devise.serving.search import build_index, load_index, search
 
 CAT_LIKE = ("cat", "cat face", "black cat")
 OTHERS = ("dog", "pizza", "guitar", "automobile", "house", "banana", "rocket")
@@ -16,7 +16,7 @@ GLOVE = "glove-6b-50d"  # ConSE's label space in these tests (an unknown word is
 @pytest.fixture(scope="module")
 def emoji_subset():
     """{class name: [image paths]} for a few classes of the emoji benchmark, cat-like ones included."""
-    from devise.datasets import load_dataset
+    from devise.data.datasets import load_dataset
 
     dataset = load_dataset("emoji")
     wanted = {dataset.classes.index(name): name for name in CAT_LIKE + OTHERS}
@@ -222,7 +222,7 @@ def test_an_index_is_embedded_again_when_its_model_folder_is_saved_anew(emoji_su
     """Retraining a run into the same folder changes every embedding: no old row may be kept."""
     import dataclasses
 
-    from devise.model import load
+    from devise.models.model import load
     folder = tmp_path / "run"
     conse = load("conse", vectors=GLOVE)
     conse.save(folder)

@@ -8,9 +8,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from devise.predict import predict
-from devise.search import build_index
-from devise.serve import create_app, running_server
+from devise.serving.predict import predict
+from devise.serving.search import build_index
+from devise.serving.serve import create_app, running_server
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_concurrent_clients_on_a_live_server(files):
 
 def test_search_answers_what_search_answers(client, files):
     """The server embeds queries with vectors loaded once; the answers are search()'s own."""
-    from devise.search import search
+    from devise.serving.search import search
 
     for q in ("cat", "coffee", "Water  buffalo", "musical instrument"):
         response = client.get("/api/search", params={"q": q, "k": 5})

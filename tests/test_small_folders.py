@@ -19,9 +19,9 @@ import pytest
 
 import devise  # noqa: F401
 from devise.assets import data_home
-from devise.datasets import ImageDataset, load_dataset, validation_split, zero_shot_split
-from devise.train import MIN_SEEN_VAL_IMAGES, MIN_ZERO_SHOT_VAL_CLASSES, choose_validation
-from devise.vectors import GLOVE_SPEC
+from devise.data.datasets import ImageDataset, load_dataset, validation_split, zero_shot_split
+from devise.training.train import MIN_SEEN_VAL_IMAGES, MIN_ZERO_SHOT_VAL_CLASSES, choose_validation
+from devise.labels.vectors import GLOVE_SPEC
 
 ANIMALS = ["cat", "dog", "horse", "pig", "cow", "rabbit", "mouse"]
 NONSENSE = "zqxjvk wbfq"  # a class name no word-vector file has
@@ -144,7 +144,7 @@ def test_validation_mode_follows_the_data(n_classes, per_class, mode):
 
 def test_emoji_keeps_its_benchmark_split():
     """`devise train emoji` still holds 25% of the classes out and validates zero-shot, as before."""
-    from devise.datasets import default_holdout_unseen
+    from devise.data.datasets import default_holdout_unseen
 
     ds = load_dataset("emoji")
     split = zero_shot_split(ds, seed=0, unseen_fraction=default_holdout_unseen("emoji"))

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devise import vectors as V
+from devise.labels import vectors as V
 from devise.errors import DeviseError
-from devise.text_encoder import EncodingCache, TextEncoder, bucket_length, model_dir
+from devise.models.text_encoder import EncodingCache, TextEncoder, bucket_length, model_dir
 
 FIXTURE = Path(__file__).parent / "data" / "minilm_reference.npz"
 

@@ -10,7 +10,7 @@ import pytest
 
 from devise.assets import efficientnet_lite0_checkpoint
 from devise.errors import DeviseError
-from devise.torch_checkpoint import load_state_dict
+from devise.models.torch_checkpoint import load_state_dict
 
 DATA = Path(__file__).parent / "data"
 

@@ -11,10 +11,10 @@ import pytest
 
 import devise  # noqa: F401
 from devise.errors import DeviseError
-from devise.metrics import flat_hit_at_k
-from devise.model import load, random_label_vectors
-from devise.train import train
-from devise.vectors import GLOVE_SPEC
+from devise.evaluation.metrics import flat_hit_at_k
+from devise.models.model import load, random_label_vectors
+from devise.training.train import train
+from devise.labels.vectors import GLOVE_SPEC
 
 
 def hit_at_k(scores, labels, k):
@@ -29,10 +29,10 @@ def emoji_subset():
 
     seen classes train on every style but twitter (held out as the seen test); 15 classes are unseen.
     """
-    from devise.datasets import load_dataset
-    from devise.features import extract_features
-    from devise.train import class_label_vectors
-    from devise.vectors import load_vectors
+    from devise.data.datasets import load_dataset
+    from devise.data.features import extract_features
+    from devise.training.train import class_label_vectors
+    from devise.labels.vectors import load_vectors
 
     dataset = load_dataset("emoji")
     vectors, kept, _ = class_label_vectors(dataset, load_vectors(GLOVE_SPEC), drop_missing=True)
@@ -142,7 +142,7 @@ def test_saved_run_predicts_the_same_in_a_fresh_process(emoji_subset, tmp_path):
         expected = run.predict_scores(data["unseen"][0], data["unseen_vectors"])
         result = _python(f"""
             import numpy as np, devise
-            from devise.model import load
+            from devise.models.model import load
             run = load({str(tmp_path / method)!r})
             np.save({str(tmp_path / (method + '_scores.npy'))!r},
                     run.predict_scores(np.load({str(tmp_path / 'unseen_x.npy')!r}), np.load({str(tmp_path / 'unseen_v.npy')!r})))
@@ -157,7 +157,7 @@ def test_saved_run_predicts_the_same_in_a_fresh_process(emoji_subset, tmp_path):
 
 RESUMABLE_TRAINING = """
     import json, os, signal, sys, numpy as np, keras, devise
-    from devise.train import train
+    from devise.training.train import train
     d = sys.argv[1]
     class Crash(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -214,8 +214,8 @@ def test_bad_inputs(emoji_subset):
 def test_ensemble_is_the_unit_mean_of_its_members_and_resumes(emoji_subset, tmp_path):
     """ensemble=3: three heads with seeds 0, 1000, 2000, each early-stopped on its own, saved as one model whose
     embedding is the unit mean of theirs; a rerun after losing one member trains only that one."""
-    from devise.model import load_model_folder
-    from devise.train import chosen_epochs
+    from devise.models.model import load_model_folder
+    from devise.training.train import chosen_epochs
 
     data = emoji_subset
     val = (*data["unseen"], data["unseen_vectors"], data["unseen_names"])

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from devise import skipgram as S
-from devise import vectors as V
+from devise.labels import skipgram as S
+from devise.labels import vectors as V
 from devise.assets import glove_6b_50d_files
 from devise.cli import main
 from devise.errors import DeviseError
@@ -257,7 +257,7 @@ def test_phrase_rule(glove):
 
 
 def test_synset_rule_uses_the_first_lemma_with_a_vector(glove):
-    from devise.wordnet import load_wordnet
+    from devise.labels.wordnet import load_wordnet
     labels = ["n02123045", "n03016953", "n02403003"]  # tabby, chiffonier/commode, ox
     emb = V.embed_labels(labels, glove)
     assert V.synset_lemmas("n03016953") == ["chiffonier", "commode"] and "chiffonier" not in glove
@@ -280,7 +280,7 @@ def test_missing_labels_error_lists_them_and_drop_missing_reports(glove, caplog)
     assert "\n" not in message and message.startswith("25 of 27 labels have no vector in glove-6b-50d")
     assert all(repr(m) in message for m in missing[:20]) and repr(missing[20]) not in message
     assert "and 5 more" in message
-    with caplog.at_level(logging.WARNING, logger="devise.vectors"):
+    with caplog.at_level(logging.WARNING, logger="devise.labels.vectors"):
         emb = V.embed_labels(labels, glove, drop_missing=True)
     assert emb.labels == ["cat", "dog"] and emb.dropped == missing and emb.matrix.shape == (2, 50)
     assert "dropped 25 labels" in caplog.text
@@ -326,7 +326,7 @@ def test_corpus_from_webster_and_wordnet(tmp_path, monkeypatch, caplog):
     first = (tmp_path / "c.txt").read_text().splitlines()[0]
     assert first.startswith("entity ")  # WordNet's first noun synset, lemma then gloss
     monkeypatch.setattr(S, "GCIDE_FILE", tmp_path / "absent.dict.dz")
-    with caplog.at_level(logging.WARNING, logger="devise.skipgram"):
+    with caplog.at_level(logging.WARNING, logger="devise.labels.skipgram"):
         stats = S.build_corpus(tmp_path / "wn.txt", max_lines=20)
     assert stats["sources"] == ["wordnet"] and "WordNet glosses only" in caplog.text
 

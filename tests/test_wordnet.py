@@ -3,7 +3,7 @@ import pytest
 
 from devise.assets import imagenet1k_classes
 from devise.errors import DeviseError
-from devise.wordnet import WordNet, hop_distances, load_wordnet, zero_shot_label_sets
+from devise.labels.wordnet import WordNet, hop_distances, load_wordnet, zero_shot_label_sets
 
 TABBY, TIGER_CAT, CAT, DOMESTIC_CAT = "n02123045", "n02123159", "n02121620", "n02121808"
 PERSIAN, LION, TIGER, PARIS = "n02123394", "n02129165", "n02129604", "n08932568"
@@ -89,7 +89,7 @@ def test_missing_wordnet_folder_is_a_one_line_error(tmp_path):
 
 def test_parse_cache_is_used(tmp_path, monkeypatch):
     """The pickled parse lands in the data home and a second load reads it back to the same graph."""
-    import devise.wordnet as wordnet_module
+    import devise.labels.wordnet as wordnet_module
     monkeypatch.setenv("DEVISE_HOME", str(tmp_path))
     wordnet_module._load.cache_clear()
     try:

@@ -17,7 +17,7 @@ from devise.runtime import enable_compilation_cache  # noqa: E402
 # forward would otherwise compile again in every `devise predict`). A user's own JAX cache wins.
 enable_compilation_cache()
 
-from devise import emoji  # noqa: E402,F401  (built-in datasets register themselves, as timm's models do)
+from devise.data import emoji  # noqa: E402,F401  (built-in datasets register themselves, as timm's models do)
 
 __version__ = "0.1.0"
 
@@ -28,35 +28,35 @@ _ALIASES = {"classify_images": "classify", "train_model": "train", "predict_imag
             "search_index": "search"}
 _API = {
     # the model object (open_clip's create_model + encode_image/encode_text; keras-hub's presets)
-    "load": "model", "DeviseModel": "model", "list_presets": "presets", "PRESETS": "presets",
+    "load": "models.model", "DeviseModel": "models.model", "list_presets": "models.presets", "PRESETS": "models.presets",
     # backbones and features
-    "load_backbone": "backbones", "Backbone": "backbones", "list_backbones": "backbones", "classify_images": "classify",
-    "extract_features": "features", "FeatureSet": "features", "build_image_store": "features",
-    "load_image": "images", "load_images": "images",
+    "load_backbone": "models.backbones", "Backbone": "models.backbones", "list_backbones": "models.backbones", "classify_images": "models.classify",
+    "extract_features": "data.features", "FeatureSet": "data.features", "build_image_store": "data.features",
+    "load_image": "data.images", "load_images": "data.images",
     # datasets
-    "ImageDataset": "datasets", "load_dataset": "datasets", "zero_shot_split": "datasets",
-    "validation_split": "datasets", "ZeroShotSplit": "datasets", "ValidationSplit": "datasets",
-    "prepare_assets": "datasets", "register_dataset": "datasets", "list_datasets": "datasets",
+    "ImageDataset": "data.datasets", "load_dataset": "data.datasets", "zero_shot_split": "data.datasets",
+    "validation_split": "data.datasets", "ZeroShotSplit": "data.datasets", "ValidationSplit": "data.datasets",
+    "prepare_assets": "data.datasets", "register_dataset": "data.datasets", "list_datasets": "data.datasets",
     # phase 1: label vectors
-    "load_vectors": "vectors", "embed_labels": "vectors", "WordVectors": "vectors",
-    "LabelEmbedding": "vectors", "SentenceEncoder": "vectors", "train_skipgram": "skipgram",
-    "build_corpus": "skipgram", "list_vectors": "vectors",
+    "load_vectors": "labels.vectors", "embed_labels": "labels.vectors", "WordVectors": "labels.vectors",
+    "LabelEmbedding": "labels.vectors", "SentenceEncoder": "labels.vectors", "train_skipgram": "labels.skipgram",
+    "build_corpus": "labels.skipgram", "list_vectors": "labels.vectors",
     # phases 2-3
-    "train_model": "train", "train_dataset": "train", "load_model_folder": "model",
-    "HingeRankLoss": "losses", "CosineLoss": "losses", "linear_head": "heads", "mlp_head": "heads",
-    "softmax_head": "heads", "conse_embed": "conse", "random_label_vectors": "model",
-    "build_head": "heads", "finetune_run": "finetune",
+    "train_model": "training.train", "train_dataset": "training.train", "load_model_folder": "models.model",
+    "HingeRankLoss": "training.losses", "CosineLoss": "training.losses", "linear_head": "models.heads", "mlp_head": "models.heads",
+    "softmax_head": "models.heads", "conse_embed": "models.conse", "random_label_vectors": "models.model",
+    "build_head": "models.heads", "finetune_run": "training.finetune",
     # WordNet and metrics
-    "load_wordnet": "wordnet", "WordNet": "wordnet", "hop_distances": "wordnet",
-    "zero_shot_label_sets": "wordnet", "top_k_indices": "metrics", "flat_hit_at_k": "metrics",
-    "hierarchical_precision_at_k": "metrics", "hcorrect_set_sizes": "metrics",
-    "per_class_top1": "metrics", "generalized_zero_shot": "metrics", "choose_calibration": "metrics",
-    "expand_to_synsets": "metrics", "evaluate_run": "evaluate", "run_benchmark": "benchmark",
+    "load_wordnet": "labels.wordnet", "WordNet": "labels.wordnet", "hop_distances": "labels.wordnet",
+    "zero_shot_label_sets": "labels.wordnet", "top_k_indices": "evaluation.metrics", "flat_hit_at_k": "evaluation.metrics",
+    "hierarchical_precision_at_k": "evaluation.metrics", "hcorrect_set_sizes": "evaluation.metrics",
+    "per_class_top1": "evaluation.metrics", "generalized_zero_shot": "evaluation.metrics", "choose_calibration": "evaluation.metrics",
+    "expand_to_synsets": "evaluation.metrics", "evaluate_run": "evaluation.evaluate", "run_benchmark": "evaluation.benchmark",
     # prediction, search, serving, scale
-    "predict_images": "predict", "load_vocabulary": "vocabulary", "Vocabulary": "vocabulary",
-    "score_labels": "ranking", "rank_labels": "ranking", "format_predictions": "predict",
-    "build_index": "search", "load_index": "search", "search_index": "search", "create_app": "serve",
-    "top_k_labels": "ranking", "use_devices": "runtime",
+    "predict_images": "serving.predict", "load_vocabulary": "labels.vocabulary", "Vocabulary": "labels.vocabulary",
+    "score_labels": "evaluation.ranking", "rank_labels": "evaluation.ranking", "format_predictions": "serving.predict",
+    "build_index": "serving.search", "load_index": "serving.search", "search_index": "serving.search", "create_app": "serving.serve",
+    "top_k_labels": "evaluation.ranking", "use_devices": "runtime",
 }
 
 __all__ = ["DeviseError", "data_home", "__version__", *_API]

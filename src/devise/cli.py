@@ -13,9 +13,9 @@ from pathlib import Path
 
 from devise import defaults
 from devise.errors import DeviseError
-from devise.export import EXPORT_FORMATS
-from devise.presets import DEFAULT_MODEL, PRESETS, list_presets
-from devise.train import HEADS, LOSSES, METHODS, OPTIMIZERS
+from devise.models.export import EXPORT_FORMATS
+from devise.models.presets import DEFAULT_MODEL, PRESETS, list_presets
+from devise.training.train import HEADS, LOSSES, METHODS, OPTIMIZERS
 
 
 # ANSI escape sequences (colours, cursor moves) and backspaces: noise once output goes to a file or pipe.
@@ -79,18 +79,18 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_setup_assets(args) -> int:
-    from devise.datasets import prepare_assets
+    from devise.data.datasets import prepare_assets
     prepare_assets()
     return 0
 
 
 def cmd_features(args) -> int:
-    from devise.datasets import load_dataset
-    from devise.features import extract_features
+    from devise.data.datasets import load_dataset
+    from devise.data.features import extract_features
 
     dataset = load_dataset(args.dataset)
     if args.ray is not None:
-        from devise.ray_engine import extract_features_on_ray
+        from devise.data.ray_engine import extract_features_on_ray
 
         fs = extract_features_on_ray(dataset, args.backbone, chunk_size=args.chunk_size, address=args.ray)
     else:
@@ -102,8 +102,8 @@ def cmd_features(args) -> int:
 
 
 def cmd_classify(args) -> int:
-    from devise.classify import classify
-    from devise.predict import format_predictions
+    from devise.models.classify import classify
+    from devise.serving.predict import format_predictions
 
     results = classify(args.images, backbone=args.backbone, top_k=args.top, weights=args.weights)
     if args.json:
@@ -121,12 +121,12 @@ def _read_labels(source: str) -> list[str]:
         key = "wnid" if source.endswith("wnids") else "name"
         return [c[key] for c in imagenet1k_classes()]
 
-    from devise.vocabulary import read_label_lines  # binary garbage -> an error with an escaped excerpt
+    from devise.labels.vocabulary import read_label_lines  # binary garbage -> an error with an escaped excerpt
     return [line.strip() for line in read_label_lines(Path(source)) if line.strip()]
 
 
 def cmd_vectors_info(args) -> int:
-    from devise.vectors import embed_labels, load_vectors
+    from devise.labels.vectors import embed_labels, load_vectors
 
     vectors = load_vectors(args.spec, format=args.format)
     size = f"{len(vectors)} words" if hasattr(vectors, "__len__") else "sentence encoder (any phrase)"
@@ -141,14 +141,14 @@ def cmd_vectors_info(args) -> int:
 
 
 def cmd_vectors_corpus(args) -> int:
-    from devise.skipgram import build_corpus
+    from devise.labels.skipgram import build_corpus
 
     _print_json(build_corpus(args.out, sources=tuple(args.sources.split(",")), max_lines=args.max_lines))
     return 0
 
 
 def cmd_vectors_train(args) -> int:
-    from devise.skipgram import train_skipgram
+    from devise.labels.skipgram import train_skipgram
 
     vectors = train_skipgram(args.corpus, args.out, dim=args.dim, window=args.window, epochs=args.epochs,
                              min_count=args.min_count, workers=args.workers, seed=args.seed)
@@ -159,7 +159,7 @@ def cmd_vectors_train(args) -> int:
 # ---------------------------------------------------------------- predict / index / search / serve (issue 5)
 
 def cmd_predict(args) -> int:
-    from devise.predict import format_predictions, predict
+    from devise.serving.predict import format_predictions, predict
 
     results = predict(args.images, model=args.model, vocab=args.vocab, top_k=args.top, hubness=args.hubness,
                       reference=args.reference, progress=len(args.images) > 1 or not args.json,
@@ -173,7 +173,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from devise.model import load
+    from devise.models.model import load
 
     out = load(args.model, args.vectors).export(args.out, format=args.format, vocab=args.vocab,
                                                  check_images=args.check_images, overwrite=args.overwrite,
@@ -182,7 +182,7 @@ def cmd_export(args) -> int:
     return 0
 
 def cmd_index(args) -> int:
-    from devise.search import build_index
+    from devise.serving.search import build_index
 
     if not args.folders and args.shards is None:
         raise DeviseError("give image folders to index, or --shards FOLDER of embedded rows")
@@ -196,7 +196,7 @@ def cmd_index(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from devise.search import format_results, search
+    from devise.serving.search import format_results, search
 
     if (args.text is None) == (args.image is None):
         raise DeviseError("give a text query or --image PATH (exactly one)")
@@ -206,7 +206,7 @@ def cmd_search(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from devise.serve import serve
+    from devise.serving.serve import serve
 
     serve(model=args.model, index=args.index, vocab=args.vocab, host=args.host, port=args.port,
           max_upload_mb=args.max_upload_mb, drop_missing=args.drop_missing, vectors=args.vectors)
@@ -214,7 +214,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from devise.train import train_dataset, training_summary
+    from devise.training.train import train_dataset, training_summary
 
     options = {k: v for k, v in {"loss": args.loss, "head": args.head, "epochs": args.epochs,
                                   "batch_size": args.batch_size, "learning_rate": args.learning_rate,
@@ -235,7 +235,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from devise.evaluate import evaluate_run, metrics_table
+    from devise.evaluation.evaluate import evaluate_run, metrics_table
 
     result = evaluate_run(args.run_dir, args.dataset)
     for group, values in result.items():
@@ -248,7 +248,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from devise.finetune import finetune_run
+    from devise.training.finetune import finetune_run
 
     run = finetune_run(args.run_dir, args.out, blocks=args.blocks, epochs=args.epochs,
                        learning_rate=args.learning_rate, batch_size=args.batch_size,
@@ -259,7 +259,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    from devise.benchmark import run_benchmark
+    from devise.evaluation.benchmark import run_benchmark
 
     report = run_benchmark(args.dataset, seeds=args.seeds, vectors=args.vectors, backbone=args.backbone,
                            out_dir=args.out, methods=args.methods.split(",") if args.methods else None)

@@ -8,11 +8,11 @@ import shutil
 import keras
 
 from devise import assets, defaults
-from devise.backbones import BACKBONES
-from devise.datasets import DATASETS
+from devise.models.backbones import BACKBONES
+from devise.data.datasets import DATASETS
 from devise.errors import DeviseError
-from devise.text_encoder import load_config, model_dir
-from devise.vectors import GLOVE_SPEC
+from devise.models.text_encoder import load_config, model_dir
+from devise.labels.vectors import GLOVE_SPEC
 
 
 def _version(dist: str) -> str:

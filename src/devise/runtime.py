@@ -138,7 +138,7 @@ def use_devices(count: int | None = None, *, multi_host: bool = False):
         keras.distribution.set_distribution(None)
         return None
     distribution = keras.distribution.DataParallel(devices=devices)
-    # Our batch iterators (devise.train.shuffled_batches) already give each host its slice of every batch.
+    # Our batch iterators (devise.training.train.shuffled_batches) already give each host its slice of every batch.
     distribution.auto_shard_dataset = process_index_and_count()[1] == 1
     keras.distribution.set_distribution(distribution)
     return distribution

@@ -1,0 +1,1 @@
+"""The paper's evaluation: metrics, the benchmark, ranking and calibrated confidence."""

@@ -1,0 +1,1 @@
+"""Label spaces: word and sentence vectors, vocabularies, WordNet."""

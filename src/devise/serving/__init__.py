@@ -1,0 +1,1 @@
+"""Prediction, image search and its index, the web page and API."""

@@ -1,0 +1,1 @@
+"""Training heads (and fine-tuning the backbone) on cached features."""
