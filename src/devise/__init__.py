@@ -28,9 +28,11 @@ _ALIASES = {"classify_images": "classify", "train_model": "train", "predict_imag
             "search_index": "search"}
 _API = {
     # the model object (open_clip's create_model + encode_image/encode_text; keras-hub's presets)
-    "load": "models.model", "DeviseModel": "models.model", "list_presets": "models.presets", "PRESETS": "models.presets",
+    "load": "models.model", "DeviseModel": "models.model", "list_presets": "models.presets",
+    "PRESETS": "models.presets",
     # backbones and features
-    "load_backbone": "models.backbones", "Backbone": "models.backbones", "list_backbones": "models.backbones", "classify_images": "models.classify",
+    "load_backbone": "models.backbones", "Backbone": "models.backbones", "list_backbones": "models.backbones",
+    "classify_images": "models.classify",
     "extract_features": "data.features", "FeatureSet": "data.features", "build_image_store": "data.features",
     "load_image": "data.images", "load_images": "data.images",
     # datasets
@@ -43,19 +45,24 @@ _API = {
     "build_corpus": "labels.skipgram", "list_vectors": "labels.vectors",
     # phases 2-3
     "train_model": "training.train", "train_dataset": "training.train", "load_model_folder": "models.model",
-    "HingeRankLoss": "training.losses", "CosineLoss": "training.losses", "linear_head": "models.heads", "mlp_head": "models.heads",
+    "HingeRankLoss": "training.losses", "CosineLoss": "training.losses", "linear_head": "models.heads",
+    "mlp_head": "models.heads",
     "softmax_head": "models.heads", "conse_embed": "models.conse", "random_label_vectors": "models.model",
     "build_head": "models.heads", "finetune_run": "training.finetune",
     # WordNet and metrics
     "load_wordnet": "labels.wordnet", "WordNet": "labels.wordnet", "hop_distances": "labels.wordnet",
-    "zero_shot_label_sets": "labels.wordnet", "top_k_indices": "evaluation.metrics", "flat_hit_at_k": "evaluation.metrics",
+    "zero_shot_label_sets": "labels.wordnet", "top_k_indices": "evaluation.metrics",
+    "flat_hit_at_k": "evaluation.metrics",
     "hierarchical_precision_at_k": "evaluation.metrics", "hcorrect_set_sizes": "evaluation.metrics",
-    "per_class_top1": "evaluation.metrics", "generalized_zero_shot": "evaluation.metrics", "choose_calibration": "evaluation.metrics",
-    "expand_to_synsets": "evaluation.metrics", "evaluate_run": "evaluation.evaluate", "run_benchmark": "evaluation.benchmark",
+    "per_class_top1": "evaluation.metrics", "generalized_zero_shot": "evaluation.metrics",
+    "choose_calibration": "evaluation.metrics",
+    "expand_to_synsets": "evaluation.metrics", "evaluate_run": "evaluation.evaluate",
+    "run_benchmark": "evaluation.benchmark",
     # prediction, search, serving, scale
     "predict_images": "serving.predict", "load_vocabulary": "labels.vocabulary", "Vocabulary": "labels.vocabulary",
     "score_labels": "evaluation.ranking", "rank_labels": "evaluation.ranking", "format_predictions": "serving.predict",
-    "build_index": "serving.search", "load_index": "serving.search", "search_index": "serving.search", "create_app": "serving.serve",
+    "build_index": "serving.search", "load_index": "serving.search", "search_index": "serving.search",
+    "create_app": "serving.serve",
     "top_k_labels": "evaluation.ranking", "use_devices": "runtime",
 }
 
