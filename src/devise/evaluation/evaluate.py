@@ -214,7 +214,8 @@ def confidence_measures(embeddings: np.ndarray, true: np.ndarray, matrix: np.nda
     # Every label a training class: their temperature (the background's stays conf.temperature).
     label_t = conf.seen_temperature if seen and conf.seen_temperature is not None else conf.temperature
     rows = np.arange(len(true))
-    background = select_background(pool, matrix, conf.background) if conf.background and pool is not None         else np.zeros((0, matrix.shape[1]), np.float32)
+    background = (select_background(pool, matrix, conf.background) if conf.background and pool is not None
+                  else np.zeros((0, matrix.shape[1]), np.float32))
     extra = embeddings @ background.T
     scores = embeddings @ matrix.T
     removed = scores.copy()
