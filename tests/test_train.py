@@ -209,6 +209,8 @@ def test_bad_inputs(emoji_subset):
         train("devise", x, y, names, vectors[:-1])
     with pytest.raises(DeviseError, match="class names"):
         train("random", x, y, names, vectors, val=(x, y, vectors))
+    with pytest.raises(DeviseError, match="the linear head has no hidden layer"):
+        train("devise", x, y, names, vectors, head="linear", hidden=512)
 
 
 def test_ensemble_is_the_unit_mean_of_its_members_and_resumes(emoji_subset, tmp_path):
