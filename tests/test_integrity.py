@@ -270,7 +270,7 @@ import sys
 import numpy as np
 from pathlib import Path
 from devise.errors import DeviseError
-from devise.data.features import _ChunkedArrays
+from devise.storage import ChunkedArrays
 folder, shape = Path(sys.argv[1]) / "cache", (20, 1000, 1000)   # 80 MB of float32, sparse until written
 if sys.argv[2] == "start":  # what a run killed after its first chunk leaves (sparse: open_memmap's)
     partial = folder.with_name("cache.partial")
@@ -281,7 +281,7 @@ if sys.argv[2] == "start":  # what a run killed after its first chunk leaves (sp
     (partial / "done.json").write_text("[0]")
     sys.exit(0)
 try:
-    cache = _ChunkedArrays(folder, {"features": shape}, {"features": "float32"}, 20)  # resumes chunk 0
+    cache = ChunkedArrays(folder, {"features": shape}, {"features": "float32"}, 20)  # resumes chunk 0
     for i in range(1, 20):
         cache.arrays["features"][i] = 1.0
         cache.arrays["features"].flush()

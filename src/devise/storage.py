@@ -327,3 +327,56 @@ def check_files(folder: str | os.PathLike, files: dict, source: str = MANIFEST, 
             raise DeviseError(f"{file}: damaged or replaced ({size:,} bytes, {source} says {want['size']:,})")
         if hashes and "sha256" in want and file_sha256(file) != want["sha256"]:
             raise DeviseError(f"{file}: damaged or replaced (its SHA-256 does not match {source})")
+
+
+class ChunkedArrays:
+    """A result folder of preallocated .npy files filled chunk by chunk (a feature cache, an image store): the
+    chunks done are kept in done.json, so a crashed writer resumes; `finish` publishes the folder whole.
+
+    Only the holder of `locked(folder)` may make one (its .partial folder is that writer's alone)."""
+
+    def __init__(self, folder: Path, shapes: dict[str, tuple], dtypes: dict[str, str], n_chunks: int):
+        self.final = folder
+        self.partial = folder.with_name(folder.name + ".partial")
+        self.partial.mkdir(parents=True, exist_ok=True)
+        self.done_file = self.partial / "done.json"
+        try:
+            self.done: set[int] = set(json.loads(self.done_file.read_text())) if self.done_file.exists() else set()
+        except ValueError:  # a damaged progress file: start over
+            self.done = set()
+        self.arrays = {}
+        opened = {}
+        for name, shape in shapes.items():
+            path = self.partial / f"{name}.npy"
+            if path.exists() and self.done:
+                try:
+                    arr = np.load(path, mmap_mode="r+")
+                    if arr.shape == shape and arr.dtype == np.dtype(dtypes[name]):
+                        opened[name] = arr
+                except (ValueError, OSError):  # truncated by a crash or a full disk: start over
+                    pass
+        if len(opened) != len(shapes):  # a different or damaged run left this: start over
+            self.done, opened = set(), {}
+        missing = {n: s for n, s in shapes.items() if n not in opened}
+        need = sum(int(np.prod(s)) * np.dtype(dtypes[n]).itemsize for n, s in missing.items())
+        check_free_space(self.partial, need, " and ".join(f"{n}.npy" for n in missing))
+        for name in shapes:
+            self.arrays[name] = opened[name] if name in opened else \
+                np.lib.format.open_memmap(self.partial / f"{name}.npy", "w+", dtypes[name], shapes[name])
+            preallocate(self.partial / f"{name}.npy")  # no holes left for a write to die in (SIGBUS)
+        self.n_chunks = n_chunks
+
+    def mark_done(self, chunk: int) -> None:
+        for arr in self.arrays.values():
+            arr.flush()
+        self.done.add(chunk)
+        atomic_write_json(self.done_file, sorted(self.done))
+
+    def finish(self, meta: dict) -> None:
+        for arr in self.arrays.values():
+            arr.flush()
+        self.arrays = {}  # unmapped before the files move
+        atomic_write_json(self.partial / "meta.json", meta)
+        self.done_file.unlink(missing_ok=True)
+        write_manifest(self.partial, hashes=False)  # sizes: hashing a store of many GB would cost minutes
+        publish_folder(self.partial, self.final)

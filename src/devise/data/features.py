@@ -17,7 +17,6 @@ files, free space checked before the memory-mapped files are made, and a reader 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -29,16 +28,13 @@ from tqdm.auto import tqdm
 
 from devise import defaults
 from devise.assets import data_home
-from devise.storage import atomic_write_json
 from devise.errors import DeviseError
 # The decode/resize policy is versioned where it lives (images.py): when it changes, old stores stop matching.
 from devise.data.images import POLICY_VERSION as IMAGE_POLICY_VERSION
 from devise.data.images import load_images
 from devise.data.pipeline import Decoder, choose_decoder, decode_chunks, forward_chunks, padded_batches
-from devise.storage import (atomic_write_json, check_free_space, check_manifest, locked, preallocate,
-                            publish_folder, remove, write_manifest)
-from devise.runtime import (cached_forward, default_batch_size, device_count, gather_from_hosts, pad_batch,
-                            process_index_and_count)
+from devise.storage import ChunkedArrays, check_manifest, locked, remove
+from devise.runtime import cached_forward, default_batch_size, device_count, gather_from_hosts, process_index_and_count
 
 # Bump when the feature cache's layout changes (v2: its own valid mask, so the store may be deleted).
 FEATURES_VERSION = "v2"
@@ -67,58 +63,6 @@ def images_key(paths: list[str], size: int, decoder_policy: str = "") -> str:
         except OSError:
             digest.update(f"|{p}|missing".encode())
     return digest.hexdigest()[:20]
-
-
-class _ChunkedArrays:
-    """Preallocated .npy files filled chunk by chunk; progress kept in done.json, published whole at the end.
-
-    Only the holder of `locked(folder)` may make one (its .partial folder is that writer's alone)."""
-
-    def __init__(self, folder: Path, shapes: dict[str, tuple], dtypes: dict[str, str], n_chunks: int):
-        self.final = folder
-        self.partial = folder.with_name(folder.name + ".partial")
-        self.partial.mkdir(parents=True, exist_ok=True)
-        self.done_file = self.partial / "done.json"
-        try:
-            self.done: set[int] = set(json.loads(self.done_file.read_text())) if self.done_file.exists() else set()
-        except ValueError:  # a damaged progress file: start over
-            self.done = set()
-        self.arrays = {}
-        opened = {}
-        for name, shape in shapes.items():
-            path = self.partial / f"{name}.npy"
-            if path.exists() and self.done:
-                try:
-                    arr = np.load(path, mmap_mode="r+")
-                    if arr.shape == shape and arr.dtype == np.dtype(dtypes[name]):
-                        opened[name] = arr
-                except (ValueError, OSError):  # truncated by a crash or a full disk: start over
-                    pass
-        if len(opened) != len(shapes):  # a different or damaged run left this: start over
-            self.done, opened = set(), {}
-        missing = {n: s for n, s in shapes.items() if n not in opened}
-        need = sum(int(np.prod(s)) * np.dtype(dtypes[n]).itemsize for n, s in missing.items())
-        check_free_space(self.partial, need, " and ".join(f"{n}.npy" for n in missing))
-        for name in shapes:
-            self.arrays[name] = opened[name] if name in opened else \
-                np.lib.format.open_memmap(self.partial / f"{name}.npy", "w+", dtypes[name], shapes[name])
-            preallocate(self.partial / f"{name}.npy")  # no holes left for a write to die in (SIGBUS)
-        self.n_chunks = n_chunks
-
-    def mark_done(self, chunk: int) -> None:
-        for arr in self.arrays.values():
-            arr.flush()
-        self.done.add(chunk)
-        atomic_write_json(self.done_file, sorted(self.done))
-
-    def finish(self, meta: dict) -> None:
-        for arr in self.arrays.values():
-            arr.flush()
-        self.arrays = {}  # unmapped before the files move
-        atomic_write_json(self.partial / "meta.json", meta)
-        self.done_file.unlink(missing_ok=True)
-        write_manifest(self.partial, hashes=False)  # sizes: hashing a store of many GB would cost minutes
-        publish_folder(self.partial, self.final)
 
 
 def _open_finished(folder: Path, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict | None:
@@ -163,7 +107,7 @@ def _decode_chunks(paths: list[str], size: int, chunk_size: int, decoder: Decode
     folder = image_store_folder(paths, size, decoder.policy)
     n = len(paths)
     n_chunks = -(-n // chunk_size)
-    store = _ChunkedArrays(folder, {"images": (n, size, size, 3), "valid": (n,)},
+    store = ChunkedArrays(folder, {"images": (n, size, size, 3), "valid": (n,)},
                            {"images": "uint8", "valid": "bool"}, n_chunks)
     images, valid = store.arrays["images"], store.arrays["valid"]
     if store.done:
@@ -348,7 +292,7 @@ def _compute_features(paths, bb, store_folder, folder, batch_size, chunk_size, d
     if bb.classifier is not None:
         shapes["logits"] = (n, 1000)
     dtypes = {k: "bool" if k == "valid" else "float32" for k in shapes}
-    cache = _ChunkedArrays(folder, shapes, dtypes, n_chunks)
+    cache = ChunkedArrays(folder, shapes, dtypes, n_chunks)
     if cache.done:
         tqdm.write(f"resuming features: {len(cache.done)} of {n_chunks} chunks already done")
     meta = {"backbone": bb.name, "cache_key": bb.cache_key, "images": store_folder.name, "count": n}

@@ -42,7 +42,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import struct
 import tempfile
 from contextlib import contextmanager

@@ -28,7 +28,6 @@ onnxruntime, jax2onnx).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile

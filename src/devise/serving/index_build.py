@@ -305,7 +305,6 @@ def write_faiss(index, path: str) -> None:
 def build_index_files(folder: Path, gen: int, rows: Rows, memory_cap: int | None = None,
                       approx_threshold: int = APPROX_THRESHOLD, progress: bool = True) -> BuiltIndex:
     """Write embeddings-<gen>.npy and index-<gen>.faiss in `folder` from `rows`; meta.json is the caller's."""
-    import faiss
     from tqdm import tqdm
 
     emb_file = folder / f"embeddings-{gen}.npy"
