@@ -329,6 +329,8 @@ def check_files(folder: str | os.PathLike, files: dict, source: str = MANIFEST, 
             raise DeviseError(f"{file}: damaged or replaced (its SHA-256 does not match {source})")
 
 
+# ---------------------------------------------------------------- a result folder filled chunk by chunk
+
 class ChunkedArrays:
     """A result folder of preallocated .npy files filled chunk by chunk (a feature cache, an image store): the
     chunks done are kept in done.json, so a crashed writer resumes; `finish` publishes the folder whole.
