@@ -90,7 +90,8 @@ def fit_member(d, seed, k, hidden, options):
             score = logs["val_hit@5"]
             if best[0] is None or score > best[0]:
                 best[0] = score
-                stored[epoch + 1] = [unit_rows(np.asarray(self.model(x, training=False))) for x in (d["x_val"], d["x_cal"])]
+                stored[epoch + 1] = [unit_rows(np.asarray(self.model(x, training=False)))
+                                     for x in (d["x_val"], d["x_cal"])]
 
     t = time.perf_counter()
     run = train("devise", d["x_fit"], d["y_fit"], d["names_tr"], d["vec_tr"],
@@ -157,9 +158,9 @@ def main() -> None:
                 m = fit_member(d, seed, k, h, options)
                 members[h].append(m)
                 fits[h].append(m)
+                times = {key: round(m[key], 3) for key in ("train_s", "epoch_s", "fixed_s", "wall")}
                 print(json.dumps({"fit": {"seed": seed, "member": k, "hidden": h, "epochs_run": len(m["scores"]),
-                                          "best_epoch": stop_and_best(m["scores"], max(PATIENCES))[1],
-                                          **{key: round(m[key], 3) for key in ("train_s", "epoch_s", "fixed_s", "wall")}}}),
+                                          "best_epoch": stop_and_best(m["scores"], max(PATIENCES))[1], **times}}),
                       flush=True)
         rows = {}
         for h in hiddens:
