@@ -1,6 +1,7 @@
 """What the devise_softmax_mlp recipe (an ensemble of heads) costs against one devise_hinge_mlp head
 (issue 19's CPU goal: <= 2x), on the emoji benchmark's seed 0, in one process: both methods are fit (two
-stages each) and scored by `devise benchmark`'s own code, which records each method's wall seconds per seed (metrics.json "cost").
+stages each) and scored by `devise benchmark`'s own code, which records each method's wall seconds per
+seed (metrics.json "cost").
 The features must be cached (run `devise features` or the benchmark first); they are not timed.
 
 Last line: RESULT {"hinge_mlp_s": .., "softmax_mlp_s": .., "ratio": .. (wall), "cpu_ratio": .. (CPU
