@@ -209,7 +209,7 @@ def test_bad_inputs(emoji_subset):
         train("devise", x, y, names, vectors[:-1])
     with pytest.raises(DeviseError, match="class names"):
         train("random", x, y, names, vectors, val=(x, y, vectors))
-    with pytest.raises(DeviseError, match="the linear head has no hidden layer"):
+    with pytest.raises(DeviseError, match="the linear head has no hidden setting"):
         train("devise", x, y, names, vectors, head="linear", hidden=512)
 
 

@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import inspect
+
 import keras
 from keras import layers
 
@@ -67,6 +69,10 @@ def build_head(kind: str, input_dim: int, output_dim: int, **options) -> keras.M
     """Head by name (HEAD_BUILDERS): "linear" or "mlp" (projection to output_dim), "softmax" (output_dim classes)."""
     if kind not in HEAD_BUILDERS:
         raise DeviseError(f"unknown head '{kind}': choose one of {', '.join(HEAD_BUILDERS)}")
+    accepted = list(inspect.signature(HEAD_BUILDERS[kind]).parameters)[2:]
+    unknown = [name for name in options if name not in accepted]
+    if unknown:
+        raise DeviseError(f"the {kind} head has no {', '.join(unknown)} setting (it takes {', '.join(accepted)})")
     return HEAD_BUILDERS[kind](input_dim, output_dim, **options)
 
 

@@ -223,8 +223,6 @@ def train(method: str, features, labels, class_names, label_vectors=None, *, val
         label_vectors = unit_rows(label_vectors)
         if len(label_vectors) != len(class_names):
             raise DeviseError(f"{len(label_vectors)} label vectors for {len(class_names)} class names")
-    if hidden and head == "linear" and method not in ("softmax", "conse"):
-        raise DeviseError(f"hidden={hidden}: the linear head has no hidden layer (use head='mlp')")
     if method == "random":
         label_vectors = random_label_vectors(class_names, label_vectors.shape[1], seed)
     validation = _as_validation(val, method, class_names, label_vectors, seed)
