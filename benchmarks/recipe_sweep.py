@@ -35,9 +35,9 @@ import numpy as np
 
 import devise  # noqa: F401
 from devise import defaults
-from devise.data.datasets import load_dataset, validation_split, zero_shot_split
+from devise.data.datasets import load_dataset
 from devise.data.features import extract_features
-from devise.evaluation.benchmark import _calibration_holdout, REFIT_WITH_CALIBRATION, METHODS
+from devise.evaluation.benchmark import METHODS, seed_split
 from devise.evaluation.evaluate import label_space, relabel
 from devise.evaluation.metrics import flat_hit_at_k
 from devise.labels.vectors import unit_rows
@@ -49,23 +49,16 @@ KS, PATIENCES = (2, 3, 4, 5), (4, 6, 8, 15)
 
 
 def seed_data(dataset, features, space, usable, seed):
-    """Stage-1 arrays of one benchmark seed, as run_seed builds them."""
-    split = zero_shot_split(dataset, seed=seed)
-    val = validation_split(split, seed=seed)
+    """Stage-1 arrays of one benchmark seed, from the benchmark's own split (benchmark.seed_split)."""
+    split = seed_split(dataset, space, usable, seed)
     labels = np.asarray(dataset.labels)
-    pick = lambda idx: np.asarray([i for i in idx if usable[i]], dtype=np.int64)  # noqa: E731
-    with_vector = lambda cl: np.asarray([c for c in cl if space.has_vector[c]], dtype=np.int64)  # noqa: E731
-    train_classes, val_classes = with_vector(val.train_classes), with_vector(val.val_classes)
-    cal = _calibration_holdout(dataset, pick(val.train), seed)
-    fit = np.setdiff1d(pick(val.train), cal)
-    refit = pick(split.train) if REFIT_WITH_CALIBRATION else np.setdiff1d(pick(split.train), cal)
-    names_tr, vec_tr, _ = space.subset(train_classes)
-    names_val, vec_val, _ = space.subset(val_classes)
-    vi = pick(val.val)
-    return dict(x_fit=features[fit], y_fit=relabel(labels[fit], train_classes), names_tr=names_tr,
-                vec_tr=unit_rows(vec_tr), x_val=features[vi], y_val=relabel(labels[vi], val_classes),
+    names_tr, vec_tr, _ = space.subset(split.train_classes)
+    names_val, vec_val, _ = space.subset(split.val_classes)
+    fit, cal, vi = split.fit_images, split.cal_seen, split.val_images
+    return dict(x_fit=features[fit], y_fit=relabel(labels[fit], split.train_classes), names_tr=names_tr,
+                vec_tr=unit_rows(vec_tr), x_val=features[vi], y_val=relabel(labels[vi], split.val_classes),
                 vec_val=unit_rows(vec_val), names_val=names_val, x_cal=features[cal],
-                y_cal=relabel(labels[cal], train_classes), refit_ratio=len(refit) / len(fit))
+                y_cal=relabel(labels[cal], split.train_classes), refit_ratio=len(split.refit_images) / len(fit))
 
 
 def fit_member(d, seed, k, hidden, options):

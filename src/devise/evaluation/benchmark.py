@@ -74,6 +74,37 @@ def _calibration_holdout(dataset, train_images: np.ndarray, seed: int, styles=No
     return np.sort(rng.choice(train_images, max(1, len(train_images) // 10), replace=False))
 
 
+@dataclasses.dataclass
+class SeedSplit:
+    """One seed's classes (with a label vector) and images (usable ones), as dataset indices."""
+
+    train_classes: np.ndarray   # stage 1's classes
+    val_classes: np.ndarray     # its validation classes (zero-shot early stopping, calibration)
+    seen_classes: np.ndarray    # training + validation: stage 2's classes
+    unseen_classes: np.ndarray
+    cal_seen: np.ndarray        # training-class images held out of stage 1 (calibration)
+    fit_images: np.ndarray      # stage 1
+    refit_images: np.ndarray    # stage 2
+    val_images: np.ndarray
+    seen_test: np.ndarray
+    unseen_images: np.ndarray
+
+
+def seed_split(dataset, space: LabelSpace, usable: np.ndarray, seed: int) -> SeedSplit:
+    """The benchmark's split of one seed (zero-shot split, validation split, calibration holdout)."""
+    split = zero_shot_split(dataset, seed=seed)
+    val = validation_split(split, seed=seed)
+    pick = lambda idx: np.asarray([i for i in idx if usable[i]], dtype=np.int64)  # noqa: E731
+    with_vector = lambda classes: np.asarray([c for c in classes if space.has_vector[c]], dtype=np.int64)  # noqa: E731
+    cal_seen = _calibration_holdout(dataset, pick(val.train), seed)
+    return SeedSplit(
+        train_classes=with_vector(val.train_classes), val_classes=with_vector(val.val_classes),
+        seen_classes=with_vector(split.seen_classes), unseen_classes=with_vector(split.unseen_classes),
+        cal_seen=cal_seen, fit_images=np.setdiff1d(pick(val.train), cal_seen),
+        refit_images=pick(split.train) if REFIT_WITH_CALIBRATION else np.setdiff1d(pick(split.train), cal_seen),
+        val_images=pick(val.val), seen_test=pick(split.seen_test), unseen_images=pick(split.unseen))
+
+
 def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, methods, wordnet,
              vectors: str, train_kwargs: dict, log=print, backbone: str = defaults.TRAIN_BACKBONE,
              pool: np.ndarray | None = None) -> tuple[dict, dict]:
@@ -87,18 +118,12 @@ def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, me
     pool: the confidence background candidates (devise.evaluation.confidence): the temperature and threshold of each
     method are fit on the validation classes by its stage-1 model, and its confidence measured.
     """
-    split = zero_shot_split(dataset, seed=seed)
-    val = validation_split(split, seed=seed)
+    split = seed_split(dataset, space, usable, seed)
+    train_classes, val_classes = split.train_classes, split.val_classes
+    seen_classes, unseen_classes = split.seen_classes, split.unseen_classes
+    cal_seen, val_images = split.cal_seen, split.val_images
+    fit_images, refit_images = split.fit_images, split.refit_images
     labels = np.asarray(dataset.labels)
-    has_vec = space.has_vector
-    pick = lambda idx: np.asarray([i for i in idx if usable[i]], dtype=np.int64)  # noqa: E731
-    with_vector = lambda classes: np.asarray([c for c in classes if has_vec[c]], dtype=np.int64)  # noqa: E731
-    train_classes, val_classes = with_vector(val.train_classes), with_vector(val.val_classes)
-    seen_classes, unseen_classes = with_vector(split.seen_classes), with_vector(split.unseen_classes)
-    cal_seen = _calibration_holdout(dataset, pick(val.train), seed)
-    fit_images = np.setdiff1d(pick(val.train), cal_seen)            # stage 1: training classes
-    refit_images = pick(split.train) if REFIT_WITH_CALIBRATION else np.setdiff1d(pick(split.train), cal_seen)
-    val_images = pick(val.val)
 
     def data(images, classes):
         names, vectors, _ = space.subset(classes)
@@ -108,8 +133,8 @@ def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, me
     x_refit, y_refit, names_seen, vec_seen = data(refit_images, seen_classes)
     x_val, y_val, names_val, vec_val = data(val_images, val_classes)
     x_cal, y_cal, _, _ = data(cal_seen, train_classes)
-    evaluation = dict(train_classes=seen_classes, unseen_classes=unseen_classes, seen_test=pick(split.seen_test),
-                      unseen_images=pick(split.unseen), wordnet=wordnet)
+    evaluation = dict(train_classes=seen_classes, unseen_classes=unseen_classes, seen_test=split.seen_test,
+                      unseen_images=split.unseen_images, wordnet=wordnet)
     calibration = dict(train_classes=train_classes, val_classes=val_classes, seen_images=cal_seen,
                        val_images=val_images)
 
