@@ -200,6 +200,7 @@ def alternatives(models, features, labels, space, split, usable) -> dict:
 def main() -> None:
     benchmark.CALIBRATION_STYLES = CAL
     benchmark.REFIT_WITH_CALIBRATION = REFIT
+    benchmark.SEEN_TEMPERATURE_TRANSFER = 1.0  # the protocol's own seen-class temperature, uncorrected
     benchmark.evaluate_split = evaluate_with_oracle
     dataset = load_dataset("emoji")
     fs = extract_features(dataset, BACKBONE)

@@ -44,6 +44,13 @@ MAIN_METHOD = "devise_hinge_mlp"
 # DeViSE 14.9 with noto -> 21.3 with a twin-less style, the oracle gamma's H being 22.2.
 CALIBRATION_STYLES = ("openmoji",)
 REFIT_WITH_CALIBRATION = True  # stage 2 (refit on all seen classes) also trains on the calibration images
+# The seen-class temperature is fit by the stage-1 model on the calibration style, which is harder for it than
+# a new style is for the refit model (seen top-1 about 40% against 80%), so it comes out too soft. It is
+# multiplied by this factor, measured in the benchmark's replica inside its own seen classes, validation data
+# only (benchmarks/gzsl_nested.py CONFIDENCE=1: median of the stand-in test style's own temperature over the
+# protocol's, 4 methods x 3 seeds; leave-one-seed-out, it lowered the replica's seen-class ECE for 4 of 4
+# methods, 0.094-0.109 -> 0.050-0.065).
+SEEN_TEMPERATURE_TRANSFER = 0.821
 
 
 @dataclasses.dataclass
@@ -140,12 +147,17 @@ def run_seed(dataset, features, logits, usable, space: LabelSpace, seed: int, me
 
     def confidence(stage1_model, **kw):
         """The stage-1 model's temperature and threshold on the validation classes, its seen-class
-        temperature on the held-out style of the training classes ({} without a pool)."""
+        temperature on the held-out style of the training classes, times SEEN_TEMPERATURE_TRANSFER
+        ({} without a pool)."""
         if pool is None:
             return {}
         conf = validation_confidence(stage1_model, features, labels, space, val_classes=val_classes,
                                      val_images=val_images, pool=pool, train_classes=train_classes,
                                      seen_images=cal_seen, **kw)
+        if conf.seen_temperature is not None and SEEN_TEMPERATURE_TRANSFER != 1.0:
+            conf = dataclasses.replace(
+                conf, seen_temperature=round(conf.seen_temperature * SEEN_TEMPERATURE_TRANSFER, 6),
+                seen_fit_on=f"{conf.seen_fit_on}, x {SEEN_TEMPERATURE_TRANSFER} (SEEN_TEMPERATURE_TRANSFER)")
         return dict(confidence=conf, pool=pool)
     log(f"seed {seed}: {len(seen_classes)} seen ({len(train_classes)} training + {len(val_classes)} validation) / "
         f"{len(unseen_classes)} unseen classes; {len(refit_images)} training images, "
@@ -329,7 +341,8 @@ def render_confidence_tables(report: dict) -> str:
     if fits:
         parts += ["Temperature and default threshold (keeps 95% of in-vocabulary images), fit per seed on the "
                   "validation classes' images by the stage-1 model; the seen-class temperature on the held-out "
-                  "style of its training classes (means)",
+                  f"style of its training classes, times {SEEN_TEMPERATURE_TRANSFER} for the move to a new style "
+                  "(SEEN_TEMPERATURE_TRANSFER; means)",
                   metrics_table(fits, ["temperature", "min_confidence", "seen_temperature"], percent=())]
     return "\n\n".join(parts)
 
