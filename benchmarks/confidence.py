@@ -238,13 +238,14 @@ def _embeddings(seeds=SEEDS, methods=STUDY_METHODS) -> dict:
 
 
 def _problem(emb, matrix, labels, images, classes, reference, pool) -> dict:
+    """The arrays every score reads (see above); reference None: no label statistics (mu, knn)."""
     from devise.evaluation.ranking import label_statistics
 
     images = np.asarray(images, np.int64)
     y = evaluate.relabel(labels[images], np.asarray(classes))
     x, y = emb[images[y >= 0]], y[y >= 0]
     m = matrix[classes]
-    knn, mu = label_statistics(reference, m)
+    knn, mu = label_statistics(reference, m) if reference is not None else (None, None)
     to_pool = x @ pool.T
     # the nearest candidates that are no near-duplicate of an asked label (known: the full vocabulary;
     # unknown: its class removed, so a noun near only that class becomes eligible)
@@ -267,9 +268,7 @@ def _vocabulary(d, stage, images, classes, pool):
 
 def _known_unknown(q, fits) -> dict:
     """{score: (AUROC, FPR@95, AURC)} of known (the vocabulary) vs unknown (the image's class removed)."""
-    rows = np.arange(len(q["y"]))
-    removed = q["s"].copy()
-    removed[rows, q["y"]] = -np.inf
+    removed = evaluate.class_removed(q["s"], q["y"])
     known, unknown = {**q, "near": q["near"]["known"]}, {**q, "s": removed, "near": q["near"]["unknown"]}
     correct = q["s"].argmax(1) == q["y"]
     out = {}
@@ -351,15 +350,11 @@ def none_logit_study() -> None:
         labels = d["labels"]
         for tag, images, classes in (("val_unseen", d["val_images"], d["val_classes"]),
                                      ("val_seen", d["cal_seen"], d["train_classes"])):
-            q = _problem(d["s1_emb"], d["s1_mat"], labels, images, classes, d["s1_emb"][:1], pool)
+            q = _problem(d["s1_emb"], d["s1_mat"], labels, images, classes, None, pool)
             rows_i = np.arange(len(q["y"]))
-            removed = q["s"].copy()
-            removed[rows_i, q["y"]] = -np.inf
+            removed = evaluate.class_removed(q["s"], q["y"])
             correct = q["s"].argmax(1) == q["y"]
-            n_labels = q["s"].shape[1]  # 3-label vocabularies as evaluate.confidence_measures draws them
-            offsets = 1 + np.argsort(np.random.default_rng(seed).random((len(q["y"]), n_labels - 1)), 1)[:, :3]
-            others = (q["y"][:, None] + offsets) % n_labels
-            small_known = np.concatenate([q["y"][:, None], others[:, 1:]], 1)
+            small_known, others = evaluate.small_vocabularies(q["y"], q["s"].shape[1], seed)
             rows[(tag, "cosine", method, "auroc")].append(metrics.auroc(q["s"].max(1), removed.max(1)))
             for c in NONE_OFFSETS:
                 extra = q["n"] if c is None else np.concatenate([q["n"], (q["r"] + c)[:, None]], 1)

@@ -179,6 +179,21 @@ RISK_COVERAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # points of
 SMALL_VOCABULARY = 3  # the handful-of-labels test: vocabularies of this many classes
 
 
+def class_removed(scores: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """(N, L) scores with each image's own class taken out of the vocabulary (-inf): the "unknown" copy."""
+    removed = np.array(scores, copy=True)
+    removed[np.arange(len(true)), true] = -np.inf
+    return removed
+
+
+def small_vocabularies(true: np.ndarray, n_labels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(known, unknown) columns of SMALL_VOCABULARY-label vocabularies per image, seeded: the image's class
+    and SMALL_VOCABULARY - 1 others, and SMALL_VOCABULARY others (distinct, never the image's own)."""
+    offsets = 1 + np.argsort(np.random.default_rng(seed).random((len(true), n_labels - 1)), axis=1)[:, :SMALL_VOCABULARY]
+    others = (true[:, None] + offsets) % n_labels
+    return np.concatenate([true[:, None], others[:, 1:]], axis=1), others
+
+
 def validation_confidence(model, features: np.ndarray, labels: np.ndarray, space: LabelSpace, *, val_classes,
                           val_images, pool: np.ndarray, logits: np.ndarray | None = None,
                           fit_on: str = "validation classes", train_classes=None, seen_images=None) -> Confidence:
@@ -218,8 +233,7 @@ def confidence_measures(embeddings: np.ndarray, true: np.ndarray, matrix: np.nda
                   else np.zeros((0, matrix.shape[1]), np.float32))
     extra = embeddings @ background.T
     scores = embeddings @ matrix.T
-    removed = scores.copy()
-    removed[rows, true] = -np.inf
+    removed = class_removed(scores, true)
     top = lambda s, t=label_t, bt=conf.temperature: probabilities(s, t, extra, bt).max(axis=1)  # noqa: E731
     known, unknown = top(scores), top(removed)
     correct = scores.argmax(axis=1) == true
@@ -235,10 +249,7 @@ def confidence_measures(embeddings: np.ndarray, true: np.ndarray, matrix: np.nda
     # A handful of labels: the class and 2 others ("known") vs 3 others ("unknown"), seeded.
     n_labels = matrix.shape[0]
     if n_labels > SMALL_VOCABULARY:
-        rng = np.random.default_rng(seed)
-        offsets = 1 + np.argsort(rng.random((len(true), n_labels - 1)), axis=1)[:, :SMALL_VOCABULARY]
-        others = (true[:, None] + offsets) % n_labels  # distinct classes, never the image's own
-        small_known = np.concatenate([true[:, None], others[:, 1:]], axis=1)
+        small_known, others = small_vocabularies(true, n_labels, seed)
         small = lambda picks: probabilities(scores[rows[:, None], picks], label_t, extra, conf.temperature).max(axis=1)  # noqa: E731
         k3, u3 = small(small_known), small(others)
         out.update(auroc_3labels=metrics.auroc(k3, u3), kept_known_3labels=float(np.mean(k3 >= conf.min_confidence)),
